@@ -1,0 +1,57 @@
+"""The Backend interface.
+
+A backend states what it can run (`capabilities`), which passes it wants after quantization (`passes`), turns a
+packed graph into a `Program` (`lower`) and may add files to the artifact (`emit`, e.g. kernels or a C header).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from xbitc.ir.graph import Graph
+from xbitc.ir.interp import Interpreter, LinearImpl
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    bit_depths: tuple[int, ...] = tuple(range(1, 9))
+    group_sizes: str = "any"
+    layouts: tuple[str, ...] = ("lsb-rows",)
+    executes_here: bool = True  # can the Python runtime run it on this machine
+
+
+class Program:
+    """Runs a lowered graph: the reference interpreter with the backend's packed-linear implementation."""
+
+    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None):
+        self.graph = graph
+        self.interp = Interpreter(graph, linear_impl)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.interp.run(*inputs)
+
+
+class Backend:
+    name: ClassVar[str] = ""
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def passes(self) -> list[str]:
+        """Pass specs to append after `pack` (legalization, repacking)."""
+        return []
+
+    def lower(self, graph: Graph) -> Program:
+        raise NotImplementedError
+
+    def emit(self, graph: Graph, folder: Path) -> dict[str, Any]:
+        """Write backend files into the artifact folder being built; return manifest notes."""
+        return {}
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    origin: str
+    capabilities: Capabilities = field(default_factory=Capabilities)

@@ -1,0 +1,886 @@
+"""LLVM IR generator for packed b-bit linear kernels (gemv and batched gemm).
+
+Every module built by `generate_module(spec, target)` defines four C-ABI functions::
+
+    void xbitc_gemv_b{b}_g{G}    (const uint8_t* codes, const uint16_t* scales_f16, const uint8_t* zeros,
+                                  const float* x, float* y, int64 rows_begin, int64 rows_end, int64 in_features)
+    void xbitc_gemv_b{b}_g{G}_acc(... same ...)                        # y[r] += instead of y[r] =
+    void xbitc_gemm_b{b}_g{G}    (codes, scales_f16, zeros, const float* x, float* y, int64 rows_begin,
+                                  int64 rows_end, int64 in_features, int64 batch, int64 ldy)
+    void xbitc_gemm_b{b}_g{G}_acc(... same ...)
+
+gemv: ``y[r] = sum_j s[r, j/G] * (q[r, j] - z[r, j/G]) * x[j]`` for r in [rows_begin, rows_end).
+gemm: x is [batch, in_features] row-major, ``y[t*ldy + r]`` gets row r of token t.
+codes are in the kernel layout of `spec.layout` (see layout.py, produced by `repack`), scales / zeros are the
+canonical [rows, ngroups] float16 / uint8 arrays; row r of codes starts at ``r * layout.row_bytes(in_features)``.
+
+Strategies (``spec.act``):
+
+* ``"f32"`` (default, exact up to float32 summation order). Per group the kernel uses
+  ``sum_j s*(q_j - z)*x_j = s*(sum_j q_j*x_j) - s*z*(sum_j x_j)``: the inner loop is only code extraction, int->float
+  and an FMA with x; the zero-point term is one dot product per row over the groups with the per-group sums of x
+  (computed once per call in a prologue). A second trick removes the shift from most extractions: a code at bit
+  offset o of its word is taken as ``word & (mask << o)`` = ``q * 2**o`` (exact in float32) and multiplied with a copy
+  of x pre-scaled by ``2**-o`` (exact power-of-two scaling, done in the same prologue). The prologue works on
+  column tiles of `col_tile` columns held on the stack, so stack use is bounded.
+* ``"q8"`` (layout il32w8 only, x86 with AVX2). x is quantized per weight group to int8 (d = max|x|/127) in the
+  prologue and the inner loop is an integer u8 x s8 dot product (``pmaddubsw`` + ``pmaddwd``, or AVX-512 VNNI
+  ``vpdpbusd`` when the target has it), flushed per group as ``s*d*sum(q*xq) - s*z*sum(d*xq)``. Not exact: it equals
+  `layout.reference_gemv_q8`, i.e. W applied to the int8-rounded activations. gemm always uses float x.
+
+Everything is generic LLVM vector IR (`<8 x float>`, `<8 x i32>`, `llvm.fmuladd`, `llvm.masked.load`) except the
+q8 dot product, so the same module compiles for x86-64 (SSE2..AVX-512) and aarch64 NEON.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from llvmlite import ir
+
+from .layout import Layout, get_layout
+
+GENERATOR_VERSION = "3"
+
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+F16 = ir.HalfType()
+F32 = ir.FloatType()
+VOID = ir.VoidType()
+
+
+def P(t):
+    return ir.PointerType(t)
+
+
+def V(t, n):
+    return ir.VectorType(t, n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Specs and targets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    triple: str
+    cpu: str = ""
+    features: str = ""
+
+    def has(self, feature: str) -> bool:
+        return f"+{feature}" in self.features.split(",")
+
+    @property
+    def is_x86(self) -> bool:
+        return self.triple.startswith(("x86_64", "i386", "i686"))
+
+    @property
+    def has_f16_convert(self) -> bool:
+        """Whether `fpext half` lowers to an instruction (else we convert with integer ops)."""
+        if self.is_x86:
+            return self.has("f16c") or self.has("avx512f")
+        return True
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    bits: int
+    group_size: int
+    layout: str = "il8w32"
+    act: str = "f32"  # "f32" | "q8"
+    rows_per_iter: int = 2  # rows processed together in the gemv inner loop (share the x loads)
+    accs: int = 2  # independent accumulators per group in the f32 gemv inner loop
+    col_tile: int = 8192  # columns per prologue tile (rounded up to a whole superblock)
+    gemm_tokens: int = 4  # tokens per register tile in gemm
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        lay = get_layout(self.layout)
+        if not lay.supports_group(self.group_size):
+            raise ValueError(f"layout {lay.name} does not support group_size {self.group_size}")
+        if self.act not in ("f32", "q8"):
+            raise ValueError(f"act must be 'f32' or 'q8', got {self.act!r}")
+        if self.act == "q8" and lay.name != "il32w8":
+            raise ValueError("act='q8' needs layout il32w8")
+        if lay.interleaved and lay.word_bits == 8 and self.act == "f32":
+            pass  # gemv f32 over 8-bit words is supported (generic extraction)
+        if self.rows_per_iter < 1 or self.accs < 1 or self.gemm_tokens < 1:
+            raise ValueError("rows_per_iter, accs and gemm_tokens must be >= 1")
+
+    @property
+    def lay(self) -> Layout:
+        return get_layout(self.layout)
+
+    @property
+    def superblock(self) -> int:
+        lay = self.lay
+        return max(lay.block_cols, self.group_size) if lay.interleaved else self.group_size
+
+    @property
+    def tile(self) -> int:
+        sb = self.superblock
+        return max(sb, -(-self.col_tile // sb) * sb)
+
+    @property
+    def gemv_name(self) -> str:
+        return f"xbitc_gemv_b{self.bits}_g{self.group_size}"
+
+    @property
+    def gemm_name(self) -> str:
+        return f"xbitc_gemm_b{self.bits}_g{self.group_size}"
+
+    def key(self) -> str:
+        return (
+            f"b{self.bits}_g{self.group_size}_{self.layout}_{self.act}_r{self.rows_per_iter}_a{self.accs}"
+            f"_t{self.col_tile}_k{self.gemm_tokens}"
+        )
+
+
+def default_spec(bits: int, group_size: int, **kw) -> KernelSpec:
+    """The fastest measured configuration that supports this group size (falls back to the canonical layout)."""
+    spec = KernelSpec(bits, group_size, layout="canonical")
+    if get_layout("il8w32").supports_group(group_size):
+        spec = KernelSpec(bits, group_size, layout="il8w32")
+    return replace(spec, **kw) if kw else spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IR helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ci(v: int, t=I64):
+    return ir.Constant(t, v)
+
+
+def cvec(t, n, vals):
+    if not isinstance(vals, (list, tuple)):
+        vals = [vals] * n
+    return ir.Constant(V(t, n), list(vals))
+
+
+class Emitter:
+    """A thin layer over ir.IRBuilder: intrinsics, vector helpers and counted loops."""
+
+    def __init__(self, module: ir.Module, target: Target):
+        self.m = module
+        self.t = target
+        self.b: ir.IRBuilder | None = None
+
+    # ---- intrinsics ---------------------------------------------------------------------------------------
+    def intrinsic(self, name: str, ret, args):
+        if name in self.m.globals:
+            return self.m.globals[name]
+        return ir.Function(self.m, ir.FunctionType(ret, args), name=name)
+
+    def fmuladd(self, a, b, c):
+        ty = a.type
+        n = ty.count if isinstance(ty, ir.VectorType) else 1
+        name = f"llvm.fmuladd.v{n}f32" if n > 1 else "llvm.fmuladd.f32"
+        return self.b.call(self.intrinsic(name, ty, [ty, ty, ty]), [a, b, c])
+
+    def masked_load_f32(self, ptr, n, mask):
+        vt = V(F32, n)
+        fn = self.intrinsic(f"llvm.masked.load.v{n}f32.p0", vt, [P(vt), I32, V(I1, n), vt])
+        return self.b.call(fn, [self.b.bitcast(ptr, P(vt)), ci(4, I32), mask, cvec(F32, n, 0.0)])
+
+    def rint(self, v):
+        n = v.type.count
+        return self.b.call(self.intrinsic(f"llvm.rint.v{n}f32", v.type, [v.type]), [v])
+
+    def fabs(self, v):
+        n = v.type.count
+        return self.b.call(self.intrinsic(f"llvm.fabs.v{n}f32", v.type, [v.type]), [v])
+
+    def vmax(self, a, c):
+        n = a.type.count
+        return self.b.call(self.intrinsic(f"llvm.maxnum.v{n}f32", a.type, [a.type, a.type]), [a, c])
+
+    # ---- vectors ------------------------------------------------------------------------------------------
+    def bcast(self, s, n):
+        b = self.b
+        v = b.insert_element(ir.Constant(V(s.type, n), ir.Undefined), s, ci(0, I32))
+        return b.shuffle_vector(v, ir.Constant(V(s.type, n), ir.Undefined), cvec(I32, n, 0))
+
+    def hsum(self, v):
+        """Horizontal float sum by halving (a fixed tree: pairs lanes i and i+n/2)."""
+        b = self.b
+        n = v.type.count
+        while n > 1:
+            h = n // 2
+            lo = b.shuffle_vector(v, v, cvec(I32, h, list(range(h))))
+            hi = b.shuffle_vector(v, v, cvec(I32, h, list(range(h, n))))
+            v = b.fadd(lo, hi)
+            n = h
+        return b.extract_element(v, ci(0, I32))
+
+    def hsum_i32(self, v):
+        b = self.b
+        n = v.type.count
+        while n > 1:
+            h = n // 2
+            lo = b.shuffle_vector(v, v, cvec(I32, h, list(range(h))))
+            hi = b.shuffle_vector(v, v, cvec(I32, h, list(range(h, n))))
+            v = b.add(lo, hi)
+            n = h
+        return b.extract_element(v, ci(0, I32))
+
+    def f16_to_f32(self, h):
+        """uint16 bits (scalar or vector) of float16 -> float32."""
+        b = self.b
+        vec = isinstance(h.type, ir.VectorType)
+        n = h.type.count if vec else 1
+        if self.t.has_f16_convert:
+            ht = V(F16, n) if vec else F16
+            return b.fpext(b.bitcast(h, ht), V(F32, n) if vec else F32)
+        # integer route (x86 without F16C): exact for normal, subnormal and zero halves
+        it = V(I32, n) if vec else I32
+        ft = V(F32, n) if vec else F32
+
+        def c(v, t=I32):
+            return cvec(t, n, v) if vec else ir.Constant(t, v)
+
+        w = b.zext(h, it)
+        sign = b.shl(b.and_(w, c(0x8000)), c(16))
+        mag = b.shl(b.and_(w, c(0x7FFF)), c(13))
+        f = b.fmul(b.bitcast(mag, ft), c(2.0**112, F32))
+        return b.bitcast(b.or_(b.bitcast(f, it), sign), ft)
+
+    def load(self, base, index, ty, align):
+        """Load a `ty` from byte/element pointer `base` + `index` elements of base's pointee."""
+        b = self.b
+        p = b.gep(base, [index], inbounds=True)
+        if p.type.pointee != ty:
+            p = b.bitcast(p, P(ty))
+        return b.load(p, align=align)
+
+    def store(self, val, base, index, align):
+        b = self.b
+        p = b.gep(base, [index], inbounds=True)
+        if p.type.pointee != val.type:
+            p = b.bitcast(p, P(val.type))
+        b.store(val, p, align=align)
+
+    # ---- control flow -------------------------------------------------------------------------------------
+    def loop(self, start, stop, step, carried, body, name="l"):
+        """for (i = start; i < stop; i += step) carried = body(i, carried); returns the final carried values.
+
+        `carried` is a list of initial values; `body(i, vals)` emits the body and returns the new values.
+        """
+        b = self.b
+        pre = b.block
+        fn = pre.function
+        head = fn.append_basic_block(name + ".head")
+        body_bb = fn.append_basic_block(name + ".body")
+        exit_bb = fn.append_basic_block(name + ".exit")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.phi(I64, name + ".i")
+        i.add_incoming(start, pre)
+        phis = []
+        for k, v in enumerate(carried):
+            p = b.phi(v.type, f"{name}.c{k}")
+            p.add_incoming(v, pre)
+            phis.append(p)
+        b.cbranch(b.icmp_signed("<", i, stop), body_bb, exit_bb)
+        b.position_at_end(body_bb)
+        new = body(i, list(phis))
+        nxt = b.add(i, step)
+        end = b.block
+        b.branch(head)
+        i.add_incoming(nxt, end)
+        for p, v in zip(phis, new):
+            p.add_incoming(v, end)
+        b.position_at_end(exit_bb)
+        return list(phis)
+
+    def if_then_values(self, cond, vals, then_body, name="if"):
+        """vals' = cond ? then_body(vals) : vals (with phis)."""
+        b = self.b
+        pre = b.block
+        fn = pre.function
+        then_bb = fn.append_basic_block(name + ".then")
+        join = fn.append_basic_block(name + ".join")
+        b.cbranch(cond, then_bb, join)
+        b.position_at_end(then_bb)
+        new = then_body(list(vals))
+        then_end = b.block
+        b.branch(join)
+        b.position_at_end(join)
+        out = []
+        for v, nv in zip(vals, new):
+            p = b.phi(v.type)
+            p.add_incoming(v, pre)
+            p.add_incoming(nv, then_end)
+            out.append(p)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Code extraction from lane-interleaved words
+# --------------------------------------------------------------------------------------------------------------
+
+
+def extraction_plan(bits: int, word_bits: int, k: int, scaled: bool):
+    """How to pull code k of a lane out of its `bits` words.
+
+    Returns (kind, word_index, offset, x_scale_exponent):
+      kind "mask":  word & (mask << o)          value q * 2**o   (only when scaled and o + bits < word_bits)
+      kind "low":   word & mask                 (o == 0)
+      kind "top":   word >> o                   (o + bits == word_bits)
+      kind "shift": (word >> o) & mask
+      kind "split": ((word >> o) | (next << (W - o))) & mask    (straddles two words)
+    """
+    p = k * bits
+    wi, o = divmod(p, word_bits)
+    if o + bits > word_bits:
+        return "split", wi, o, 0
+    if o + bits == word_bits:
+        return ("top" if o else "low"), wi, o, 0
+    if o == 0:
+        return "low", wi, 0, 0
+    if scaled:  # o + bits < word_bits: q * 2**o < 2**31 stays a positive int32, exact in float32
+        return "mask", wi, o, -o
+    return "shift", wi, o, 0
+
+
+def emit_extract(e: Emitter, words, bits, word_bits, k, scaled):
+    b = e.b
+    n = words[0].type.count
+    it = words[0].type.element
+    kind, wi, o, _ = extraction_plan(bits, word_bits, k, scaled)
+    mask = (1 << bits) - 1
+    w = words[wi]
+    if kind == "low":
+        return w if bits == word_bits else b.and_(w, cvec(it, n, mask))
+    if kind == "top":
+        return b.lshr(w, cvec(it, n, o))
+    if kind == "mask":
+        return b.and_(w, cvec(it, n, mask << o))
+    if kind == "shift":
+        return b.and_(b.lshr(w, cvec(it, n, o)), cvec(it, n, mask))
+    lo = b.lshr(w, cvec(it, n, o))
+    hi = b.shl(words[wi + 1], cvec(it, n, word_bits - o))
+    return b.and_(b.or_(lo, hi), cvec(it, n, mask))
+
+
+def to_float(e: Emitter, c):
+    """Non-negative integer vector -> float vector (sitofp is the cheap conversion on x86)."""
+    b = e.b
+    n = c.type.count
+    if c.type.element.width < 32:
+        c = b.zext(c, V(I32, n))
+    return b.sitofp(c, V(F32, n))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _declare(m: ir.Module, name: str, gemm: bool, linkage: str = "external"):
+    args = [P(I8), P(I16), P(I8), P(F32), P(F32), I64, I64, I64]
+    if gemm:
+        args += [I64, I64]
+    fn = ir.Function(m, ir.FunctionType(VOID, args + ([I1] if linkage == "internal" else [])), name=name)
+    fn.linkage = linkage
+    for k in (0, 1, 2, 3, 4):
+        fn.args[k].add_attribute("noalias")
+    return fn
+
+
+def _wrapper(m: ir.Module, name: str, impl, gemm: bool, acc: bool):
+    fn = _declare(m, name, gemm)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.call(impl, list(fn.args) + [ir.Constant(I1, int(acc))])
+    b.ret_void()
+
+
+def generate_module(spec: KernelSpec, target: Target) -> ir.Module:
+    m = ir.Module(name=f"xbitc_{spec.key()}")
+    m.triple = target.triple
+    e = Emitter(m, target)
+    lay = spec.lay
+    if lay.interleaved:
+        gemv = _gen_gemv_il(e, spec)
+    else:
+        gemv = _gen_gemv_canonical(e, spec)
+    gemm = _gen_gemm(e, spec)
+    for impl, name, is_gemm in ((gemv, spec.gemv_name, False), (gemm, spec.gemm_name, True)):
+        impl.attributes.add("noinline")
+        _wrapper(m, name, impl, is_gemm, acc=False)
+        _wrapper(m, name + "_acc", impl, is_gemm, acc=True)
+    return m
+
+
+def _store_y(e: Emitter, y, idx, val, overwrite):
+    """y[idx] = overwrite ? val : y[idx] + val (y is not read when overwriting)."""
+    b = e.b
+    p = b.gep(y, [idx], inbounds=True)
+
+    def add_old(vals):
+        return [b.fadd(b.load(p, align=4), vals[0])]
+
+    (v,) = e.if_then_values(b.not_(overwrite), [val], add_old, name="yacc")
+    b.store(v, p, align=4)
+
+
+# ---------------------------------------------------------------------------------------- gemv (interleaved)
+
+
+def _dot_u8s8(e: Emitter, acc, u8, s8, bits):
+    """acc (<8 x i32>) += sums of the u8 * s8 products of two <32 x i8> vectors (4 products per i32 lane)."""
+    b = e.b
+    t = e.t
+    v32 = V(I8, 32)
+    v8i = V(I32, 8)
+    if t.is_x86 and ((t.has("avx512vnni") and t.has("avx512vl")) or t.has("avxvnni")):
+        fn = e.intrinsic("llvm.x86.avx512.vpdpbusd.256", v8i, [v8i, v8i, v8i])
+        return b.call(fn, [acc, b.bitcast(u8, v8i), b.bitcast(s8, v8i)])
+    if t.is_x86 and t.has("avx2") and bits <= 7:
+        v16 = V(I16, 16)
+        pm = e.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
+        pw = e.intrinsic("llvm.x86.avx2.pmadd.wd", v8i, [v16, v16])
+        p16 = b.call(pm, [u8, s8])  # pair sums |q0*x0 + q1*x1| <= 2*127*127 < 2**15: no saturation for bits <= 7
+        return b.add(acc, b.call(pw, [p16, cvec(I16, 16, 1)]))
+    # generic (and 8-bit codes on AVX2): widen to i16 products, pairwise add into i32 lanes
+    v16 = V(I16, 32)
+    prod = b.mul(b.zext(u8, v16), b.sext(s8, v16))  # |q*x| <= 255*127 fits i16
+    ev = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(0, 32, 2)))), V(I32, 16))
+    od = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(1, 32, 2)))), V(I32, 16))
+    s = b.add(ev, od)
+    lo = b.shuffle_vector(s, s, cvec(I32, 8, list(range(0, 16, 2))))
+    hi = b.shuffle_vector(s, s, cvec(I32, 8, list(range(1, 16, 2))))
+    return b.add(acc, b.add(lo, hi))
+
+
+def _hmax(e: Emitter, v):
+    b = e.b
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        lo = b.shuffle_vector(v, v, cvec(I32, h, list(range(h))))
+        hi = b.shuffle_vector(v, v, cvec(I32, h, list(range(h, n))))
+        v = e.vmax(lo, hi)
+        n = h
+    return b.extract_element(v, ci(0, I32))
+
+
+def _gen_gemv_il(e: Emitter, spec: KernelSpec):
+    """gemv over a lane-interleaved layout; act f32 (float x, FMA) or q8 (int8 x, integer dot products)."""
+    lay = spec.lay
+    L, W, B = lay.lanes, lay.word_bits, lay.block_cols
+    bits, G = spec.bits, spec.group_size
+    BB = lay.block_bytes(bits)
+    T = spec.tile
+    SB = spec.superblock
+    KG = G // L  # k-steps per group
+    q8 = spec.act == "q8"
+    scaled = W == 32 and not q8
+    wt = V(ir.IntType(W), L)
+    vf = V(F32, L)
+    zero_f = cvec(F32, L, 0.0)
+    acc_t = V(I32, 8) if q8 else vf
+    acc_zero = cvec(I32, 8, 0) if q8 else zero_f
+    nacc = 1 if q8 else spec.accs
+    R = spec.rows_per_iter
+    yt = V(F32, 8) if q8 else vf
+    y_zero = cvec(F32, 8, 0.0) if q8 else zero_f
+
+    # x scale per k-step within a block (f32 path: the code at offset o is read as q * 2**o)
+    kscale = [2.0 ** extraction_plan(bits, W, k, scaled)[3] for k in range(W)]
+    scale_tab = ir.GlobalVariable(e.m, ir.ArrayType(F32, W), name=f"xbitc_kscale_b{bits}_w{W}")
+    scale_tab.global_constant = True
+    scale_tab.linkage = "internal"
+    scale_tab.initializer = ir.Constant(ir.ArrayType(F32, W), kscale)
+
+    fn = _declare(e.m, spec.gemv_name + "_impl", gemm=False, linkage="internal")
+    codes, scales, zeros, x, y, rb, re, n, accflag = fn.args
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    xbuf = b.alloca(I8 if q8 else F32, size=ci(T), name="xbuf")  # prepared x tile (zero padded)
+    xbuf.align = 64
+    ng_tile_max = -(-T // G) + 1
+    xg = b.alloca(F32, size=ci(ng_tile_max), name="xgsum")  # per-group sums of (prepared) x
+    dg = b.alloca(F32, size=ci(ng_tile_max), name="dg") if q8 else None  # q8: activation scale per group
+
+    ng = b.sdiv(b.add(n, ci(G - 1)), ci(G))
+    nb_row = b.sdiv(b.add(n, ci(B - 1)), ci(B))
+    row_stride = b.mul(nb_row, ci(BB))
+    lane_l = cvec(I64, L, list(range(L)))
+    lane8 = cvec(I64, 8, list(range(8)))
+
+    def tile_body(t0, _):
+        tc = b.select(b.icmp_signed("<", b.sub(n, t0), ci(T)), b.sub(n, t0), ci(T))
+        g0 = b.sdiv(t0, ci(G))
+        ng_tile = b.sdiv(b.add(tc, ci(G - 1)), ci(G))
+        # groups the padded tile covers (padding groups get zero x and zero sums)
+        ng_pad = b.sdiv(b.add(b.mul(b.sdiv(b.add(tc, ci(B - 1)), ci(B)), ci(B)), ci(G - 1)), ci(G))
+
+        if not q8:
+
+            def pro_group(gl, _):
+                c0 = b.mul(gl, ci(G))
+
+                def kstep(kk, acc):
+                    c = b.add(c0, b.mul(kk, ci(L)))  # column within tile
+                    mask = b.icmp_signed("<", lane_l, e.bcast(b.sub(tc, c), L))
+                    xv = e.masked_load_f32(b.gep(x, [b.add(t0, c)], inbounds=True), L, mask)
+                    ks = b.srem(b.sdiv(c, ci(L)), ci(W))
+                    sc = b.load(b.gep(scale_tab, [ci(0), ks], inbounds=True), align=4)
+                    e.store(b.fmul(xv, e.bcast(sc, L)), xbuf, c, 32)
+                    return [b.fadd(acc[0], xv)]
+
+                (s,) = e.loop(ci(0), ci(KG), ci(1), [zero_f], kstep, name="prok")
+                e.store(e.hsum(s), xg, gl, 4)
+                return []
+
+        else:
+
+            def pro_group(gl, _):
+                c0 = b.mul(gl, ci(G))
+
+                def xload(kk):
+                    c = b.add(c0, b.mul(kk, ci(8)))
+                    mask = b.icmp_signed("<", lane8, e.bcast(b.sub(tc, c), 8))
+                    return c, e.masked_load_f32(b.gep(x, [b.add(t0, c)], inbounds=True), 8, mask)
+
+                (amax,) = e.loop(ci(0), ci(G // 8), ci(1), [cvec(F32, 8, 0.0)],
+                                 lambda kk, a: [e.vmax(a[0], e.fabs(xload(kk)[1]))], name="proa")
+                amax = _hmax(e, amax)
+                pos = b.fcmp_ordered(">", amax, ir.Constant(F32, 0.0))
+                d = b.fdiv(amax, ir.Constant(F32, 127.0))
+                inv = b.select(pos, b.fdiv(ir.Constant(F32, 127.0), b.select(pos, amax, ir.Constant(F32, 1.0))),
+                               ir.Constant(F32, 0.0))
+                invv = e.bcast(inv, 8)
+
+                def quant(kk, acc):
+                    c, xv = xload(kk)
+                    qi = b.fptosi(e.rint(b.fmul(xv, invv)), V(I32, 8))
+                    e.store(b.trunc(qi, V(I8, 8)), xbuf, c, 8)
+                    return [b.add(acc[0], qi)]
+
+                (isum,) = e.loop(ci(0), ci(G // 8), ci(1), [cvec(I32, 8, 0)], quant, name="proq")
+                e.store(d, dg, gl, 4)
+                e.store(b.fmul(b.sitofp(e.hsum_i32(isum), F32), d), xg, gl, 4)
+                return []
+
+        e.loop(ci(0), ng_pad, ci(1), [], pro_group, name="pro")
+
+        nsb = b.sdiv(b.add(tc, ci(SB - 1)), ci(SB))
+        overwrite = b.and_(b.icmp_signed("==", t0, ci(0)), b.not_(accflag))
+        last_row = b.sub(re, ci(1))
+
+        def rows_body(r, _):
+            # rows past the range are computed on a clamped (valid) row and not stored
+            rows = [b.select(b.icmp_signed("<", b.add(r, ci(i)), re), b.add(r, ci(i)), last_row) if i else r
+                    for i in range(R)]
+            tile_off = b.mul(b.sdiv(t0, ci(B)), ci(BB))
+            rowp = [b.gep(codes, [b.add(b.mul(ri, row_stride), tile_off)], inbounds=True) for ri in rows]
+            srow = [b.gep(scales, [b.mul(ri, ng)], inbounds=True) for ri in rows]
+
+            def flush(Q, yacc, gl):
+                # padding groups (past ng) have Q == 0; clamp their scale index to a valid one
+                g = b.add(g0, gl)
+                g = b.select(b.icmp_signed("<", g, ng), g, b.sub(ng, ci(1)))
+                d = b.load(b.gep(dg, [gl], inbounds=True), align=4) if q8 else None
+                out = []
+                for i in range(R):
+                    s = e.f16_to_f32(b.load(b.gep(srow[i], [g], inbounds=True), align=2))
+                    if q8:
+                        out.append(e.fmuladd(b.sitofp(Q[i][0], yt), e.bcast(b.fmul(s, d), 8), yacc[i]))
+                    else:
+                        q = Q[i][0]
+                        for a in range(1, nacc):
+                            q = b.fadd(q, Q[i][a])
+                        out.append(e.fmuladd(q, e.bcast(s, L), yacc[i]))
+                return out
+
+            def block(blk, Q, yacc, gl_base):
+                """All W k-steps of one block; flushes groups when gl_base is given (G <= B)."""
+                boff = b.mul(blk, ci(BB))
+                words = [[e.load(rowp[i], b.add(boff, ci(wi * L * W // 8)), wt, 1) for wi in range(bits)]
+                         for i in range(R)]
+                for k in range(W):
+                    xv = e.load(xbuf, b.add(b.mul(blk, ci(B)), ci(k * L)), wt if q8 else vf, 32)
+                    for i in range(R):
+                        c = emit_extract(e, words[i], bits, W, k, scaled)
+                        a = k % nacc
+                        if q8:
+                            Q[i][a] = _dot_u8s8(e, Q[i][a], c, xv, bits)
+                        else:
+                            Q[i][a] = e.fmuladd(to_float(e, c), xv, Q[i][a])
+                    if gl_base is not None and (k + 1) % KG == 0:
+                        yacc = flush(Q, yacc, b.add(gl_base, ci(k // KG)))
+                        Q = [[acc_zero] * nacc for _ in range(R)]
+                return Q, yacc
+
+            if G <= B:
+
+                def sb_body(sb, yacc):
+                    Q = [[acc_zero] * nacc for _ in range(R)]
+                    return block(sb, Q, yacc, b.mul(sb, ci(B // G)))[1]
+
+            else:
+
+                def sb_body(sb, yacc):
+                    left = b.sdiv(b.add(b.sub(tc, b.mul(sb, ci(G))), ci(B - 1)), ci(B))
+                    nblk = b.select(b.icmp_signed("<", left, ci(G // B)), left, ci(G // B))
+                    first = b.mul(sb, ci(G // B))
+
+                    def inner(j, Qflat):
+                        Q = [Qflat[i * nacc:(i + 1) * nacc] for i in range(R)]
+                        Q, _ = block(b.add(first, j), Q, [], None)
+                        return [q for row in Q for q in row]
+
+                    Qflat = e.loop(ci(0), nblk, ci(1), [acc_zero] * (R * nacc), inner, name="blk")
+                    return flush([Qflat[i * nacc:(i + 1) * nacc] for i in range(R)], yacc, sb)
+
+            yacc = e.loop(ci(0), nsb, ci(1), [y_zero] * R, sb_body, name="sb")
+
+            # zero-point term per row: corr = sum_g s_g * z_g * xg_g
+            nv = b.mul(b.sdiv(ng_tile, ci(8)), ci(8))
+            for i in range(R):
+                zrow = b.gep(zeros, [b.mul(rows[i], ng)], inbounds=True)
+
+                def corr_vec(g, cv, i=i, zrow=zrow):
+                    gg = b.add(g0, g)
+                    s = e.f16_to_f32(e.load(srow[i], gg, V(I16, 8), 2))
+                    z = to_float(e, e.load(zrow, gg, V(I8, 8), 1))
+                    return [e.fmuladd(b.fmul(s, z), e.load(xg, g, V(F32, 8), 4), cv[0])]
+
+                (cv,) = e.loop(ci(0), nv, ci(8), [cvec(F32, 8, 0.0)], corr_vec, name="corrv")
+
+                def corr_scalar(g, cs, i=i, zrow=zrow):
+                    gg = b.add(g0, g)
+                    s = e.f16_to_f32(b.load(b.gep(srow[i], [gg], inbounds=True), align=2))
+                    z = b.uitofp(b.load(b.gep(zrow, [gg], inbounds=True), align=1), F32)
+                    return [e.fmuladd(b.fmul(s, z), b.load(b.gep(xg, [g], inbounds=True), align=4), cs[0])]
+
+                (cs,) = e.loop(nv, ng_tile, ci(1), [ir.Constant(F32, 0.0)], corr_scalar, name="corrs")
+                val = b.fsub(e.hsum(yacc[i]), b.fadd(e.hsum(cv), cs))
+                if i == 0:
+                    _store_y(e, y, r, val, overwrite)
+                else:
+                    e.if_then_values(b.icmp_signed("<", b.add(r, ci(i)), re), [],
+                                     lambda _, i=i, val=val: (_store_y(e, y, b.add(r, ci(i)), val, overwrite), [])[1],
+                                     name="rowok")
+            return []
+
+        e.loop(rb, re, ci(R), [], rows_body, name="rows")
+        return []
+
+    e.loop(ci(0), n, ci(T), [], tile_body, name="tile")
+    b.ret_void()
+    return fn
+
+
+# ---------------------------------------------------------------------------------------- canonical fallback
+
+
+def _emit_canonical_code(e: Emitter, rowp, j, bits, row_bytes):
+    """Code j of a canonical LSB-first row stream (scalar; never reads past the row)."""
+    b = e.b
+    if bits == 8:
+        return b.zext(b.load(b.gep(rowp, [j], inbounds=True), align=1), I32)
+    p = b.mul(j, ci(bits))
+    byte = b.lshr(p, ci(3))
+    off = b.trunc(b.and_(p, ci(7)), I32)
+    lo = b.zext(b.load(b.gep(rowp, [byte], inbounds=True), align=1), I32)
+    nxt = b.add(byte, ci(1))
+    nxt_ok = b.icmp_signed("<", nxt, row_bytes)
+    hi = b.zext(b.load(b.gep(rowp, [b.select(nxt_ok, nxt, byte)], inbounds=True), align=1), I32)
+    hi = b.select(nxt_ok, hi, ir.Constant(I32, 0))
+    word = b.or_(lo, b.shl(hi, ir.Constant(I32, 8)))
+    return b.and_(b.lshr(word, off), ir.Constant(I32, (1 << bits) - 1))
+
+
+def _gen_gemv_canonical(e: Emitter, spec: KernelSpec):
+    bits, G = spec.bits, spec.group_size
+    fn = _declare(e.m, spec.gemv_name + "_impl", gemm=False, linkage="internal")
+    codes, scales, zeros, x, y, rb, re, n, accflag = fn.args
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    ng = b.sdiv(b.add(n, ci(G - 1)), ci(G))
+    rbytes = b.sdiv(b.add(b.mul(n, ci(bits)), ci(7)), ci(8))
+
+    def row(r, _):
+        rowp = b.gep(codes, [b.mul(r, rbytes)], inbounds=True)
+
+        def group(g, acc):
+            s = e.f16_to_f32(b.load(b.gep(scales, [b.add(b.mul(r, ng), g)], inbounds=True), align=2))
+            z = b.uitofp(b.load(b.gep(zeros, [b.add(b.mul(r, ng), g)], inbounds=True), align=1), F32)
+            j0 = b.mul(g, ci(G))
+            j1 = b.select(b.icmp_signed("<", b.add(j0, ci(G)), n), b.add(j0, ci(G)), n)
+
+            def col(j, a):
+                q = b.sitofp(_emit_canonical_code(e, rowp, j, bits, rbytes), F32)
+                w = b.fmul(s, b.fsub(q, z))
+                return [e.fmuladd(w, b.load(b.gep(x, [j], inbounds=True), align=4), a[0])]
+
+            return e.loop(j0, j1, ci(1), acc, col, name="col")
+
+        (acc,) = e.loop(ci(0), ng, ci(1), [ir.Constant(F32, 0.0)], group, name="grp")
+        _store_y(e, y, r, acc, b.not_(accflag))
+        return []
+
+    e.loop(rb, re, ci(1), [], row, name="rows")
+    b.ret_void()
+    return fn
+
+
+# ---------------------------------------------------------------------------------------- gemm
+
+
+def _gen_gemm(e: Emitter, spec: KernelSpec):
+    """Batched product: per row, decode a block of weights to float once, reuse it for every token."""
+    lay = spec.lay
+    bits, G = spec.bits, spec.group_size
+    fn = _declare(e.m, spec.gemm_name + "_impl", gemm=True, linkage="internal")
+    codes, scales, zeros, x, y, rb, re, n, batch, ldy, accflag = fn.args
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    ng = b.sdiv(b.add(n, ci(G - 1)), ci(G))
+
+    if not lay.interleaved:
+        # canonical: decode one row to a float buffer (tile of TC columns), then dot with every token
+        TC = 4096
+        wbuf = b.alloca(F32, size=ci(TC), name="wrow")
+        accs = b.alloca(F32, size=batch, name="acc")
+        rbytes = b.sdiv(b.add(b.mul(n, ci(bits)), ci(7)), ci(8))
+
+        def row(r, _):
+            rowp = b.gep(codes, [b.mul(r, rbytes)], inbounds=True)
+            e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(ir.Constant(F32, 0.0), accs, t, 4), [])[1])
+
+            def tile(c0, _):
+                cend = b.select(b.icmp_signed("<", b.add(c0, ci(TC)), n), b.add(c0, ci(TC)), n)
+
+                def dec(j, _):
+                    g = b.add(b.mul(r, ng), b.sdiv(j, ci(G)))
+                    s = e.f16_to_f32(b.load(b.gep(scales, [g], inbounds=True), align=2))
+                    z = b.uitofp(b.load(b.gep(zeros, [g], inbounds=True), align=1), F32)
+                    q = b.sitofp(_emit_canonical_code(e, rowp, j, bits, rbytes), F32)
+                    e.store(b.fmul(s, b.fsub(q, z)), wbuf, b.sub(j, c0), 4)
+                    return []
+
+                e.loop(c0, cend, ci(1), [], dec, name="dec")
+
+                def tok(t, _):
+                    xrow = b.gep(x, [b.mul(t, n)], inbounds=True)
+
+                    def dot(j, a):
+                        w = b.load(b.gep(wbuf, [b.sub(j, c0)], inbounds=True), align=4)
+                        return [e.fmuladd(w, b.load(b.gep(xrow, [j], inbounds=True), align=4), a[0])]
+
+                    (a,) = e.loop(c0, cend, ci(1), [ir.Constant(F32, 0.0)], dot, name="dot")
+                    p = b.gep(accs, [t], inbounds=True)
+                    b.store(b.fadd(b.load(p, align=4), a), p, align=4)
+                    return []
+
+                e.loop(ci(0), batch, ci(1), [], tok, name="tok")
+                return []
+
+            e.loop(ci(0), n, ci(TC), [], tile, name="ctile")
+
+            def out(t, _):
+                v = b.load(b.gep(accs, [t], inbounds=True), align=4)
+                _store_y(e, y, b.add(b.mul(t, ldy), r), v, b.not_(accflag))
+                return []
+
+            e.loop(ci(0), batch, ci(1), [], out, name="out")
+            return []
+
+        e.loop(rb, re, ci(1), [], row, name="rows")
+        b.ret_void()
+        return fn
+
+    L, W, B = lay.lanes, lay.word_bits, lay.block_cols
+    BB = lay.block_bytes(bits)
+    wt = V(ir.IntType(W), L)
+    # decode / accumulate in 8-wide float vectors regardless of the layout's lane count
+    VL = 8
+    sub = L // VL  # 8-wide pieces per k-step
+    vf = V(F32, VL)
+    zero_v = cvec(F32, VL, 0.0)
+    nvec = W * sub  # float vectors per decoded block
+    wbuf = b.alloca(vf, size=ci(nvec), name="wblk")
+    wbuf.align = 32
+    accs = b.alloca(vf, size=batch, name="acc")
+    accs.align = 32
+    nb_row = b.sdiv(b.add(n, ci(B - 1)), ci(B))
+    nfull = b.sdiv(n, ci(B))
+    row_stride = b.mul(nb_row, ci(BB))
+    lane_idx = cvec(I64, VL, list(range(VL)))
+    TB = spec.gemm_tokens
+
+    def row(r, _):
+        rowp = b.gep(codes, [b.mul(r, row_stride)], inbounds=True)
+        srow = b.gep(scales, [b.mul(r, ng)], inbounds=True)
+        zrow = b.gep(zeros, [b.mul(r, ng)], inbounds=True)
+        e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(zero_v, accs, t, 32), [])[1], name="zacc")
+
+        def block(blk, tail):
+            col0 = b.mul(blk, ci(B))
+            words = [e.load(rowp, b.add(b.mul(blk, ci(BB)), ci(wi * L * W // 8)), wt, 1) for wi in range(bits)]
+            cache = {}
+            for k in range(W):
+                gsel = k // (G // L) if G <= B else 0
+                if gsel not in cache:
+                    g = b.add(b.mul(blk, ci(B // G)), ci(gsel)) if G <= B else b.sdiv(blk, ci(G // B))
+                    if tail:
+                        valid = b.icmp_signed("<", g, ng)
+                        g = b.select(valid, g, b.sub(ng, ci(1)))
+                    s = e.f16_to_f32(b.load(b.gep(srow, [g], inbounds=True), align=2))
+                    z = b.uitofp(b.load(b.gep(zrow, [g], inbounds=True), align=1), F32)
+                    if tail:
+                        s = b.select(valid, s, ir.Constant(F32, 0.0))
+                    cache[gsel] = (e.bcast(s, VL), e.bcast(b.fneg(b.fmul(s, z)), VL))
+                sv, nzv = cache[gsel]
+                c = emit_extract(e, words, bits, W, k, scaled=False)
+                for p in range(sub):
+                    cp = c if sub == 1 else b.shuffle_vector(c, c, cvec(I32, VL, list(range(p * VL, p * VL + VL))))
+                    e.store(e.fmuladd(to_float(e, cp), sv, nzv), wbuf, ci(k * sub + p), 32)
+            masks = None
+            if tail:
+                masks = [b.icmp_signed("<", lane_idx, e.bcast(b.sub(n, b.add(col0, ci(v * VL))), VL))
+                         for v in range(nvec)]
+
+            def tokens(nt):
+                def body(t, _):
+                    a = [[e.load(accs, b.add(t, ci(u)), vf, 32)] + [zero_v] for u in range(nt)]
+                    xrow = [b.gep(x, [b.add(b.mul(b.add(t, ci(u)), n), col0)], inbounds=True) for u in range(nt)]
+                    for v in range(nvec):
+                        w = e.load(wbuf, ci(v), vf, 32)
+                        for u in range(nt):
+                            p = b.gep(xrow[u], [ci(v * VL)], inbounds=True)
+                            xv = e.masked_load_f32(p, VL, masks[v]) if tail else e.load(p, ci(0), vf, 4)
+                            a[u][v % 2] = e.fmuladd(w, xv, a[u][v % 2])
+                    for u in range(nt):
+                        e.store(b.fadd(a[u][0], a[u][1]), accs, b.add(t, ci(u)), 32)
+                    return []
+
+                return body
+
+            tb_end = b.mul(b.sdiv(batch, ci(TB)), ci(TB))
+            if TB > 1:
+                e.loop(ci(0), tb_end, ci(TB), [], tokens(TB), name="tokT")
+            e.loop(tb_end if TB > 1 else ci(0), batch, ci(1), [], tokens(1), name="tok1")
+
+        e.loop(ci(0), nfull, ci(1), [], lambda blk, _: (block(blk, False), [])[1], name="blk")
+        e.if_then_values(b.icmp_signed("<", nfull, nb_row), [], lambda _: (block(nfull, True), [])[1], name="tail")
+
+        def out(t, _):
+            v = e.hsum(e.load(accs, t, vf, 32))
+            _store_y(e, y, b.add(b.mul(t, ldy), r), v, b.not_(accflag))
+            return []
+
+        e.loop(ci(0), batch, ci(1), [], out, name="out")
+        return []
+
+    e.loop(rb, re, ci(1), [], row, name="rows")
+    b.ret_void()
+    return fn

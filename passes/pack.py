@@ -1,0 +1,37 @@
+"""pack: bit-pack every QuantizedMatrix into the artifact layout and store float parameters at their dtype.
+
+QLINEAR nodes become PACKED_LINEAR (what backends lower to kernels). Float *parameters* are stored at the
+model's float dtype (float16 by default, counted in the budget); buffers such as rotary frequencies keep theirs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xbitc.ir.graph import Graph, Op
+from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.packed import PackedMatrix
+
+from .base import Pass, PassContext
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Pack(Pass):
+    name = "pack"
+    provides = frozenset({"packed"})
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        dtype = DTYPES[graph.meta.get("float_dtype", "float16")]
+        kinds = graph.meta.get("param_kinds", {})
+        for name, value in list(graph.params.items()):
+            if isinstance(value, QuantizedMatrix):
+                graph.params[name] = PackedMatrix.from_quantized(value)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point() and kinds.get(name, "parameter") == "parameter":
+                graph.params[name] = value.to(dtype)
+        for n in graph.nodes:
+            if n.op is Op.QLINEAR:
+                n.op = Op.PACKED_LINEAR
+        return graph

@@ -1,0 +1,86 @@
+"""plan: choose one uniform (bits, group size) that keeps the whole artifact under a bits-per-weight target.
+
+Until learned allocation exists this is the budget logic: try depths from 8 down, and for each the finest group
+size, and take the first configuration whose predicted artifact size fits. Everything counts: packed codes,
+scales, zeros, float tensors left unquantized, safetensors headers and the graph/manifest metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xbitc.ir import serialize
+from xbitc.ir.graph import Graph
+from xbitc.size import bits_per_weight, header_bytes, uniform_bytes
+
+from .base import Pass, PassContext, PassError
+from .targets import quantizable
+
+GROUPS = (32, 64, 128, 256, 0)  # 0 = one group per row (per-channel)
+MANIFEST_BYTES_PER_TENSOR = 220  # manifest JSON per stored tensor entry (name, shape, segments, hash)
+MANIFEST_BASE_BYTES = 4096
+FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def float_bytes(graph: Graph, name: str) -> int:
+    t = graph.params[name]
+    per = FLOAT_BYTES[graph.meta.get("float_dtype", "float16")] if t.is_floating_point() and graph.meta.get("param_kinds", {}).get(name, "parameter") == "parameter" else t.element_size()
+    return t.numel() * per
+
+
+def predict_bytes(graph: Graph, config: dict[str, tuple[int, int]]) -> int:
+    """Artifact bytes if `config` (param -> (bits, group)) is applied and everything else stays float."""
+    total, names = 0, []
+    for name, t in graph.params.items():
+        if name in config:
+            bits, group = config[name]
+            shape = tuple(t.shape)
+            total += uniform_bytes(shape, bits, group or shape[1])
+            names += [f"{name}.s0.codes", f"{name}.s0.scales", f"{name}.s0.zeros"]
+        else:
+            total += float_bytes(graph, name)
+            names.append(name)
+    meta = len(serialize.dumps(graph)) + 64 * len(config) + MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_TENSOR * len(names)
+    return total + header_bytes(names) + meta
+
+
+@dataclass(frozen=True)
+class PlanUniform(Pass):
+    name = "plan"
+    provides = frozenset({"planned"})
+    bpw: float | None = None
+    bits: int | None = None
+    group: int | None = None
+    embeddings: bool = False
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        targets = quantizable(graph, self.embeddings)
+        if not targets:
+            raise PassError("the model has no linear layers to quantize")
+        count = graph.source_param_count() or sum(t.numel() for t in graph.params.values())
+        bits_options = [self.bits] if self.bits else list(range(8, 0, -1))
+        group_options = [self.group] if self.group is not None else list(GROUPS)
+        floor = None
+        for bits in bits_options:
+            for group in group_options:
+                config = {n: (bits, group) for n in targets}
+                bpw = bits_per_weight(predict_bytes(graph, config), count)
+                floor = bpw if floor is None else min(floor, bpw)
+                if self.bpw is None or bpw <= self.bpw:
+                    return self._choose(graph, ctx, config, bits, group, bpw)
+        raise PassError(
+            f"--bpw {self.bpw} is below what uniform quantization of this model can reach "
+            f"(smallest: {floor:.3f} bits per weight with {'embeddings' if self.embeddings else 'embeddings kept float'}); "
+            "raise --bpw" + ("" if self.embeddings else " or add --quantize-embeddings")
+        )
+
+    def _choose(self, graph, ctx, config, bits, group, bpw) -> Graph:
+        graph.meta["plan"] = {n: {"bits": b, "group": g} for n, (b, g) in config.items()}
+        gtxt = f"group {group}" if group else "per-channel"
+        ctx.log(f"plan: {bits}-bit, {gtxt} for {len(config)} tensors -> predicted {bpw:.3f} bits per weight")
+        ctx.stats["plan_summary"] = {"bits": bits, "group": group, "predicted_bpw": bpw}
+        return graph
+
+
+__all__ = ["PlanUniform", "predict_bytes", "torch"]

@@ -1,0 +1,49 @@
+"""quantize: replace planned weights with QuantizedMatrix values (RTN here; GPTQ in its own module).
+
+Reads the per-tensor configuration that `plan` (or a later allocator) left in graph.meta["plan"]. Linears become
+QLINEAR nodes; embedding tables keep their EMBED node and are dequantized on lookup.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from xbitc.ir.graph import Graph, Op
+from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.rtn import rtn_quantize
+
+from .base import Pass, PassContext, PassError
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    name = "quantize"
+    requires = frozenset({"planned"})
+    provides = frozenset({"quantized"})
+    method: str = "rtn"
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        if self.method not in METHODS:
+            raise PassError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        plan = graph.meta.get("plan") or {}
+        if self.method == "gptq":
+            from .gptq import quantize_gptq
+
+            quantize_gptq(graph, ctx, plan)
+        else:
+            for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
+                cfg = plan[name]
+                w = graph.params[name]
+                graph.params[name] = rtn_quantize(w, cfg["bits"], cfg["group"] or w.shape[1])
+        mark_quantized_linears(graph)
+        return graph
+
+
+def mark_quantized_linears(graph: Graph) -> None:
+    by_name = graph.by_name()
+    for n in graph.nodes:
+        if n.op is Op.LINEAR and isinstance(graph.params[by_name[n.args[1].name].attrs["name"]], QuantizedMatrix):
+            n.op = Op.QLINEAR

@@ -1,0 +1,57 @@
+"""Calibration batches: windows of a text file, or sequences the float model writes itself (data-free)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PACKAGE_TEXT = Path(__file__).parent / "data"
+
+
+def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.to(torch.long)
+
+
+def text_windows(tokenizer: Any, path: Path, n: int, length: int, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    """`n` windows of `length` tokens at random offsets of the tokenized file (GPTQ's protocol)."""
+    ids = token_stream(tokenizer, Path(path).read_text(encoding="utf-8"))
+    if len(ids) <= length:
+        raise ValueError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of {length}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (n,), generator=gen)
+    return [(ids[s : s + length].unsqueeze(0),) for s in starts.tolist()]
+
+
+@torch.no_grad()
+def self_windows(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], vocab: int, bos: int | None, n: int, length: int, seed: int = 0
+) -> list[tuple[torch.Tensor]]:
+    """Data-free calibration: sample `n` sequences from the float model (temperature 1), starting from BOS or a
+    random token. Sampling is batched over all `n` sequences and re-runs the full prefix (no KV cache)."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.full((n, 1), bos) if bos is not None else torch.randint(0, vocab, (n, 1), generator=gen)
+    seqs = first
+    for _ in range(length - 1):
+        probs = torch.softmax(logits_fn(seqs)[:, -1].float(), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=gen)
+        seqs = torch.cat([seqs, nxt], dim=1)
+    return [(seqs[i : i + 1],) for i in range(n)]
+
+
+def random_inputs(example_inputs: tuple, n: int, seed: int = 0) -> list[tuple]:
+    """For models without a tokenizer: inputs shaped like the example, token ids drawn uniformly."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        batch = []
+        for x in example_inputs:
+            if x.is_floating_point():
+                batch.append(torch.randn(x.shape, generator=gen))
+            elif x.max() <= 1 and x.min() >= 0:
+                batch.append(torch.ones_like(x))  # masks
+            else:
+                batch.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=gen))
+        out.append(tuple(batch))
+    return out

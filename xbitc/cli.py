@@ -1,0 +1,134 @@
+"""The `xbitc` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from xbitc import registry
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from xbitc.artifact import ArtifactError
+    from xbitc.frontend import LoadError
+    from xbitc.importer import TraceError
+    from xbitc.passes.base import PassError
+
+    return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin)
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from xbitc.driver import CompileOptions, compile_model
+
+    opts = CompileOptions(
+        bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
+        quantize_embeddings=a.quantize_embeddings, float_dtype=a.float_dtype, calib=a.calib,
+        calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle,
+        dump_ir=Path(a.dump_ir) if a.dump_ir else None,
+    )
+    m = compile_model(a.model, Path(a.output), opts)
+    s = m.size
+    lin = f", linears {s.linear_bits_per_weight:.3f}" if s.linear_bits_per_weight is not None else ""
+    print(f"wrote {a.output}: {s.counted_bytes / 1e6:.2f} MB, {s.bits_per_weight:.3f} bits per weight (whole model{lin})")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from xbitc.runtime import load
+
+    model = load(a.artifact, backend=a.backend)
+    print(a.text + model.generate(a.text, a.max_new_tokens))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from xbitc.evaluate import score
+    from xbitc.calibration import token_stream
+    from xbitc.runtime import load
+
+    model = load(a.artifact, backend=a.backend)
+    ids = token_stream(model.tokenizer, Path(a.text_file).read_text(encoding="utf-8"))
+    ref = None
+    if a.reference:
+        from xbitc import frontend
+
+        ref = frontend.load(a.reference).module
+    s = score(model, ids, a.window, a.max_tokens, reference=ref)
+    print(f"perplexity {s.perplexity:.3f} over {s.tokens} tokens (windows of {a.window}); top-1 accuracy {s.top1_acc:.4f}")
+    if ref is not None:
+        print(f"KL to float {s.kl:.4f} nats/token; top-1 agreement {s.top1_agree:.4f}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from xbitc.inspect import report
+
+    print(report(Path(a.artifact)))
+    return 0
+
+
+def cmd_list(group: str) -> int:
+    for name in registry.names(group):
+        print(f"{name:16s} {registry.origin(group, name)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xbitc", description="Compile Transformers below 4 bits per weight.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model into an artifact folder")
+    c.add_argument("model", help=".pt2, Hugging Face folder, .gguf, .pt (with --trust-pickle) or package.module:function")
+    c.add_argument("-o", "--output", default="model.xbitc")
+    c.add_argument("--bpw", type=float, help="whole-model bits per weight target (everything in the artifact counted)")
+    c.add_argument("--bits", type=int, help="uniform bit depth (1..8) instead of a target")
+    c.add_argument("--group", type=int, help="group size along input columns (0 = per-channel)")
+    c.add_argument("--backend", default="reference")
+    c.add_argument("--passes", help="full pipeline spec, e.g. 'canonicalize,plan{bpw=4},quantize{method=rtn},pack'")
+    c.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
+    c.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    c.add_argument("--calib", help="calibration text file, or 'self' to sample from the float model")
+    c.add_argument("--calib-windows", type=int, default=16)
+    c.add_argument("--calib-len", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--trust-pickle", action="store_true", help="allow .pt pickles (loading them runs their code)")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass")
+    c.set_defaults(fn=cmd_compile)
+    r = sub.add_parser("run", help="generate text greedily from a compiled language model")
+    r.add_argument("artifact")
+    r.add_argument("--text", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=20)
+    r.add_argument("--backend")
+    r.set_defaults(fn=cmd_run)
+    e = sub.add_parser("eval", help="perplexity (and KL to a float model) of a compiled language model on a text file")
+    e.add_argument("artifact")
+    e.add_argument("--text-file", required=True)
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--max-tokens", type=int)
+    e.add_argument("--reference", help="the float source model, for KL and top-1 agreement")
+    e.add_argument("--backend")
+    e.set_defaults(fn=cmd_eval)
+    i = sub.add_parser("inspect", help="show an artifact's size, allocation and provenance")
+    i.add_argument("artifact")
+    i.set_defaults(fn=cmd_inspect)
+    sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
+    sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _expected_errors() as err:
+        print(f"xbitc: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"xbitc: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

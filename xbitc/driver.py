@@ -1,0 +1,110 @@
+"""`xbitc compile` as a function: load, trace, run the pass pipeline, write the artifact."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from xbitc import artifact, calibration, frontend, registry
+from xbitc.manifest import Manifest
+from xbitc.passes.base import Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
+from xbitc.passes.targets import weight_roles
+
+MIN_BPW, MAX_BPW = 0.5, 32.0
+
+
+@dataclass
+class CompileOptions:
+    bpw: float | None = None
+    bits: int | None = None
+    group: int | None = None
+    backend: str = "reference"
+    passes: str | None = None  # full pipeline spec; default built from the options above
+    method: str = "rtn"
+    quantize_embeddings: bool = False
+    float_dtype: str = "float16"
+    calib: str | None = None  # text file, "self", or None for the packaged sample text
+    calib_windows: int = 16
+    calib_len: int = 256
+    seed: int = 0
+    trust_pickle: bool = False
+    dump_ir: Path | None = None
+    log: Callable[[str], None] = print
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def default_pipeline(opts: CompileOptions) -> str:
+    plan = [f"embeddings={opts.quantize_embeddings}"]
+    if opts.bits is not None:
+        plan.append(f"bits={opts.bits}")
+    if opts.group is not None:
+        plan.append(f"group={opts.group}")
+    if opts.bpw is not None:
+        plan.append(f"bpw={opts.bpw}")
+    stages = ["canonicalize", "plan{" + ",".join(plan) + "}", f"quantize{{method={opts.method}}}", "pack"]
+    return ",".join(stages)
+
+
+def build_passes(spec: str) -> list[Pass]:
+    passes = []
+    for name, raw in parse_spec(spec):
+        cls = registry.get(registry.PASS_GROUP, name)
+        passes.append(cls(**coerce_options(cls, raw)))
+    return passes
+
+
+def check_options(opts: CompileOptions) -> None:
+    if opts.bpw is not None and not MIN_BPW <= opts.bpw <= MAX_BPW:
+        raise PassError(f"--bpw {opts.bpw} is outside what xbitc can reach ({MIN_BPW}..{MAX_BPW} bits per weight)")
+    if opts.bits is not None and not 1 <= opts.bits <= 8:
+        raise PassError(f"--bits {opts.bits} must be 1..8")
+    if opts.group is not None and opts.group < 0:
+        raise PassError(f"--group {opts.group} must be positive (0 = per-channel)")
+    if opts.bpw is None and opts.bits is None and not opts.passes:
+        raise PassError("give a size target (--bpw B) or a uniform configuration (--bits N [--group G])")
+
+
+def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> list[tuple]:
+    if model.tokenizer is None or model.kind != "causal-lm":
+        return calibration.random_inputs(model.example_inputs, opts.calib_windows, opts.seed)
+    if opts.calib == "self":
+        tok = model.tokenizer
+        vocab = model.module.model.config.vocab_size
+        return calibration.self_windows(model.module, vocab, tok.bos_token_id, opts.calib_windows, opts.calib_len, opts.seed)
+    path = Path(opts.calib) if opts.calib else calibration.PACKAGE_TEXT / "calib.txt"
+    if not path.exists():
+        raise PassError(f"calibration text {path} does not exist")
+    return calibration.text_windows(model.tokenizer, path, opts.calib_windows, opts.calib_len, opts.seed)
+
+
+def compile_model(source: str, out: Path, opts: CompileOptions) -> Manifest:
+    check_options(opts)
+    backend = registry.get(registry.BACKEND_GROUP, opts.backend)()
+    spec = opts.passes or default_pipeline(opts)
+    extra = backend.passes()
+    if extra and not opts.passes:
+        spec = ",".join([spec, *extra])
+    passes = build_passes(spec)  # unknown passes / options fail here, before any model is loaded
+    model = frontend.load(source, trust_pickle=opts.trust_pickle)
+    opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
+    graph = frontend.trace(model)
+    graph.meta["float_dtype"] = opts.float_dtype
+    needs_calib = any(p.name == "calibrate" or getattr(p, "method", None) == "gptq" for p in passes)
+    ctx = PassContext(log=opts.log)
+    ctx.stats["progress"] = opts.progress
+    if needs_calib:
+        ctx.calib_inputs = calibration_inputs(model, opts)
+    manager = PassManager(passes, dump_dir=opts.dump_ir)
+    graph = manager.run(graph, ctx)
+    roles = weight_roles(graph)
+    manifest = artifact.write(
+        graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=opts.bpw,
+        roles=roles, tokenizer=model.tokenizer, emit=backend.emit, notes={"plan": ctx.stats.get("plan_summary", {})},
+    )
+    return manifest
+
+
+__all__ = ["CompileOptions", "compile_model", "torch"]

@@ -1,0 +1,225 @@
+"""Load a model from what users have (export program, Hugging Face folder, GGUF, factory, pickle) and trace it."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xbitc.importer import TraceError, from_exported
+from xbitc.ir.graph import Graph
+
+
+class LoadError(ValueError):
+    """The model source could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module  # forward(*tensors) -> tensor
+    example_inputs: tuple
+    kind: str  # "causal-lm" | "encoder" | "vision" | "generic"
+    source: str
+    source_hash: str
+    tokenizer: Any = None
+    dynamic_dims: dict[int, int] = field(default_factory=dict)  # input index -> dynamic axis (sequence)
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())  # shared (tied) parameters count once
+
+
+class CausalLMLogits(torch.nn.Module):
+    """token ids [batch, seq] -> logits [batch, seq, vocab], no cache: what xbitc compiles for language models."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class EncoderHidden(torch.nn.Module):
+    """(token ids, attention mask) -> last hidden state, for BERT-style encoders."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class VisionOutput(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def wrap_hf(model: torch.nn.Module, tokenizer: Any = None, source: str = "", source_hash: str = "") -> LoadedModel:
+    """Wrap a transformers model in the tensor-in, tensor-out interface xbitc traces."""
+    model = model.eval()
+    for p in model.parameters():  # transformers refuses .float() on GGUF-loaded models; cast the data directly
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    cfg = model.config
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise LoadError("encoder-decoder models are not supported yet; compile the encoder or decoder separately")
+    name = type(model).__name__
+    if "ForCausalLM" in name or "LMHeadModel" in name:
+        ids = torch.randint(0, cfg.vocab_size, (1, 8))
+        return LoadedModel(CausalLMLogits(model), (ids,), "causal-lm", source, source_hash, tokenizer, {0: 1})
+    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        pix = torch.randn(1, cfg.num_channels, size, size)
+        return LoadedModel(VisionOutput(model), (pix,), "vision", source, source_hash, tokenizer)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    mask = torch.ones_like(ids)
+    return LoadedModel(EncoderHidden(model), (ids, mask), "encoder", source, source_hash, tokenizer, {0: 1, 1: 1})
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
+    try:
+        import transformers
+    except ImportError as err:
+        raise LoadError("loading Hugging Face or GGUF models needs the extra: pip install 'xbitc[hf]'") from err
+    return transformers
+
+
+def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
+    tf = _transformers()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    config = tf.AutoConfig.from_pretrained(path, **kw)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(tf, arch, None) if arch else None
+    if cls is None:
+        cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
+    model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError):
+        tokenizer = None
+    src = path / gguf_file if gguf_file else path
+    return wrap_hf(model, tokenizer, str(src), file_hash(src))
+
+
+def load_factory(spec: str) -> LoadedModel:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as err:
+        raise LoadError(f"cannot import factory {spec!r}: {err}") from None
+    made = fn()
+    module, inputs = made if isinstance(made, tuple) else (made, getattr(made, "example_inputs", None))
+    return _from_module(module, inputs, spec, hashlib.sha256(spec.encode()).hexdigest())
+
+
+def _from_module(module: Any, inputs: Any, source: str, digest: str) -> LoadedModel:
+    if not isinstance(module, torch.nn.Module):
+        raise LoadError(f"{source} did not produce a torch.nn.Module (got {type(module).__name__})")
+    if hasattr(module, "config") and hasattr(module.config, "model_type"):
+        return wrap_hf(module, None, source, digest)
+    if inputs is None:
+        raise LoadError(
+            f"{source}: a plain nn.Module needs example inputs; return (module, example_inputs) from the factory "
+            "or set module.example_inputs"
+        )
+    return LoadedModel(module.eval(), tuple(inputs), "generic", source, digest)
+
+
+def load(source: str, trust_pickle: bool = False) -> LoadedModel:
+    """Dispatch on what `source` is. Raises LoadError with a fix for everything it refuses."""
+    path = Path(source)
+    if ":" in source and not path.exists() and not source.endswith((".pt", ".pt2", ".gguf")):
+        return load_factory(source)
+    if not path.exists():
+        raise LoadError(f"model file {source!r} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise LoadError(f"{source} is a folder without config.json; expected a Hugging Face model folder")
+        return load_hf_folder(path)
+    if path.suffix == ".gguf":
+        return load_hf_folder(path.parent, gguf_file=path.name)
+    if path.suffix == ".pt2":
+        return load_exported(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
+        if not trust_pickle:
+            raise LoadError(
+                f"{source} is a pickle: loading it runs code stored in the file. If you trust its origin, pass "
+                "--trust-pickle; otherwise export the model with torch.export.save (a .pt2) or save a safetensors folder"
+            )
+        module = torch.load(path, weights_only=False, map_location="cpu")
+        return _from_module(module, getattr(module, "example_inputs", None), str(path), file_hash(path))
+    raise LoadError(f"unknown model format {path.suffix!r}: use .pt2, a Hugging Face folder, .gguf, .pt or module:function")
+
+
+def load_exported(path: Path) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as err:  # torch raises many types for a bad archive
+        raise LoadError(f"{path} is not a readable torch.export program: {err}") from None
+    loaded = LoadedModel(ep.module(), (), "generic", str(path), file_hash(path))
+    loaded.exported = ep  # type: ignore[attr-defined]
+    return loaded
+
+
+def trace(model: LoadedModel) -> Graph:
+    """Trace with torch.export (dynamic sequence length where the model has one, else static shapes)."""
+    param_count = model.param_count
+    ep = getattr(model, "exported", None)
+    if ep is None:
+        ep = _export(model)
+    prefix = "model." if isinstance(model.module, (CausalLMLogits, EncoderHidden, VisionOutput)) else ""
+    graph = from_exported(ep, strip_prefix=prefix)
+    graph.meta.update(
+        {
+            "kind": model.kind,
+            "source": model.source,
+            "source_hash": model.source_hash,
+            "source_param_count": int(param_count or sum(p.numel() for p in ep.parameters())),
+        }
+    )
+    return graph
+
+
+def _export(model: LoadedModel) -> torch.export.ExportedProgram:
+    dyn = None
+    if model.dynamic_dims:
+        seq = torch.export.Dim("seq", min=2, max=1 << 16)
+        dyn = tuple({model.dynamic_dims[i]: seq} if i in model.dynamic_dims else None for i in range(len(model.example_inputs)))
+    errors = []
+    for shapes in ([dyn, None] if dyn else [None]):
+        try:
+            with torch.no_grad():
+                return torch.export.export(model.module, model.example_inputs, dynamic_shapes=shapes, strict=False)
+        except Exception as err:  # export raises a zoo of types; we report the first line
+            errors.append(err)
+    raise TraceError(f"cannot trace {model.source}: {_first_line(errors[-1])}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"

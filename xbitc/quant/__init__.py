@@ -1,0 +1,1 @@
+"""Quantization numerics: packing, grids, RTN and GPTQ. Pure tensor code, no graph knowledge."""

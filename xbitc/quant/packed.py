@@ -1,0 +1,106 @@
+"""Packed form of a QuantizedMatrix: what the artifact stores and kernels read.
+
+Per segment of equal depth b: codes bit-packed per output row (see pack.py), float16 scales [out, ngroups], and
+zero points packed at the same depth b (a zero point is a code). The column permutation is stored as int32 only when
+it is not the identity. `layout` names the code layout; backends may repack into their own at load time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .format import QuantizedMatrix, Segment
+from .pack import pack, unpack
+
+LAYOUT = "lsb-rows"
+
+
+@dataclass
+class PackedSegment:
+    seg: Segment
+    codes: np.ndarray  # [out, row_bytes(ncols, bits)] uint8
+    scales: np.ndarray  # [out, ngroups] float16
+    zeros: np.ndarray  # [out, row_bytes(ngroups, bits)] uint8
+
+
+@dataclass
+class PackedMatrix:
+    shape: tuple[int, int]
+    segments: list[PackedSegment]
+    perm: np.ndarray | None = None
+    layout: str = LAYOUT
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedMatrix) -> "PackedMatrix":
+        segs = []
+        for seg, c, s, z in zip(q.segments, q.codes, q.scales, q.zeros):
+            if seg.bits == 0:
+                empty = np.zeros((q.shape[0], 0), np.uint8)
+                segs.append(PackedSegment(seg, empty, np.zeros((q.shape[0], 0), np.float16), empty))
+            else:
+                segs.append(PackedSegment(seg, pack(c, seg.bits), s.astype(np.float16), pack(z, seg.bits)))
+        perm = None if q.perm is None else q.perm.astype(np.int32)
+        return cls(tuple(q.shape), segs, perm)
+
+    def to_quantized(self) -> QuantizedMatrix:
+        codes, scales, zeros = [], [], []
+        for ps in self.segments:
+            seg = ps.seg
+            if seg.bits == 0:
+                codes.append(np.zeros((self.shape[0], seg.ncols), np.uint8))
+                zeros.append(np.zeros((self.shape[0], 0), np.uint8))
+            else:
+                codes.append(unpack(ps.codes, seg.bits, seg.ncols))
+                zeros.append(unpack(ps.zeros, seg.bits, seg.ngroups))
+            scales.append(ps.scales)
+        return QuantizedMatrix(self.shape, [p.seg for p in self.segments], codes, scales, zeros, self.perm)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.to_quantized().dequantize()
+
+    # -- serialisation: flat tensors for safetensors + a small JSON-able description
+    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.perm is not None:
+            out[f"{prefix}.perm"] = self.perm
+        for i, ps in enumerate(self.segments):
+            if ps.seg.bits:
+                out[f"{prefix}.s{i}.codes"] = ps.codes
+                out[f"{prefix}.s{i}.scales"] = ps.scales
+                out[f"{prefix}.s{i}.zeros"] = ps.zeros
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "permuted": self.perm is not None,
+            "segments": [[p.seg.bits, p.seg.group_size, p.seg.start, p.seg.stop] for p in self.segments],
+        }
+
+    @classmethod
+    def from_tensors(cls, prefix: str, desc: dict, tensors: dict[str, np.ndarray]) -> "PackedMatrix":
+        out_features = desc["shape"][0]
+        segs = []
+        for i, (bits, group, start, stop) in enumerate(desc["segments"]):
+            seg = Segment(bits, group, start, stop)
+            if bits:
+                segs.append(
+                    PackedSegment(
+                        seg, tensors[f"{prefix}.s{i}.codes"], tensors[f"{prefix}.s{i}.scales"], tensors[f"{prefix}.s{i}.zeros"]
+                    )
+                )
+            else:
+                empty = np.zeros((out_features, 0), np.uint8)
+                segs.append(PackedSegment(seg, empty, np.zeros((out_features, 0), np.float16), empty))
+        perm = tensors[f"{prefix}.perm"] if desc["permuted"] else None
+        return cls(tuple(desc["shape"]), segs, perm, desc["layout"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.tensors("_").values())
+
+    def column_bits(self) -> np.ndarray:
+        return self.to_quantized().column_bits()
