@@ -80,7 +80,8 @@ def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> lis
     return calibration.text_windows(model.tokenizer, path, opts.calib_windows, opts.calib_len, opts.seed)
 
 
-def compile_model(source: str, out: Path, opts: CompileOptions) -> Manifest:
+def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions) -> Manifest:
+    """Compile `source` (a path/spec, or a model already loaded with frontend.load) into the artifact `out`."""
     check_options(opts)
     backend = registry.get(registry.BACKEND_GROUP, opts.backend)()
     spec = opts.passes or default_pipeline(opts)
@@ -88,7 +89,7 @@ def compile_model(source: str, out: Path, opts: CompileOptions) -> Manifest:
     if extra and not opts.passes:
         spec = ",".join([spec, *extra])
     passes = build_passes(spec)  # unknown passes / options fail here, before any model is loaded
-    model = frontend.load(source, trust_pickle=opts.trust_pickle)
+    model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     graph = frontend.trace(model)
     graph.meta["float_dtype"] = opts.float_dtype

@@ -26,7 +26,8 @@ class LoadedModel:
     source: str
     source_hash: str
     tokenizer: Any = None
-    dynamic_dims: dict[int, int] = field(default_factory=dict)  # input index -> dynamic axis (sequence)
+    dynamic_dims: dict[int, tuple[str, ...]] = field(default_factory=dict)  # input index -> names of its dynamic axes
+    max_seq: int = 1 << 16  # longest sequence the traced graph accepts (position tables bound it)
 
     @property
     def param_count(self) -> int:
@@ -88,16 +89,24 @@ def wrap_hf(model: torch.nn.Module, tokenizer: Any = None, source: str = "", sou
     if getattr(cfg, "is_encoder_decoder", False):
         raise LoadError("encoder-decoder models are not supported yet; compile the encoder or decoder separately")
     name = type(model).__name__
+    max_seq = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 16)
+    loaded = _wrap_hf(model, cfg, name, tokenizer, source, source_hash)
+    loaded.max_seq = max_seq
+    return loaded
+
+
+def _wrap_hf(model, cfg, name, tokenizer, source, source_hash) -> LoadedModel:
     if "ForCausalLM" in name or "LMHeadModel" in name:
-        ids = torch.randint(0, cfg.vocab_size, (1, 8))
-        return LoadedModel(CausalLMLogits(model), (ids,), "causal-lm", source, source_hash, tokenizer, {0: 1})
+        ids = torch.randint(0, cfg.vocab_size, (2, 8))  # size-1 dims would be specialised by export
+        return LoadedModel(CausalLMLogits(model), (ids,), "causal-lm", source, source_hash, tokenizer, {0: ("batch", "seq")})
     if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        pix = torch.randn(1, cfg.num_channels, size, size)
-        return LoadedModel(VisionOutput(model), (pix,), "vision", source, source_hash, tokenizer)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+        pix = torch.randn(2, cfg.num_channels, size, size)
+        return LoadedModel(VisionOutput(model), (pix,), "vision", source, source_hash, tokenizer, {0: ("batch",)})
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
     mask = torch.ones_like(ids)
-    return LoadedModel(EncoderHidden(model), (ids, mask), "encoder", source, source_hash, tokenizer, {0: 1, 1: 1})
+    axes = ("batch", "seq")
+    return LoadedModel(EncoderHidden(model), (ids, mask), "encoder", source, source_hash, tokenizer, {0: axes, 1: axes})
 
 
 def _transformers():
@@ -208,8 +217,11 @@ def trace(model: LoadedModel) -> Graph:
 def _export(model: LoadedModel) -> torch.export.ExportedProgram:
     dyn = None
     if model.dynamic_dims:
-        seq = torch.export.Dim("seq", min=2, max=1 << 16)
-        dyn = tuple({model.dynamic_dims[i]: seq} if i in model.dynamic_dims else None for i in range(len(model.example_inputs)))
+        dims = {"batch": torch.export.Dim("batch", min=1, max=1 << 12), "seq": torch.export.Dim("seq", min=2, max=model.max_seq)}
+        dyn = tuple(
+            {axis: dims[name] for axis, name in enumerate(model.dynamic_dims[i])} if i in model.dynamic_dims else None
+            for i in range(len(model.example_inputs))
+        )
     errors = []
     for shapes in ([dyn, None] if dyn else [None]):
         try:

@@ -402,17 +402,30 @@ def _wrapper(m: ir.Module, name: str, impl, gemm: bool, acc: bool):
     b.ret_void()
 
 
-def generate_module(spec: KernelSpec, target: Target) -> ir.Module:
+KINDS = ("gemv", "gemm")
+
+
+def symbol_names(spec: KernelSpec, kind: str) -> tuple[str, str]:
+    base = spec.gemv_name if kind == "gemv" else spec.gemm_name
+    return base, base + "_acc"
+
+
+def generate_module(spec: KernelSpec, target: Target, kinds=KINDS) -> ir.Module:
+    """IR module with the requested kernel kinds ("gemv": gemv + gemv_acc, "gemm": gemm + gemm_acc)."""
     m = ir.Module(name=f"xbitc_{spec.key()}")
     m.triple = target.triple
     e = Emitter(m, target)
     lay = spec.lay
-    if lay.interleaved:
-        gemv = _gen_gemv_il(e, spec)
-    else:
-        gemv = _gen_gemv_canonical(e, spec)
-    gemm = _gen_gemm(e, spec)
-    for impl, name, is_gemm in ((gemv, spec.gemv_name, False), (gemm, spec.gemm_name, True)):
+    impls = []
+    for kind in kinds:
+        if kind == "gemv":
+            impls.append((_gen_gemv_il(e, spec) if lay.interleaved else _gen_gemv_canonical(e, spec), False))
+        elif kind == "gemm":
+            impls.append((_gen_gemm(e, spec), True))
+        else:
+            raise ValueError(f"unknown kernel kind {kind!r}")
+    for impl, is_gemm in impls:
+        name = spec.gemm_name if is_gemm else spec.gemv_name
         impl.attributes.add("noinline")
         _wrapper(m, name, impl, is_gemm, acc=False)
         _wrapper(m, name + "_acc", impl, is_gemm, acc=True)
@@ -434,30 +447,74 @@ def _store_y(e: Emitter, y, idx, val, overwrite):
 # ---------------------------------------------------------------------------------------- gemv (interleaved)
 
 
-def _dot_u8s8(e: Emitter, acc, u8, s8, bits):
-    """acc (<8 x i32>) += sums of the u8 * s8 products of two <32 x i8> vectors (4 products per i32 lane)."""
-    b = e.b
-    t = e.t
-    v32 = V(I8, 32)
-    v8i = V(I32, 8)
-    if t.is_x86 and ((t.has("avx512vnni") and t.has("avx512vl")) or t.has("avxvnni")):
-        fn = e.intrinsic("llvm.x86.avx512.vpdpbusd.256", v8i, [v8i, v8i, v8i])
-        return b.call(fn, [acc, b.bitcast(u8, v8i), b.bitcast(s8, v8i)])
-    if t.is_x86 and t.has("avx2") and bits <= 7:
-        v16 = V(I16, 16)
-        pm = e.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
+class DotU8S8:
+    """Integer dot-product accumulator: acc (<8 x i32>) += u8 codes (<32 x i8>) x s8 activations (<32 x i8>).
+
+    * AVX-512 VNNI / AVX-VNNI: one ``vpdpbusd`` per step.
+    * AVX2: ``pmaddubsw`` gives 16 i16 pair sums; those are added up in i16 for as many steps as cannot overflow
+      (pair sum <= 2 * qmax * 127) and only then widened with ``pmaddwd(., 1)`` into the i32 accumulator. 8-bit
+      codes are split into nibbles (pair sums would saturate pmaddubsw) and recombined as lo + 16 * hi.
+    * anything else: generic widening multiply (LLVM picks the instructions).
+    """
+
+    def __init__(self, e: Emitter, acc, bits: int):
+        self.e, self.acc, self.bits = e, acc, bits
+        t = e.t
+        if t.is_x86 and ((t.has("avx512vnni") and t.has("avx512vl")) or t.has("avxvnni")):
+            self.mode = "vnni"
+        elif t.is_x86 and t.has("avx2"):
+            self.mode = "avx2"
+        else:
+            self.mode = "generic"
+        qmax = 15 if bits == 8 else (1 << bits) - 1
+        self.max_pending = max(1, 32767 // (2 * qmax * 127))
+        self.pending: list = []  # i16 partial sums (one, or lo/hi for 8-bit codes)
+        self.count = 0
+
+    def add(self, u8, s8):
+        e, b = self.e, self.e.b
+        v8i = V(I32, 8)
+        if self.mode == "vnni":
+            fn = e.intrinsic("llvm.x86.avx512.vpdpbusd.256", v8i, [v8i, v8i, v8i])
+            self.acc = b.call(fn, [self.acc, b.bitcast(u8, v8i), b.bitcast(s8, v8i)])
+        elif self.mode == "avx2":
+            v32, v16 = V(I8, 32), V(I16, 16)
+            pm = e.intrinsic("llvm.x86.avx2.pmadd.ub.sw", v16, [v32, v32])
+            if self.bits == 8:
+                lo = b.and_(u8, cvec(I8, 32, 15))
+                hi = b.lshr(u8, cvec(I8, 32, 4))
+                parts = [b.call(pm, [lo, s8]), b.call(pm, [hi, s8])]
+            else:
+                parts = [b.call(pm, [u8, s8])]
+            self.pending = parts if not self.pending else [b.add(p, q) for p, q in zip(self.pending, parts)]
+            self.count += 1
+            if self.count >= self.max_pending:
+                self.flush()
+        else:
+            v16 = V(I16, 32)
+            prod = b.mul(b.zext(u8, v16), b.sext(s8, v16))  # |q*x| <= 255*127 fits i16
+            ev = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(0, 32, 2)))), V(I32, 16))
+            od = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(1, 32, 2)))), V(I32, 16))
+            sm = b.add(ev, od)
+            lo = b.shuffle_vector(sm, sm, cvec(I32, 8, list(range(0, 16, 2))))
+            hi = b.shuffle_vector(sm, sm, cvec(I32, 8, list(range(1, 16, 2))))
+            self.acc = b.add(self.acc, b.add(lo, hi))
+
+    def flush(self):
+        if not self.pending:
+            return
+        e, b = self.e, self.e.b
+        v16, v8i = V(I16, 16), V(I32, 8)
         pw = e.intrinsic("llvm.x86.avx2.pmadd.wd", v8i, [v16, v16])
-        p16 = b.call(pm, [u8, s8])  # pair sums |q0*x0 + q1*x1| <= 2*127*127 < 2**15: no saturation for bits <= 7
-        return b.add(acc, b.call(pw, [p16, cvec(I16, 16, 1)]))
-    # generic (and 8-bit codes on AVX2): widen to i16 products, pairwise add into i32 lanes
-    v16 = V(I16, 32)
-    prod = b.mul(b.zext(u8, v16), b.sext(s8, v16))  # |q*x| <= 255*127 fits i16
-    ev = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(0, 32, 2)))), V(I32, 16))
-    od = b.sext(b.shuffle_vector(prod, prod, cvec(I32, 16, list(range(1, 32, 2)))), V(I32, 16))
-    s = b.add(ev, od)
-    lo = b.shuffle_vector(s, s, cvec(I32, 8, list(range(0, 16, 2))))
-    hi = b.shuffle_vector(s, s, cvec(I32, 8, list(range(1, 16, 2))))
-    return b.add(acc, b.add(lo, hi))
+        w = b.call(pw, [self.pending[0], cvec(I16, 16, 1)])
+        if len(self.pending) == 2:
+            w = b.add(w, b.call(pw, [self.pending[1], cvec(I16, 16, 16)]))
+        self.acc = b.add(self.acc, w)
+        self.pending, self.count = [], 0
+
+    def value(self):
+        self.flush()
+        return self.acc
 
 
 def _hmax(e: Emitter, v):
@@ -606,18 +663,25 @@ def _gen_gemv_il(e: Emitter, spec: KernelSpec):
                 boff = b.mul(blk, ci(BB))
                 words = [[e.load(rowp[i], b.add(boff, ci(wi * L * W // 8)), wt, 1) for wi in range(bits)]
                          for i in range(R)]
+                dots = [DotU8S8(e, Q[i][0], bits) for i in range(R)] if q8 else None
                 for k in range(W):
                     xv = e.load(xbuf, b.add(b.mul(blk, ci(B)), ci(k * L)), wt if q8 else vf, 32)
                     for i in range(R):
                         c = emit_extract(e, words[i], bits, W, k, scaled)
                         a = k % nacc
                         if q8:
-                            Q[i][a] = _dot_u8s8(e, Q[i][a], c, xv, bits)
+                            dots[i].add(c, xv)
                         else:
                             Q[i][a] = e.fmuladd(to_float(e, c), xv, Q[i][a])
                     if gl_base is not None and (k + 1) % KG == 0:
+                        if q8:
+                            Q = [[d.value()] for d in dots]
                         yacc = flush(Q, yacc, b.add(gl_base, ci(k // KG)))
                         Q = [[acc_zero] * nacc for _ in range(R)]
+                        if q8:
+                            dots = [DotU8S8(e, acc_zero, bits) for _ in range(R)]
+                if q8:
+                    Q = [[d.value()] for d in dots]
                 return Q, yacc
 
             if G <= B:
@@ -675,6 +739,12 @@ def _gen_gemv_il(e: Emitter, spec: KernelSpec):
         e.loop(rb, re, ci(R), [], rows_body, name="rows")
         return []
 
+    # in_features == 0: the tile loop never runs, but y = W x = 0 must still be written
+    def empty(_):
+        e.loop(rb, re, ci(1), [], lambda r, _: (e.store(ir.Constant(F32, 0.0), y, r, 4), [])[1], name="zero")
+        return []
+
+    e.if_then_values(b.and_(b.icmp_signed("<=", n, ci(0)), b.not_(accflag)), [], empty, name="n0")
     e.loop(ci(0), n, ci(T), [], tile_body, name="tile")
     b.ret_void()
     return fn
@@ -807,6 +877,7 @@ def _gen_gemm(e: Emitter, spec: KernelSpec):
     vf = V(F32, VL)
     zero_v = cvec(F32, VL, 0.0)
     nvec = W * sub  # float vectors per decoded block
+    U = 4  # vectors per iteration of the (rolled) token dot-product loop
     wbuf = b.alloca(vf, size=ci(nvec), name="wblk")
     wbuf.align = 32
     accs = b.alloca(vf, size=batch, name="acc")
@@ -816,6 +887,7 @@ def _gen_gemm(e: Emitter, spec: KernelSpec):
     row_stride = b.mul(nb_row, ci(BB))
     lane_idx = cvec(I64, VL, list(range(VL)))
     TB = spec.gemm_tokens
+    last_tok = b.sub(batch, ci(1))
 
     def row(r, _):
         rowp = b.gep(codes, [b.mul(r, row_stride)], inbounds=True)
@@ -823,55 +895,68 @@ def _gen_gemm(e: Emitter, spec: KernelSpec):
         zrow = b.gep(zeros, [b.mul(r, ng)], inbounds=True)
         e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(zero_v, accs, t, 32), [])[1], name="zacc")
 
-        def block(blk, tail):
-            col0 = b.mul(blk, ci(B))
+        def decode(blk):
+            """wbuf = s * (q - z) for the block's columns (padding columns decode to finite junk, x there is 0)."""
             words = [e.load(rowp, b.add(b.mul(blk, ci(BB)), ci(wi * L * W // 8)), wt, 1) for wi in range(bits)]
             cache = {}
             for k in range(W):
                 gsel = k // (G // L) if G <= B else 0
                 if gsel not in cache:
                     g = b.add(b.mul(blk, ci(B // G)), ci(gsel)) if G <= B else b.sdiv(blk, ci(G // B))
-                    if tail:
-                        valid = b.icmp_signed("<", g, ng)
-                        g = b.select(valid, g, b.sub(ng, ci(1)))
+                    g = b.select(b.icmp_signed("<", g, ng), g, b.sub(ng, ci(1)))
                     s = e.f16_to_f32(b.load(b.gep(srow, [g], inbounds=True), align=2))
                     z = b.uitofp(b.load(b.gep(zrow, [g], inbounds=True), align=1), F32)
-                    if tail:
-                        s = b.select(valid, s, ir.Constant(F32, 0.0))
                     cache[gsel] = (e.bcast(s, VL), e.bcast(b.fneg(b.fmul(s, z)), VL))
                 sv, nzv = cache[gsel]
                 c = emit_extract(e, words, bits, W, k, scaled=False)
                 for p in range(sub):
                     cp = c if sub == 1 else b.shuffle_vector(c, c, cvec(I32, VL, list(range(p * VL, p * VL + VL))))
                     e.store(e.fmuladd(to_float(e, cp), sv, nzv), wbuf, ci(k * sub + p), 32)
-            masks = None
-            if tail:
-                masks = [b.icmp_signed("<", lane_idx, e.bcast(b.sub(n, b.add(col0, ci(v * VL))), VL))
-                         for v in range(nvec)]
 
-            def tokens(nt):
-                def body(t, _):
-                    a = [[e.load(accs, b.add(t, ci(u)), vf, 32)] + [zero_v] for u in range(nt)]
-                    xrow = [b.gep(x, [b.add(b.mul(b.add(t, ci(u)), n), col0)], inbounds=True) for u in range(nt)]
-                    for v in range(nvec):
-                        w = e.load(wbuf, ci(v), vf, 32)
-                        for u in range(nt):
-                            p = b.gep(xrow[u], [ci(v * VL)], inbounds=True)
-                            xv = e.masked_load_f32(p, VL, masks[v]) if tail else e.load(p, ci(0), vf, 4)
-                            a[u][v % 2] = e.fmuladd(w, xv, a[u][v % 2])
-                    for u in range(nt):
-                        e.store(b.fadd(a[u][0], a[u][1]), accs, b.add(t, ci(u)), 32)
-                    return []
+        def dot_tokens(col0, tail):
+            def tokens(t, _):
+                # a tile of TB tokens; tokens past the batch are clamped to the last one: they recompute and store
+                # the identical value, so the result is unaffected
+                toks = [b.select(b.icmp_signed("<", b.add(t, ci(u)), batch), b.add(t, ci(u)), last_tok) if u else t
+                        for u in range(TB)]
+                xrow = [b.gep(x, [b.add(b.mul(tk, n), col0)], inbounds=True) for tk in toks]
+                init = [e.load(accs, tk, vf, 32) for tk in toks] + [zero_v] * TB
 
-                return body
+                def vloop(v0, a):
+                    a = list(a)
+                    for dv in range(U):
+                        v = b.add(v0, ci(dv))
+                        w = e.load(wbuf, v, vf, 32)
+                        if tail:
+                            left = b.sub(b.sub(n, col0), b.mul(v, ci(VL)))
+                            mask = b.icmp_signed("<", lane_idx, e.bcast(left, VL))
+                        for u in range(TB):
+                            p = b.gep(xrow[u], [b.mul(v, ci(VL))], inbounds=True)
+                            xv = e.masked_load_f32(p, VL, mask) if tail else e.load(p, ci(0), vf, 4)
+                            j = u + TB * (dv % 2)
+                            a[j] = e.fmuladd(w, xv, a[j])
+                    return a
 
-            tb_end = b.mul(b.sdiv(batch, ci(TB)), ci(TB))
-            if TB > 1:
-                e.loop(ci(0), tb_end, ci(TB), [], tokens(TB), name="tokT")
-            e.loop(tb_end if TB > 1 else ci(0), batch, ci(1), [], tokens(1), name="tok1")
+                a = e.loop(ci(0), ci(nvec), ci(U), init, vloop, name="dotv")
+                for u in range(TB):
+                    e.store(b.fadd(a[u], a[u + TB]), accs, toks[u], 32)
+                return []
 
-        e.loop(ci(0), nfull, ci(1), [], lambda blk, _: (block(blk, False), [])[1], name="blk")
-        e.if_then_values(b.icmp_signed("<", nfull, nb_row), [], lambda _: (block(nfull, True), [])[1], name="tail")
+            e.loop(ci(0), batch, ci(TB), [], tokens, name="tok")
+
+        def full_block(blk, _):
+            decode(blk)
+            dot_tokens(b.mul(blk, ci(B)), False)
+            return []
+
+        e.loop(ci(0), nfull, ci(1), [], full_block, name="blk")
+
+        def tail_block(_):
+            decode(nfull)
+            dot_tokens(b.mul(nfull, ci(B)), True)
+            return []
+
+        e.if_then_values(b.icmp_signed("<", nfull, nb_row), [], tail_block, name="tail")
 
         def out(t, _):
             v = e.hsum(e.load(accs, t, vf, 32))

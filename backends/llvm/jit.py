@@ -1,6 +1,6 @@
 """Compile generated kernels: in-process MCJIT for the host (with a disk cache of objects) and cross objects.
 
-    compile_kernel(spec, target=None) -> CompiledKernel      # ctypes callables .gemv/.gemv_acc/.gemm/.gemm_acc
+    compile_kernel(spec, target=None, kinds=("gemv",)) -> CompiledKernel   # .gemv/.gemv_acc/.gemm/.gemm_acc
     emit_object(target_triple, cpu="", features="", spec=...) -> bytes   # relocatable object for any target
     PackedLinear(codes, scales, zeros, bits, group_size, in_features)   # numpy convenience wrapper
 
@@ -15,6 +15,7 @@ ctypes releases the GIL for the duration of a call, so row ranges of one gemv ca
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import os
 import tempfile
@@ -26,10 +27,14 @@ from pathlib import Path
 import numpy as np
 import llvmlite.binding as llvm
 
-from .codegen import GENERATOR_VERSION, KernelSpec, Target, default_spec, generate_module
+from .codegen import GENERATOR_VERSION, KINDS, KernelSpec, Target, default_spec, generate_module, symbol_names
 from .layout import get_layout, ngroups, repack
 
-OPT_LEVEL = 3
+OPT_LEVEL = 3  # codegen (instruction selection / scheduling / register allocation) level
+# The generated IR is already explicitly vectorised and unrolled, so the full -O3 module pipeline buys nothing at run
+# time (measured: equal or slower, it re-unrolls loops) and costs ~3x the compile time. We run a short cleanup
+# pipeline instead: instcombine, simplifycfg, GVN, instcombine, simplifycfg, ADCE.
+PIPELINE = "light"
 
 _lock = threading.RLock()
 _initialized = False
@@ -65,20 +70,26 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "xbitc" / "kernels"
 
 
-def host_target() -> Target:
+def host_target(without: tuple[str, ...] = ()) -> Target:
+    """The host: process triple, cpu name, full feature string. `without` disables every feature whose name starts
+    with one of the prefixes, e.g. host_target(without=("avx512", "amx")) emulates an AVX2-only machine."""
     _init()
-    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+    feats = llvm.get_host_cpu_features().flatten().split(",")
+    if without:
+        feats = [("-" + f[1:]) if f[1:].startswith(tuple(without)) else f for f in feats if f]
+    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), ",".join(feats))
 
 
-def fingerprint(spec: KernelSpec, target: Target) -> str:
+def fingerprint(spec: KernelSpec, target: Target, kind: str = "gemv") -> str:
     parts = [
         f"gen={GENERATOR_VERSION}",
         f"spec={spec.key()}",
+        f"kind={kind}",
         f"triple={target.triple}",
         f"cpu={target.cpu}",
         f"features={target.features}",
         f"llvm={'.'.join(map(str, llvm.llvm_version_info))}",
-        f"opt={OPT_LEVEL}",
+        f"opt={OPT_LEVEL}/{PIPELINE}",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
@@ -91,22 +102,41 @@ def _target_machine(target: Target, jit: bool):
     )
 
 
-def build_module(spec: KernelSpec, target: Target, tm=None):
+def build_module(spec: KernelSpec, target: Target, tm=None, kinds=KINDS):
     """Generate, parse, verify and optimize the kernel module; returns an llvmlite ModuleRef."""
     tm = tm or _target_machine(target, jit=False)
-    irmod = generate_module(spec, target)
+    irmod = generate_module(spec, target, kinds)
     irmod.data_layout = str(tm.target_data)
     mod = llvm.parse_assembly(str(irmod))
     mod.verify()
-    pto = llvm.create_pipeline_tuning_options(speed_level=OPT_LEVEL)
+    pto = llvm.create_pipeline_tuning_options(speed_level=2)
     pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(mod, pb)
+    if PIPELINE == "O3":
+        pto.speed_level = 3
+        pb.getModulePassManager().run(mod, pb)
+        return mod
+    mpm = llvm.create_new_module_pass_manager()
+    mpm.add_instruction_combine_pass()
+    mpm.add_simplify_cfg_pass()
+    mpm.add_new_gvn_pass()
+    mpm.add_instruction_combine_pass()
+    mpm.add_simplify_cfg_pass()
+    mpm.add_aggressive_dce_pass()
+    mpm.run(mod, pb)
     return mod
 
 
-def _emit(specs: list[KernelSpec], target: Target, jit: bool) -> bytes:
+def _emit(specs: list[KernelSpec], target: Target, jit: bool, kinds=KINDS) -> bytes:
     tm = _target_machine(target, jit=jit)
-    mods = [build_module(s, target, tm) for s in specs]
+    # llvmlite's IR objects form many reference cycles; a full collection in the middle of generation costs
+    # ~200 ms, more than the whole compile, so the collector is paused while we build
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        mods = [build_module(s, target, tm, kinds) for s in specs]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     main = mods[0]
     for other in mods[1:]:
         main.link_in(other)
@@ -129,85 +159,120 @@ def emit_object(target_triple: str, cpu: str = "", features: str = "", spec=None
     return _emit(specs, Target(target_triple, cpu, features), jit=False)
 
 
-def emit_assembly(spec: KernelSpec, target: Target | None = None) -> str:
+def emit_assembly(spec: KernelSpec, target: Target | None = None, kinds=KINDS) -> str:
     target = target or host_target()
     tm = _target_machine(target, jit=False)
-    return tm.emit_assembly(build_module(spec, target, tm))
+    return tm.emit_assembly(build_module(spec, target, tm, kinds))
 
 
-@dataclass
 class CompiledKernel:
-    spec: KernelSpec
-    target: Target
-    gemv: object  # GEMV_PROTO callables (y[r] = ...)
-    gemv_acc: object  # (y[r] += ...)
-    gemm: object
-    gemm_acc: object
-    compile_ms: float
-    from_cache: bool
-    fingerprint: str
-    _keep: list = field(default_factory=list, repr=False)  # engine / object buffers kept alive
+    """The host kernels of one spec. gemv (+ _acc) and gemm (+ _acc) are separate objects, each compiled (or loaded
+    from the disk cache) on first use; `.gemv` etc. are ctypes callables taking raw pointers and int64s."""
 
+    def __init__(self, spec: KernelSpec, target: Target, use_disk_cache: bool = True):
+        self.spec = spec
+        self.target = target
+        self.use_disk_cache = use_disk_cache
+        self.compile_ms: dict[str, float] = {}  # per kind: wall time to generate+compile or to load from cache
+        self.from_cache: dict[str, bool] = {}
+        self.fingerprints: dict[str, str] = {}
+        self._fns: dict[str, tuple] = {}
+        self._keep: list = []  # engines / target machines / object bytes kept alive
 
-def _load_object(obj: bytes, spec: KernelSpec, target: Target, tm) -> tuple:
-    empty = llvm.parse_assembly(f'target triple = "{target.triple}"\n')
-    empty.data_layout = str(tm.target_data)
-    engine = llvm.create_mcjit_compiler(empty, tm)
-    engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-    engine.finalize_object()
-    fns = []
-    for name, proto in (
-        (spec.gemv_name, GEMV_PROTO),
-        (spec.gemv_name + "_acc", GEMV_PROTO),
-        (spec.gemm_name, GEMM_PROTO),
-        (spec.gemm_name + "_acc", GEMM_PROTO),
-    ):
-        addr = engine.get_function_address(name)
-        if not addr:
-            raise RuntimeError(f"symbol {name} not found in compiled kernel object")
-        fns.append(proto(addr))
-    return engine, fns
+    def _part(self, kind: str) -> tuple:
+        fns = self._fns.get(kind)
+        if fns is None:
+            with _lock:
+                fns = self._fns.get(kind)
+                if fns is None:
+                    fns = self._load(kind)
+                    self._fns[kind] = fns
+        return fns
 
+    def ensure(self, *kinds: str) -> "CompiledKernel":
+        for kind in kinds or KINDS:
+            self._part(kind)
+        return self
 
-def compile_kernel(spec: KernelSpec, target: Target | None = None, use_disk_cache: bool = True) -> CompiledKernel:
-    """JIT-compile (or fetch from the memory / disk cache) the kernels of `spec` for the host."""
-    target = target or host_target()
-    fp = fingerprint(spec, target)
-    with _lock:
-        hit = _memory_cache.get(fp)
-        if hit is not None:
-            _stats["memory_hits"] += 1
-            return hit
+    @property
+    def gemv(self):
+        return self._part("gemv")[0]
+
+    @property
+    def gemv_acc(self):
+        return self._part("gemv")[1]
+
+    @property
+    def gemm(self):
+        return self._part("gemm")[0]
+
+    @property
+    def gemm_acc(self):
+        return self._part("gemm")[1]
+
+    def _load(self, kind: str) -> tuple:
+        spec, target = self.spec, self.target
+        fp = fingerprint(spec, target, kind)
+        self.fingerprints[kind] = fp
         t0 = time.perf_counter()
         path = cache_dir() / f"{fp}.o"
         obj = None
-        if use_disk_cache and path.is_file():
+        if self.use_disk_cache and path.is_file():
             try:
-                obj = path.read_bytes()
+                obj = path.read_bytes() or None
             except OSError:
                 obj = None
-        from_cache = obj is not None and len(obj) > 0
-        if from_cache:
+        self.from_cache[kind] = obj is not None
+        if obj is not None:
             _stats["disk_hits"] += 1
         else:
-            obj = _emit([spec], target, jit=True)
-            if use_disk_cache:
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(obj)
-                    os.replace(tmp, path)
-                    _stats["disk_writes"] += 1
-                except OSError:
-                    pass
+            obj = _emit([spec], target, jit=True, kinds=(kind,))
+            if self.use_disk_cache:
+                _write_atomic(path, obj)
         tm = _target_machine(target, jit=True)
-        engine, fns = _load_object(obj, spec, target, tm)
-        ms = (time.perf_counter() - t0) * 1e3
-        k = CompiledKernel(spec, target, *fns, compile_ms=ms, from_cache=from_cache, fingerprint=fp,
-                           _keep=[engine, tm, obj])
-        _memory_cache[fp] = k
-        return k
+        empty = llvm.parse_assembly(f'target triple = "{target.triple}"\n')
+        empty.data_layout = str(tm.target_data)
+        engine = llvm.create_mcjit_compiler(empty, tm)
+        engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        engine.finalize_object()
+        proto = GEMV_PROTO if kind == "gemv" else GEMM_PROTO
+        fns = []
+        for name in symbol_names(spec, kind):
+            addr = engine.get_function_address(name)
+            if not addr:
+                raise RuntimeError(f"symbol {name} not found in compiled kernel object")
+            fns.append(proto(addr))
+        self._keep += [engine, tm, obj]
+        self.compile_ms[kind] = (time.perf_counter() - t0) * 1e3
+        return tuple(fns)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        _stats["disk_writes"] += 1
+    except OSError:
+        pass
+
+
+def compile_kernel(spec: KernelSpec, target: Target | None = None, kinds=("gemv",),
+                   use_disk_cache: bool = True) -> CompiledKernel:
+    """Kernels of `spec` for the host (or an explicitly given host-compatible `target`): the `kinds` listed are
+    compiled / loaded now, the others on first use. Repeated calls return the same object (memory cache)."""
+    target = target or host_target()
+    key = fingerprint(spec, target, "all")
+    with _lock:
+        k = _memory_cache.get(key)
+        if k is None:
+            k = CompiledKernel(spec, target, use_disk_cache)
+            _memory_cache[key] = k
+        else:
+            _stats["memory_hits"] += 1
+    return k.ensure(*kinds)
 
 
 def _ptr(a: np.ndarray) -> int:

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class TinyLM(torch.nn.Module):
+    """A small language-model-shaped network: embedding, two residual MLP blocks, tied output layer."""
+
+    def __init__(self, vocab: int = 96, dim: int = 64, hidden: int = 160, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.up = torch.nn.ModuleList([torch.nn.Linear(dim, hidden) for _ in range(2)])
+        self.down = torch.nn.ModuleList([torch.nn.Linear(hidden, dim) for _ in range(2)])
+        self.norm = torch.nn.LayerNorm(dim)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+        self.example_inputs = (torch.randint(0, vocab, (2, 12), generator=g),)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for up, down in zip(self.up, self.down):
+            h = h + down(torch.nn.functional.gelu(up(h)))
+        return torch.nn.functional.linear(self.norm(h), self.emb.weight)
+
+
+def tiny_lm():
+    m = TinyLM()
+    return m, m.example_inputs
+
+
+@pytest.fixture
+def tiny():
+    return tiny_lm()

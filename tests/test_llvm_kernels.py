@@ -1,0 +1,305 @@
+"""Properties of the generated LLVM kernels (backends/llvm): JIT results equal the numpy reference on the canonical
+format for every depth 1..8, row ranges, accumulate mode, the batched gemm, cross-target objects and the disk cache.
+
+Tolerance. The kernels evaluate y = sum_j s_g (q_j - z_g) x_j in float32, but in another order than the float64
+reference: per group sum_j q_j x_j and z_g * sum_j x_j are formed separately (8 interleaved partial sums each), scaled
+by s_g, accumulated per lane and reduced by a halving tree. Everything except the additions/multiplications is exact
+(float16 -> float32, small integers -> float32, scaling x by powers of two). For any evaluation order of a sum of M
+products with at most k roundings each, |computed - exact| <= gamma_{M+k} * sum |terms| with
+gamma_m = m*u / (1 - m*u), u = 2**-24 (Higham, Accuracy and Stability of Numerical Algorithms, 3.1 / 4.2). Here the
+terms are s_g q_j x_j and s_g z_g x_j, so M <= 2 * in_features, and we allow k = 64 for the per-group products, the
+lane and tree reductions. So the bound is ``(2n + 64) * u * sum_j |s_g| (q_j + z_g) |x_j|`` (plus |y0| * u when adding
+into y0) - rigorous, so it cannot flake, and still ~n times smaller than the effect of a single wrong code
+(~|s_g x_j|), which is what a layout or extraction bug produces.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xbitc.backends.llvm import (
+    KernelSpec,
+    PackedLinear,
+    clear_memory_cache,
+    compile_kernel,
+    compile_stats,
+    emit_object,
+    host_target,
+    reference_gemv,
+    reference_gemv_q8,
+    repack,
+)
+from xbitc.backends.llvm.layout import dequantize_reference, quantize_activations_q8
+from xbitc.quant.pack import pack, unpack
+
+U = 2.0**-24
+SETTINGS = dict(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+# group sizes the default interleaved layout (il8w32, 256-column blocks) handles: 8 | G and (G | 256 or 256 | G)
+IL_GROUPS = [8, 32, 128, 512]
+CANONICAL_GROUPS = [3, 20, 48]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Each test session compiles into its own cache dir (so the cache tests see a cold cache)."""
+    old = os.environ.get("XBITC_CACHE_DIR")
+    os.environ["XBITC_CACHE_DIR"] = str(tmp_path_factory.mktemp("kcache"))
+    clear_memory_cache()
+    yield
+    if old is None:
+        os.environ.pop("XBITC_CACHE_DIR", None)
+    else:
+        os.environ["XBITC_CACHE_DIR"] = old
+    clear_memory_cache()
+
+
+def make_matrix(seed: int, bits: int, rows: int, cols: int, group: int, extreme: bool = False):
+    rng = np.random.default_rng(seed)
+    ng = -(-cols // group)
+    hi = 1 << bits
+    if extreme:  # all codes / zeros at the ends of the range
+        q = rng.choice(np.array([0, hi - 1], dtype=np.uint8), size=(rows, cols))
+        z = rng.choice(np.array([0, hi - 1], dtype=np.uint8), size=(rows, ng))
+    else:
+        q = rng.integers(0, hi, (rows, cols), dtype=np.uint8)
+        z = rng.integers(0, hi, (rows, ng), dtype=np.uint8)
+    s = (rng.standard_normal((rows, ng)) * 0.05).astype(np.float16)
+    return pack(q, bits), s, z
+
+
+def bound(packed, s, z, x, bits, group, y0=None):
+    cols = x.shape[-1]
+    rows = s.shape[0]
+    q = unpack(packed.reshape(rows, -1), bits, cols).astype(np.float64)
+    sg = np.repeat(np.abs(s.astype(np.float64)), group, axis=1)[:, :cols]
+    zg = np.repeat(z.astype(np.float64), group, axis=1)[:, :cols]
+    mag = np.abs(np.asarray(x, dtype=np.float64)) @ (sg * (q + zg)).T
+    tol = (2 * cols + 64) * U * mag * (1 + 1e-6) + 1e-30
+    if y0 is not None:
+        tol = tol + np.abs(y0) * U * 2
+    return tol
+
+
+def assert_close(got, want, tol):
+    err = np.abs(got.astype(np.float64) - want)
+    bad = err > tol
+    assert not bad.any(), f"max err {err.max():.3g} vs tol {tol[bad].min():.3g} at {np.argwhere(bad)[:5].tolist()}"
+
+
+dims = st.tuples(st.integers(1, 19), st.integers(1, 700))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@settings(max_examples=10, **SETTINGS)
+@given(rc=dims, group=st.sampled_from(IL_GROUPS), seed=st.integers(0, 2**32 - 1), extreme=st.booleans())
+def test_gemv_matches_reference(bits, rc, group, seed, extreme):
+    rows, cols = rc
+    packed, s, z = make_matrix(seed, bits, rows, cols, group, extreme)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    lin = PackedLinear(packed, s, z, bits, group, cols)
+    y = lin.gemv(x, y=np.full(rows, np.nan, dtype=np.float32))  # y is written, never read
+    assert_close(y, reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@settings(max_examples=8, **SETTINGS)
+@given(rc=st.tuples(st.integers(1, 9), st.integers(1, 600)), group=st.sampled_from(CANONICAL_GROUPS),
+       seed=st.integers(0, 2**32 - 1))
+def test_canonical_layout_any_group_size(bits, rc, group, seed):
+    rows, cols = rc
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    lin = PackedLinear(packed, s, z, bits, group, cols, spec=KernelSpec(bits, group, layout="canonical"))
+    y = lin.gemv(x)
+    assert_close(y, reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
+    xb = np.random.default_rng(seed + 2).standard_normal((3, cols)).astype(np.float32)
+    yb = lin.gemm(xb)
+    assert_close(yb, reference_gemv(packed, s, z, xb, bits, group), bound(packed, s, z, xb, bits, group))
+
+
+@pytest.mark.parametrize("layout,rows_per_iter", [("il16w32", 2), ("il32w8", 1), ("il8w32", 1), ("il8w32", 3)])
+@settings(max_examples=6, **SETTINGS)
+@given(rc=dims, bits=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
+def test_other_layouts_and_row_tiling(layout, rows_per_iter, rc, bits, seed):
+    rows, cols = rc
+    group = 32
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    spec = KernelSpec(bits, group, layout=layout, rows_per_iter=rows_per_iter)
+    lin = PackedLinear(packed, s, z, bits, group, cols, spec=spec)
+    assert_close(lin.gemv(x), reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(bits=st.integers(1, 8), rc=st.tuples(st.integers(1, 19), st.integers(1, 700)),
+       group=st.sampled_from(IL_GROUPS), data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_row_ranges_and_accumulate(bits, rc, group, data, seed):
+    rows, cols = rc
+    rb = data.draw(st.integers(0, rows), label="rows_begin")
+    re = data.draw(st.integers(rb, rows), label="rows_end")
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal(cols).astype(np.float32)
+    y0 = rng.standard_normal(rows).astype(np.float32)
+    lin = PackedLinear(packed, s, z, bits, group, cols)
+    ref = reference_gemv(packed, s, z, x, bits, group)
+    tol = bound(packed, s, z, x, bits, group)
+    # write mode: rows outside [rb, re) untouched
+    y = y0.copy()
+    lin.gemv(x, y=y, rows=(rb, re))
+    assert np.array_equal(y[:rb], y0[:rb]) and np.array_equal(y[re:], y0[re:])
+    assert_close(y[rb:re], ref[rb:re], tol[rb:re])
+    # accumulate mode: y[r] += (W x)[r]
+    y = y0.copy()
+    lin.gemv(x, y=y, rows=(rb, re), accumulate=True)
+    assert np.array_equal(y[:rb], y0[:rb]) and np.array_equal(y[re:], y0[re:])
+    assert_close(y[rb:re], (y0.astype(np.float64) + ref)[rb:re], bound(packed, s, z, x, bits, group, y0)[rb:re])
+    # two segments of a split input (mixed-depth style): second one accumulates into the first
+    if cols >= 2:
+        c1 = data.draw(st.integers(1, cols - 1), label="split")
+        bits2 = data.draw(st.integers(1, 8), label="bits2")
+        p1, s1, z1 = make_matrix(seed + 3, bits, rows, c1, group)
+        p2, s2, z2 = make_matrix(seed + 4, bits2, rows, cols - c1, group)
+        l1 = PackedLinear(p1, s1, z1, bits, group, c1)
+        l2 = PackedLinear(p2, s2, z2, bits2, group, cols - c1)
+        y = l1.gemv(x[:c1].copy())
+        l2.gemv(x[c1:].copy(), y=y, accumulate=True)
+        want = reference_gemv(p1, s1, z1, x[:c1], bits, group) + reference_gemv(p2, s2, z2, x[c1:], bits2, group)
+        tol = bound(p1, s1, z1, x[:c1], bits, group) + bound(p2, s2, z2, x[c1:], bits2, group) + np.abs(want) * U * 4
+        assert_close(y, want, tol)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(bits=st.integers(1, 8), rc=st.tuples(st.integers(1, 12), st.integers(1, 600)),
+       group=st.sampled_from(IL_GROUPS), batch=st.integers(1, 9), accumulate=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_gemm_matches_reference(bits, rc, group, batch, accumulate, seed):
+    rows, cols = rc
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    rng = np.random.default_rng(seed + 1)
+    xb = rng.standard_normal((batch, cols)).astype(np.float32)
+    lin = PackedLinear(packed, s, z, bits, group, cols)
+    ref = reference_gemv(packed, s, z, xb, bits, group)  # [batch, rows]
+    tol = bound(packed, s, z, xb, bits, group)
+    if accumulate:
+        y0 = rng.standard_normal((batch, rows)).astype(np.float32)
+        y = lin.gemm(xb, y=y0.copy(), accumulate=True)
+        assert_close(y, y0 + ref, tol + np.abs(y0) * 2 * U)
+    else:
+        y = lin.gemm(xb, y=np.full((batch, rows), np.nan, dtype=np.float32))
+        assert_close(y, ref, tol)
+    # a sub-range of rows leaves the others alone
+    if rows > 1:
+        y = np.zeros((batch, rows), dtype=np.float32)
+        lin.gemm(xb, y=y, rows=(1, rows))
+        assert np.all(y[:, 0] == 0)
+        assert_close(y[:, 1:], ref[:, 1:], tol[:, 1:])
+
+
+def _q8_targets():
+    host = host_target()
+    out = [pytest.param(None, id="host")]
+    if host.has("avx2") and (host.has("avx512vnni") or host.has("avxvnni")):
+        out.append(pytest.param(("avx512", "avxvnni"), id="avx2-maddubs"))
+    return out
+
+
+@pytest.mark.parametrize("without", _q8_targets())
+@settings(max_examples=12, **SETTINGS)
+@given(bits=st.integers(1, 8), rc=dims, group=st.sampled_from([32, 128, 512]), seed=st.integers(0, 2**32 - 1))
+def test_q8_activation_path(without, bits, rc, group, seed):
+    """act='q8' is exact integer arithmetic on int8-rounded activations: it must equal W @ x_hat."""
+    rows, cols = rc
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    x = (np.random.default_rng(seed + 1).standard_normal(cols) * 3).astype(np.float32)
+    target = host_target(without=without) if without else None
+    spec = KernelSpec(bits, group, layout="il32w8", act="q8")
+    lin = PackedLinear(packed, s, z, bits, group, cols, spec=spec, target=target)
+    xq, d = quantize_activations_q8(x, group)
+    xhat = xq.astype(np.float64) * np.repeat(d.astype(np.float64), group)[:cols]
+    assert_close(lin.gemv(x), reference_gemv_q8(packed, s, z, x, bits, group), bound(packed, s, z, xhat, bits, group))
+
+
+def test_repack_roundtrip_and_size():
+    rng = np.random.default_rng(0)
+    for bits in range(1, 9):
+        q = rng.integers(0, 1 << bits, (3, 300), dtype=np.uint8)
+        out = repack(pack(q, bits), bits, 3, 300, 32, "il8w32")
+        assert out.nbytes == 3 * 2 * bits * 32  # 2 blocks of 256 columns, bits * 32 bytes each
+        # lane l, code k of block 0 = column 8k + l: check one word by hand
+        words = out[: bits * 32].view(np.uint32).reshape(bits, 8)
+        stream = sum(int(words[w, 3]) << (32 * w) for w in range(bits))  # lane 3
+        for k in range(32):
+            assert (stream >> (k * bits)) & ((1 << bits) - 1) == q[0, 8 * k + 3]
+
+
+def test_reference_matches_dequantize():
+    packed, s, z = make_matrix(1, 3, 4, 70, 32)
+    w = dequantize_reference(packed, s, z, 3, 70, 32)
+    x = np.arange(70, dtype=np.float32)
+    assert np.allclose(reference_gemv(packed, s, z, x, 3, 32), w @ x)
+
+
+@pytest.mark.parametrize(
+    "triple,cpu,features,machine",
+    [
+        ("x86_64-unknown-linux-gnu", "skylake-avx512", "+avx512f,+avx512bw,+avx512vl", 62),
+        ("x86_64-unknown-linux-gnu", "x86-64", "", 62),  # baseline SSE2: no F16C, no FMA
+        ("aarch64-linux-gnu", "generic", "+neon", 183),
+    ],
+)
+def test_cross_target_objects(triple, cpu, features, machine):
+    specs = [KernelSpec(4, 128), KernelSpec(3, 32, layout="il16w32")]
+    for spec in specs:
+        obj = emit_object(triple, cpu, features, spec=spec)
+        assert obj[:4] == b"\x7fELF" and len(obj) > 1000
+        assert int.from_bytes(obj[18:20], "little") == machine
+    q8 = emit_object(triple, cpu, features + (",+avx512vnni" if machine == 62 and features else ""),
+                     spec=KernelSpec(2, 128, layout="il32w8", act="q8"))
+    assert q8[:4] == b"\x7fELF"
+
+
+def test_disk_cache_hits_without_recompiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBITC_CACHE_DIR", str(tmp_path))
+    spec = KernelSpec(5, 64, col_tile=4096)  # a spec no other test uses
+    clear_memory_cache()
+    before = compile_stats()
+    k1 = compile_kernel(spec)
+    mid = compile_stats()
+    assert mid["codegen"] == before["codegen"] + 1 and not k1.from_cache["gemv"]
+    assert list(tmp_path.glob("*.o"))
+    clear_memory_cache()
+    k2 = compile_kernel(spec)
+    after = compile_stats()
+    assert after["codegen"] == mid["codegen"], "second compile must load the cached object"
+    assert after["disk_hits"] == mid["disk_hits"] + 1 and k2.from_cache["gemv"]
+    # the cached kernel computes the same thing
+    packed, s, z = make_matrix(7, 5, 6, 333, 64)
+    x = np.random.default_rng(8).standard_normal(333).astype(np.float32)
+    lin = PackedLinear(packed, s, z, 5, 64, 333, spec=spec)
+    assert lin.kernel is k2
+    assert_close(lin.gemv(x), reference_gemv(packed, s, z, x, 5, 64), bound(packed, s, z, x, 5, 64))
+    # a second process compiles nothing
+    code = (
+        "from xbitc.backends.llvm import KernelSpec, compile_kernel, compile_stats\n"
+        "k = compile_kernel(KernelSpec(5, 64, col_tile=4096))\n"
+        "print(compile_stats()['codegen'], compile_stats()['disk_hits'], k.from_cache['gemv'])\n"
+    )
+    env = dict(os.environ, XBITC_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1", "True"]
+    clear_memory_cache()
+
+
+def test_compile_time_is_reported():
+    clear_memory_cache()
+    k = compile_kernel(KernelSpec(6, 128, col_tile=2048), use_disk_cache=False)
+    assert 0 < k.compile_ms["gemv"] < 5000  # target is < 100 ms of CPU; wall time on a loaded CI box varies

@@ -1,0 +1,32 @@
+import numpy as np
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xbitc.quant.packed import PackedMatrix
+from xbitc.quant.rtn import rtn_quantize
+from xbitc.size import uniform_bytes
+
+
+@given(st.integers(1, 8), st.integers(1, 12), st.integers(1, 90), st.sampled_from([8, 32, 64, 1000]), st.integers(0, 99))
+def test_rtn_error_is_at_most_half_a_step(bits, rows, cols, group, seed):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = rtn_quantize(w, bits, group)
+    g = min(group, cols)
+    step = torch.from_numpy(q.scales[0].astype(np.float32)).repeat_interleave(g, 1)[:, :cols]
+    err = (q.dequantize() - w).abs()
+    # the grid spans [min(w,0), max(w,0)] and rounding picks the nearest level: |error| <= step/2, plus float16
+    # rounding of the scale, which can stretch the far end of the range by at most maxq * relative eps of fp16
+    slack = step * (1 << bits) * 2.0**-11 + 1e-6
+    assert bool((err <= step / 2 + slack).all())
+
+
+@given(st.integers(1, 8), st.integers(1, 6), st.integers(1, 50), st.sampled_from([4, 16, 128]))
+def test_packed_round_trip_and_predicted_size(bits, rows, cols, group):
+    w = torch.randn(rows, cols)
+    q = rtn_quantize(w, bits, group)
+    p = PackedMatrix.from_quantized(q)
+    assert torch.equal(p.dequantize(), q.dequantize())
+    assert p.nbytes == uniform_bytes((rows, cols), bits, group)
+    back = PackedMatrix.from_tensors("w", p.describe(), p.tensors("w"))
+    assert torch.equal(back.dequantize(), q.dequantize())
