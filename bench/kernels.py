@@ -1,18 +1,26 @@
 """Benchmark of the LLVM gemv kernels (backends/llvm) against the machine's read bandwidth and torch float32.
 
-    python bench/kernels.py            # all shapes, depths 1..8, 1 and 2 threads (a few minutes)
+    python bench/kernels.py            # all shapes, depths 1..8, 1 and 2 threads (well under a minute)
     python bench/kernels.py --quick    # two shapes
     python bench/kernels.py --act q8   # the int8-activation strategy (layout il32w8)
-    python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 features switched off
+    python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
+    python bench/kernels.py --compute  # cache-resident compute ceiling of every strategy (Gweights/s)
 
-Method. Read bandwidth = bytes / median time of numpy sums over a 512 MiB float32 array, with 1 thread and with the
-array split over N threads; the best of those is "measured BW". Every timed gemv / torch call is preceded by a
-streaming read of a 96 MiB buffer so the weights come from DRAM, not from the 32 MiB L3 (a whole model does not fit
-in cache either). Rows are split into N contiguous ranges; with N threads the calling thread runs one range and a
-thread pool the others (ctypes drops the GIL). Bytes read = codes + scales (f16) + zeros (u8) + x (f32).
-Speed-up = median torch float32 ``W @ x`` time (torch.set_num_threads(N), same flushing) / median kernel time.
-Weights are random bytes in the kernel layout (timing does not depend on the code values; correctness is covered by
-tests/test_llvm_kernels.py).
+Method.
+* Read bandwidth: bytes / median time of numpy reductions over a 512 MiB float32 array, with 1 thread and with the
+  array split over N threads. Both ``sum`` (as the brief asks) and ``max`` are measured: numpy's float32 sum runs at
+  only ~17 GB/s even from cache on this box, so it under-reports DRAM bandwidth. "measured BW" = the best of them.
+* Before every timed gemv / torch call the weights are evicted from all cache levels with clflush (a tiny LLVM
+  helper; ``--flush stream`` reads 96 MiB instead), so they come from DRAM as for a model much larger than the
+  32 MiB L3, while the interpreter and the kernel code stay warm (streaming flushes also evict the interpreter and
+  add 10-30 us of cold ctypes-call overhead, which swamps the small shapes).
+* Rows are split into N contiguous ranges; with N threads the calling thread runs one range and a thread pool the
+  others (ctypes drops the GIL). Bytes read = codes + scales (f16) + zeros (u8) + x (f32).
+* Speed-up = median torch float32 ``W @ x`` time (torch.set_num_threads(N), same eviction) / median kernel time.
+* "% of local BW" divides by a numpy max over 64 MiB taken with the same thread count right after each row's runs:
+  the box is shared with other jobs and its bandwidth drifts.
+* Weights are random bytes in the kernel layout (timing does not depend on the code values; correctness is covered
+  by tests/test_llvm_kernels.py).
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 try:
-    from xbitc.backends.llvm import KernelSpec, compile_kernel, get_layout, host_target
+    from xbitc.backends.llvm import KernelSpec, compile_kernel, default_spec, get_layout, host_target
+    from xbitc.backends.llvm.jit import cache_line_flusher
 except ImportError as exc:  # pragma: no cover
     sys.exit(f"cannot import xbitc.backends.llvm ({exc}); install the package (pip install -e .) first")
 
@@ -46,31 +55,44 @@ def parse_depths(s: str) -> list[int]:
     return out
 
 
-class Flusher:
+class StreamFlusher:
+    """Evicts the caches by summing a 96 MiB buffer (fallback where clflush is not available)."""
+
+    name = "a 96 MiB streaming read"
+
     def __init__(self):
         self.buf = np.ones(FLUSH_BYTES // 4, dtype=np.float32)
 
-    def __call__(self):
+    def __call__(self, arrays):
         self.buf.sum()
 
 
-def read_bandwidth(nthreads: int, pool: ThreadPoolExecutor, reps: int = 7) -> tuple[float, float]:
-    """(median, best) GB/s of summing a 512 MiB float32 array split over `nthreads` threads."""
-    a = np.ones((512 << 20) // 4, dtype=np.float32)
+class LineFlusher:
+    """Evicts exactly the given arrays from every cache level (clflush)."""
+
+    name = "clflush"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, arrays):
+        for a in arrays:
+            self.fn(a.ctypes.data, a.nbytes)
+
+
+def reduce_bandwidth(a: np.ndarray, fn, nthreads: int, pool: ThreadPoolExecutor, reps: int) -> float:
+    """Median GB/s of `fn` over `a` split into `nthreads` parts run concurrently."""
     parts = np.array_split(a, nthreads)
-    a.sum()
+    fn(parts[0])
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        if nthreads == 1:
-            a.sum()
-        else:
-            futs = [pool.submit(p.sum) for p in parts[1:]]
-            parts[0].sum()
-            for f in futs:
-                f.result()
+        futs = [pool.submit(fn, p) for p in parts[1:]]
+        fn(parts[0])
+        for f in futs:
+            f.result()
         ts.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(ts) / 1e9, a.nbytes / min(ts) / 1e9
+    return a.nbytes / statistics.median(ts) / 1e9
 
 
 def split_rows(rows: int, n: int, align: int = 8) -> list[tuple[int, int]]:
@@ -79,12 +101,12 @@ def split_rows(rows: int, n: int, align: int = 8) -> list[tuple[int, int]]:
     return [(b, min(rows, b + per)) for b in range(0, rows, per)]
 
 
-def time_gemv(fn, ptrs, rows, cols, nthreads, pool, flush, reps) -> tuple[float, float]:
-    """(median, best) seconds per gemv, each call preceded by a cache flush."""
+def time_gemv(fn, ptrs, arrays, rows, cols, nthreads, pool, flush, reps) -> tuple[float, float]:
+    """(median, best) seconds per gemv, each call preceded by evicting the weights from the caches."""
     ranges = split_rows(rows, nthreads)
     ts = []
     for _ in range(reps):
-        flush()
+        flush(arrays)
         t = time.perf_counter()
         if len(ranges) == 1:
             fn(*ptrs, 0, rows, cols)
@@ -107,27 +129,79 @@ def time_torch(rows, cols, nthreads, flush, reps) -> float:
         w @ x
     ts = []
     for _ in range(reps):
-        flush()
+        flush([w.numpy()])
         t = time.perf_counter()
         w @ x
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
+STRATEGIES = [  # (label, KernelSpec kwargs, host_target(without=...))
+    ("f32 dequant+FMA, il8w32, host (AVX-512 regs)", dict(layout="il8w32"), ()),
+    ("f32 dequant+FMA, il8w32, AVX2 only", dict(layout="il8w32"), ("avx512", "avxvnni", "amx")),
+    ("f32 dequant+FMA, il16w32 (zmm), host", dict(layout="il16w32"), ()),
+    ("f32, canonical layout (scalar fallback)", dict(layout="canonical"), ()),
+    ("q8 int8 activations, il32w8, AVX-512 VNNI", dict(layout="il32w8", act="q8"), ()),
+    ("q8 int8 activations, il32w8, AVX2 pmaddubsw", dict(layout="il32w8", act="q8"), ("avx512", "avxvnni", "amx")),
+]
+
+
+def compute_bench(depths, group, rows=256, cols=4096, rounds=6) -> None:
+    """Cache-resident throughput of each strategy: min thread-CPU time over rounds of 30 calls (robust to other jobs
+    on the box), as Gweights/s. The weights (<= 1 MiB) stay in L2, so this is the kernels' compute ceiling."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(cols).astype(np.float32)
+    y = np.zeros(rows, dtype=np.float32)
+    cases = []
+    for label, kw, without in STRATEGIES:
+        for bits in depths:
+            spec = KernelSpec(bits, group, **kw)
+            k = compile_kernel(spec, host_target(without=without))
+            lay = get_layout(spec.layout)
+            ng = -(-cols // group)
+            arrs = (rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8),
+                    rng.uniform(0.001, 0.1, (rows, ng)).astype(np.float16).view(np.uint16),
+                    rng.integers(0, 1 << bits, (rows, ng), dtype=np.uint8))
+            cases.append((label, bits, k.gemv, tuple(a.ctypes.data for a in arrs) + (x.ctypes.data, y.ctypes.data),
+                          arrs))
+    best = [float("inf")] * len(cases)
+    for _ in range(rounds):
+        for i, (_, _, fn, ptrs, _) in enumerate(cases):
+            for _ in range(30):
+                t = time.thread_time()
+                fn(*ptrs, 0, rows, cols)
+                best[i] = min(best[i], time.thread_time() - t)
+    print(f"\n# compute ceiling: {rows}x{cols}, group {group}, cache resident, 1 thread, Gweights/s (GB/s of weights)")
+    print("| strategy | " + " | ".join(f"{b} bit" for b in depths) + " |")
+    print("|---|" + "---|" * len(depths))
+    for label, _, _ in STRATEGIES:
+        row = []
+        for (lab, bits, _, _, arrs), t in zip(cases, best):
+            if lab == label:
+                row.append(f"{rows * cols / t / 1e9:.1f} ({sum(a.nbytes for a in arrs) / t / 1e9:.1f})")
+        print(f"| {label} | " + " | ".join(row) + " |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes only")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,576x1536 (rows x cols = out x in)")
     ap.add_argument("--depths", default="1-8")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--act", choices=["f32", "q8"], default="f32")
-    ap.add_argument("--layout", default=None, help="default: il8w32 for f32, il32w8 for q8")
-    ap.add_argument("--rows-per-iter", type=int, default=None)
+    ap.add_argument("--layout", default=None, help="default: il32w8 for q8; for f32 il16w32 with AVX-512, else il8w32")
+    ap.add_argument("--spec", default=None, help="extra integer KernelSpec fields, e.g. prefetch=8192,accs=4")
     ap.add_argument("--avx2", action="store_true", help="compile without the host's AVX-512 / AVX-VNNI features")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--flush", choices=["clflush", "stream"], default="clflush")
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,576x1536 (rows x cols = out x in)")
+    ap.add_argument("--fresh-compile", action="store_true", help="bypass the disk cache (to time compilation)")
+    ap.add_argument("--compute", action="store_true", help="only the cache-resident strategy comparison")
     args = ap.parse_args(argv)
+    if args.compute:
+        compute_bench(parse_depths(args.depths), args.group)
+        return
 
     depths = parse_depths(args.depths)
     threads = [int(t) for t in args.threads.split(",")]
@@ -135,37 +209,46 @@ def main(argv=None) -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     else:
         shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    layout = args.layout or ("il32w8" if args.act == "q8" else "il8w32")
     target = host_target(without=("avx512", "avxvnni", "amx")) if args.avx2 else host_target()
+    layout = args.layout or ("il32w8" if args.act == "q8" else default_spec(4, args.group, target).layout)
     pool = ThreadPoolExecutor(max(threads))
-    flush = Flusher()
+    clf = cache_line_flusher() if args.flush == "clflush" else None
+    flush = LineFlusher(clf) if clf else StreamFlusher()
     t_start = time.perf_counter()
 
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    print(f"# xbitc LLVM gemv kernels: act={args.act} layout={layout} group={args.group} "
-          f"cpu={target.cpu} {'(AVX-512 off)' if args.avx2 else ''} load-avg(1m)={load:.2f} cores={os.cpu_count()}")
-    bws = {n: read_bandwidth(n, pool) for n in sorted(set([1] + threads))}
-    bw = max(v[0] for v in bws.values())
-    bw_best = max(v[1] for v in bws.values())
-    print("# read bandwidth (numpy sum, 512 MiB, median / best of 7): "
-          + ", ".join(f"{n} thread{'s' if n > 1 else ''} {v[0]:.1f} / {v[1]:.1f} GB/s" for n, v in bws.items())
-          + f" -> measured BW = {bw:.1f} GB/s (best {bw_best:.1f})")
+    print(f"# xbitc LLVM gemv kernels: act={args.act} layout={layout} group={args.group} cpu={target.cpu}"
+          f"{' (AVX-512/VNNI off)' if args.avx2 else ''} spec+={args.spec or '-'} "
+          f"load-avg(1m)={load:.2f} cores={os.cpu_count()}")
+    big = np.ones((512 << 20) // 4, dtype=np.float32)
+    bws = {}
+    for n in sorted(set([1] + threads)):
+        bws[("sum", n)] = reduce_bandwidth(big, np.sum, n, pool, 5)
+        bws[("max", n)] = reduce_bandwidth(big, np.max, n, pool, 5)
+    del big
+    bw = max(bws.values())
+    print("# read bandwidth, 512 MiB float32, median of 5: "
+          + ", ".join(f"numpy {m} {n}t {v:.1f}" for (m, n), v in bws.items())
+          + f" GB/s -> measured BW = {bw:.1f} GB/s")
+    local = np.ones((64 << 20) // 4, dtype=np.float32)
 
     kernels = {}
     compile_ms = []
+    compile_kernel(KernelSpec(4, 32, col_tile=1024), target, use_disk_cache=False)  # warm up LLVM
     for bits in depths:
         kw = {"layout": layout, "act": args.act}
-        if args.rows_per_iter:
-            kw["rows_per_iter"] = args.rows_per_iter
+        for item in filter(None, (args.spec or "").split(",")):
+            key, val = item.split("=")
+            kw[key] = int(val)
         spec = KernelSpec(bits, args.group, **kw)
-        k = compile_kernel(spec, target)
+        k = compile_kernel(spec, target, use_disk_cache=not args.fresh_compile)
         kernels[bits] = k
-        compile_ms.append((bits, k.compile_ms["gemv"], k.from_cache["gemv"]))
-    print("# gemv compile (ms, wall; 'c' = from disk cache): "
-          + ", ".join(f"b{b}: {ms:.0f}{'c' if c else ''}" for b, ms, c in compile_ms))
+        compile_ms.append((bits, k.compile_ms["gemv"], k.compile_cpu_ms["gemv"], k.from_cache["gemv"]))
+    print("# gemv compile, wall / CPU ms ('c' = loaded from the disk cache): "
+          + ", ".join(f"b{b}: {ms:.0f}/{cpu:.0f}{'c' if c else ''}" for b, ms, cpu, c in compile_ms))
 
     torch_t = {}
     if not args.no_torch:
@@ -175,9 +258,10 @@ def main(argv=None) -> None:
 
     rng = np.random.default_rng(0)
     lay = get_layout(layout)
+    local_bws = []
     print()
-    print("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW "
-          "| % of BW (best/best) | torch f32 (us) | speed-up |")
+    print("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW | % of local BW "
+          "| torch f32 (us) | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rows, cols in shapes:
         x = rng.standard_normal(cols).astype(np.float32)
@@ -192,15 +276,20 @@ def main(argv=None) -> None:
             fn = kernels[bits].gemv
             fn(*ptrs, 0, rows, cols)  # warm-up
             for n in threads:
-                t, tb = time_gemv(fn, ptrs, rows, cols, n, pool, flush, args.reps)
+                t, tb = time_gemv(fn, ptrs, (codes, scales, zeros), rows, cols, n, pool, flush, args.reps)
+                local_bw = reduce_bandwidth(local, np.max, n, pool, 3)
+                local_bws.append(local_bw)
                 gbs = nbytes / t / 1e9
                 tt = torch_t.get((rows, cols, n))
                 sp = f"{tt / t:.1f}x" if tt else "-"
                 tts = f"{tt * 1e6:.0f}" if tt else "-"
                 print(f"| {rows}x{cols} | {bits} | {n} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
-                      f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * nbytes / tb / 1e9 / bw_best:.0f}% | {tts} | {sp} |",
+                      f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {sp} |",
                       flush=True)
-    print(f"\n# total {time.perf_counter() - t_start:.0f} s")
+    print(f"\n# '% of BW': over the measured BW above ({bw:.1f} GB/s); '% of local BW': over a numpy max of 64 MiB with "
+          f"the same thread count taken right after that row's runs (range {min(local_bws):.1f}.."
+          f"{max(local_bws):.1f} GB/s). Medians of {args.reps} runs; weights evicted with {flush.name} before each.")
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

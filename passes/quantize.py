@@ -24,6 +24,8 @@ class Quantize(Pass):
     requires = frozenset({"planned"})
     provides = frozenset({"quantized"})
     method: str = "rtn"
+    damp: float = 0.01  # GPTQ: relative dampening of the Hessian diagonal
+    act_order: bool = True  # GPTQ: process columns by decreasing Hessian diagonal
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if self.method not in METHODS:
@@ -32,7 +34,7 @@ class Quantize(Pass):
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
-            quantize_gptq(graph, ctx, plan)
+            quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order)
         else:
             for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
                 cfg = plan[name]

@@ -109,3 +109,23 @@ def test_plugins_load_through_entry_points(tmp_path):
     model(torch.randint(0, 96, (1, 5)))
     assert TracedReferenceBackend.calls - before == 4  # every packed linear ran through the plugin's code
     assert sys.modules["xbitc_test_plugin"].__file__.startswith(str(Path(__file__).parent / "plugin"))
+
+
+def test_gptq_artifact_round_trips_exactly(tmp_path):
+    """GPTQ leaves permutations and transposed (non-contiguous) scale arrays: the artifact must store them exactly."""
+    from xbitc import artifact
+    from xbitc.driver import build_passes
+    from xbitc.passes.base import PassContext, PassManager
+    from xbitc.passes.targets import weight_roles
+
+    m, x = tiny_lm()
+    g = frontend.trace(frontend._from_module(m, x, "tiny", "0"))
+    ctx = PassContext(log=lambda s: None, calib_inputs=[(torch.randint(0, 96, (1, 24)),) for _ in range(4)])
+    ctx.stats["progress"] = False
+    g = PassManager(build_passes("canonicalize,plan{bits=3,group=32},quantize{method=gptq},pack")).run(g, ctx)
+    assert any(getattr(v, "perm", None) is not None for v in g.params.values())
+    expected = {k: v.dequantize() for k, v in g.params.items() if not isinstance(v, torch.Tensor)}
+    artifact.write(g, tmp_path / "q.xbitc", backend="reference", pipeline="", passes=[], target_bpw=None, roles=weight_roles(g))
+    loaded, _ = artifact.load_graph(tmp_path / "q.xbitc")
+    for name, w in expected.items():
+        assert torch.equal(loaded.params[name].dequantize(), w), name

@@ -137,6 +137,39 @@ def test_other_layouts_and_row_tiling(layout, rows_per_iter, rc, bits, seed):
     assert_close(lin.gemv(x), reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
 
 
+@pytest.mark.parametrize("act", ["f32", "q8"])
+@settings(max_examples=12, **SETTINGS)
+@given(bits=st.integers(1, 8), rc=st.tuples(st.integers(1, 9), st.integers(1, 2600)),
+       group=st.sampled_from([32, 256, 1024]), accumulate=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_several_column_tiles(act, bits, rc, group, accumulate, seed):
+    """A small col_tile forces several x tiles per row (the default 16384 covers most layers in one)."""
+    rows, cols = rc
+    packed, s, z = make_matrix(seed, bits, rows, cols, group)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal(cols).astype(np.float32)
+    layout = "il32w8" if act == "q8" else "il8w32"
+    spec = KernelSpec(bits, group, layout=layout, act=act, col_tile=256)
+    lin = PackedLinear(packed, s, z, bits, group, cols, spec=spec)
+    if act == "q8":
+        xq, d = quantize_activations_q8(x, group)
+        xe = xq.astype(np.float64) * np.repeat(d.astype(np.float64), group)[:cols]
+    else:
+        xe = x
+    ref = reference_gemv(packed, s, z, xe, bits, group)
+    y0 = rng.standard_normal(rows).astype(np.float32) if accumulate else None
+    y = lin.gemv(x, y=y0.copy() if accumulate else None, accumulate=accumulate)
+    assert_close(y, ref + (y0 if accumulate else 0), bound(packed, s, z, xe, bits, group, y0))
+
+
+def test_zero_in_features():
+    for layout in ("il8w32", "canonical"):
+        lin = PackedLinear(np.zeros((3, 0), np.uint8), np.zeros((3, 0), np.float16), np.zeros((3, 0), np.uint8),
+                           4, 32, 0, spec=KernelSpec(4, 32, layout=layout))
+        assert np.array_equal(lin.gemv(np.zeros(0, np.float32), y=np.full(3, np.nan, np.float32)), np.zeros(3))
+        y = lin.gemm(np.zeros((2, 0), np.float32), y=np.full((2, 3), np.nan, np.float32))
+        assert np.array_equal(y, np.zeros((2, 3)))
+
+
 @settings(max_examples=25, **SETTINGS)
 @given(bits=st.integers(1, 8), rc=st.tuples(st.integers(1, 19), st.integers(1, 700)),
        group=st.sampled_from(IL_GROUPS), data=st.data(), seed=st.integers(0, 2**32 - 1))
@@ -303,3 +336,22 @@ def test_compile_time_is_reported():
     clear_memory_cache()
     k = compile_kernel(KernelSpec(6, 128, col_tile=2048), use_disk_cache=False)
     assert 0 < k.compile_ms["gemv"] < 5000  # target is < 100 ms of CPU; wall time on a loaded CI box varies
+
+
+def test_float16_conversion_without_f16c():
+    """Targets without F16C convert scales with integer ops; check normal, subnormal, negative and zero scales."""
+    host = host_target()
+    if not host.is_x86:
+        pytest.skip("x86 only")
+    target = host_target(without=("avx512", "f16c", "amx"))
+    assert not target.has_f16_convert
+    rng = np.random.default_rng(3)
+    rows, cols, group, bits = 7, 300, 32, 4
+    packed, s, z = make_matrix(3, bits, rows, cols, group)
+    special = np.array([6.0e-8, -6.0e-8, 3.0e-5, -0.0, 0.0, 65504.0, -2.0, 1e-4], dtype=np.float16)
+    s.reshape(-1)[: special.size] = special
+    x = rng.standard_normal(cols).astype(np.float32)
+    lin = PackedLinear(packed, s, z, bits, group, cols, spec=KernelSpec(bits, group), target=target)
+    assert_close(lin.gemv(x), reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
+    xb = rng.standard_normal((3, cols)).astype(np.float32)
+    assert_close(lin.gemm(xb), reference_gemv(packed, s, z, xb, bits, group), bound(packed, s, z, xb, bits, group))

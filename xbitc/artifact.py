@@ -56,7 +56,8 @@ def flatten_params(graph: Graph, roles: dict[str, str]) -> tuple[dict[str, np.nd
     entries: dict[str, TensorEntry] = {}
     for name, value in graph.params.items():
         if isinstance(value, PackedMatrix):
-            parts = value.tensors(name)
+            # safetensors writes raw buffers: every array must be C-contiguous (GPTQ's scales are transposed views)
+            parts = {k: np.ascontiguousarray(a) for k, a in value.tensors(name).items()}
             arrays.update(parts)
             d = value.describe()
             entries[name] = TensorEntry(
@@ -64,7 +65,7 @@ def flatten_params(graph: Graph, roles: dict[str, str]) -> tuple[dict[str, np.nd
                 permuted=d["permuted"], segments=d["segments"], bytes=sum(a.nbytes for a in parts.values()),
             )
         elif isinstance(value, torch.Tensor):
-            arrays[name] = _tensor_to_numpy(value)
+            arrays[name] = np.ascontiguousarray(_tensor_to_numpy(value))
             entries[name] = TensorEntry(
                 role=roles.get(name, "float"), shape=list(value.shape), storage="float",
                 dtype=str(value.dtype).removeprefix("torch."), bytes=arrays[name].nbytes,

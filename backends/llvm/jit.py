@@ -21,7 +21,6 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +173,7 @@ class CompiledKernel:
         self.target = target
         self.use_disk_cache = use_disk_cache
         self.compile_ms: dict[str, float] = {}  # per kind: wall time to generate+compile or to load from cache
+        self.compile_cpu_ms: dict[str, float] = {}  # the same in CPU time of the compiling thread
         self.from_cache: dict[str, bool] = {}
         self.fingerprints: dict[str, str] = {}
         self._fns: dict[str, tuple] = {}
@@ -214,7 +214,7 @@ class CompiledKernel:
         spec, target = self.spec, self.target
         fp = fingerprint(spec, target, kind)
         self.fingerprints[kind] = fp
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         path = cache_dir() / f"{fp}.o"
         obj = None
         if self.use_disk_cache and path.is_file():
@@ -244,6 +244,7 @@ class CompiledKernel:
             fns.append(proto(addr))
         self._keep += [engine, tm, obj]
         self.compile_ms[kind] = (time.perf_counter() - t0) * 1e3
+        self.compile_cpu_ms[kind] = (time.thread_time() - c0) * 1e3
         return tuple(fns)
 
 
@@ -288,7 +289,7 @@ class PackedLinear:
 
     def __init__(self, codes, scales, zeros, bits: int, group_size: int, in_features: int,
                  spec: KernelSpec | None = None, target: Target | None = None):
-        self.spec = spec or default_spec(bits, group_size)
+        self.spec = spec or default_spec(bits, group_size, target or host_target())
         if (self.spec.bits, self.spec.group_size) != (bits, group_size):
             raise ValueError("spec does not match bits / group_size")
         scales = np.ascontiguousarray(scales, dtype=np.float16)
@@ -341,3 +342,49 @@ class PackedLinear:
         fn(_ptr(self.codes), _ptr(self.scales), _ptr(self.zeros), _ptr(x), _ptr(y), rb, re, self.in_features,
            batch, self.out_features)
         return y
+
+
+_flusher = None
+
+
+def cache_line_flusher():
+    """ctypes ``void flush(const void* p, int64 nbytes)`` that evicts [p, p+nbytes) from every cache level with
+    ``clflush`` (x86 only; None elsewhere). For benchmarks: makes weights come from DRAM without evicting everything
+    else (the interpreter, the kernel code), unlike streaming a big buffer through the caches."""
+    global _flusher
+    if _flusher is not None:
+        return _flusher[0]
+    target = host_target()
+    if not target.is_x86 or not target.has("sse2"):
+        return None
+    from llvmlite import ir
+
+    m = ir.Module(name="xbitc_clflush")
+    m.triple = target.triple
+    i8p, i64 = ir.PointerType(ir.IntType(8)), ir.IntType(64)
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p, i64]), name="xbitc_clflush")
+    cl = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p]), name="llvm.x86.sse2.clflush")
+    mf = ir.Function(m, ir.FunctionType(ir.VoidType(), []), name="llvm.x86.sse2.mfence")
+    entry, head, body, done = (fn.append_basic_block(n) for n in ("entry", "head", "body", "done"))
+    b = ir.IRBuilder(entry)
+    b.branch(head)
+    b.position_at_end(head)
+    off = b.phi(i64)
+    off.add_incoming(ir.Constant(i64, 0), entry)
+    b.cbranch(b.icmp_signed("<", off, fn.args[1]), body, done)
+    b.position_at_end(body)
+    b.call(cl, [b.gep(fn.args[0], [off])])
+    nxt = b.add(off, ir.Constant(i64, 64))
+    off.add_incoming(nxt, body)
+    b.branch(head)
+    b.position_at_end(done)
+    b.call(mf, [])
+    b.ret_void()
+    tm = _target_machine(target, jit=True)
+    m.data_layout = str(tm.target_data)
+    mod = llvm.parse_assembly(str(m))
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    f = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(engine.get_function_address("xbitc_clflush"))
+    _flusher = (f, engine, tm)
+    return f

@@ -40,8 +40,9 @@ class PackedMatrix:
                 empty = np.zeros((q.shape[0], 0), np.uint8)
                 segs.append(PackedSegment(seg, empty, np.zeros((q.shape[0], 0), np.float16), empty))
             else:
-                segs.append(PackedSegment(seg, pack(c, seg.bits), s.astype(np.float16), pack(z, seg.bits)))
-        perm = None if q.perm is None else q.perm.astype(np.int32)
+                scales = np.ascontiguousarray(s, dtype=np.float16)
+                segs.append(PackedSegment(seg, pack(c, seg.bits), scales, pack(z, seg.bits)))
+        perm = None if q.perm is None else np.ascontiguousarray(q.perm, dtype=np.int32)
         return cls(tuple(q.shape), segs, perm)
 
     def to_quantized(self) -> QuantizedMatrix:
