@@ -30,3 +30,19 @@ def test_packed_round_trip_and_predicted_size(bits, rows, cols, group):
     assert p.nbytes == uniform_bytes((rows, cols), bits, group)
     back = PackedMatrix.from_tensors("w", p.describe(), p.tensors("w"))
     assert torch.equal(back.dequantize(), q.dequantize())
+
+
+@given(st.integers(2, 40), st.integers(2, 70), st.integers(0, 50))
+def test_permuted_mixed_depth_size_is_predicted_exactly(rows, cols, seed):
+    from xbitc.quant.gptq import gptq_quantize
+    from xbitc.size import packed_bytes
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(4 * cols, cols, generator=g)
+    depths = torch.randint(0, 9, (cols,), generator=g).numpy()
+    q = gptq_quantize(w, 2 * x.T @ x / len(x), depths, 16)
+    p = PackedMatrix.from_quantized(q)
+    assert p.perm is None or p.perm.dtype == np.uint16  # identity orders store no permutation
+    assert p.nbytes == packed_bytes((rows, cols), q.segments, permuted=p.perm is not None)
+    assert torch.equal(p.dequantize(), q.dequantize())

@@ -18,7 +18,8 @@ def segment_bytes(rows: int, seg: Segment) -> int:
 
 
 def packed_bytes(shape: tuple[int, int], segments: list[Segment], permuted: bool) -> int:
-    return sum(segment_bytes(shape[0], s) for s in segments) + (4 * shape[1] if permuted else 0)
+    perm_bytes = (2 if shape[1] <= 1 << 16 else 4) * shape[1]  # see quant.packed.perm_dtype
+    return sum(segment_bytes(shape[0], s) for s in segments) + (perm_bytes if permuted else 0)
 
 
 def uniform_bytes(shape: tuple[int, int], bits: int, group: int) -> int:

@@ -110,6 +110,7 @@ class KernelSpec:
     gemm_rows: int = 2  # rows per register tile in gemm (gemm_rows * gemm_tokens accumulators)
     prefetch: int = 16384  # software prefetch distance in bytes along each row's code stream (0: off)
     prefetch_locality: int = 2  # llvm.prefetch locality: 3 = all levels (prefetcht0), 2 = L2 (prefetcht1)
+    symbol_suffix: str = ""  # appended to the exported names ("xbitc_gemv_b4_g128_avx2"): per-target objects link together
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -125,6 +126,8 @@ class KernelSpec:
             raise ValueError("act='q8' needs layout il32w8")
         if min(self.rows_per_iter, self.accs, self.gemm_tokens, self.gemm_rows) < 1:
             raise ValueError("rows_per_iter, accs, gemm_tokens and gemm_rows must be >= 1")
+        if self.symbol_suffix and not (self.symbol_suffix.isascii() and self.symbol_suffix.replace("_", "").isalnum()):
+            raise ValueError(f"symbol_suffix must be [A-Za-z0-9_], got {self.symbol_suffix!r}")
 
     @property
     def lay(self) -> Layout:
@@ -141,17 +144,22 @@ class KernelSpec:
         return max(sb, -(-self.col_tile // sb) * sb)
 
     @property
+    def _sfx(self) -> str:
+        return f"_{self.symbol_suffix}" if self.symbol_suffix else ""
+
+    @property
     def gemv_name(self) -> str:
-        return f"xbitc_gemv_b{self.bits}_g{self.group_size}"
+        return f"xbitc_gemv_b{self.bits}_g{self.group_size}{self._sfx}"
 
     @property
     def gemm_name(self) -> str:
-        return f"xbitc_gemm_b{self.bits}_g{self.group_size}"
+        return f"xbitc_gemm_b{self.bits}_g{self.group_size}{self._sfx}"
 
     def key(self) -> str:
         return (
             f"b{self.bits}_g{self.group_size}_{self.layout}_{self.act}_r{self.rows_per_iter}_a{self.accs}"
             f"_t{self.col_tile}_k{self.gemm_tokens}x{self.gemm_rows}_p{self.prefetch}l{self.prefetch_locality}"
+            + (f"_s{self.symbol_suffix}" if self.symbol_suffix else "")  # empty suffix: keys (and caches) unchanged
         )
 
 

@@ -145,17 +145,36 @@ def _emit(specs: list[KernelSpec], target: Target, jit: bool, kinds=KINDS) -> by
     return obj
 
 
-def emit_object(target_triple: str, cpu: str = "", features: str = "", spec=None) -> bytes:
+def emit_object(target_triple: str, cpu: str = "", features: str = "", spec=None, use_disk_cache: bool = False) -> bytes:
     """Relocatable object file (ELF/Mach-O/COFF per triple) with the kernels of `spec` for another target.
 
     `spec` is a KernelSpec or a list of them (all linked into one object; their symbol names must differ).
     Default: 4-bit, group 128, layout il8w32. E.g. emit_object("x86_64-unknown-linux-gnu", "skylake-avx512",
     "+avx512f,+avx512bw,+avx512vl") or emit_object("aarch64-linux-gnu", "generic", "+neon").
+    With `use_disk_cache` the object is looked up in / stored to the kernel disk cache (as `obj-<fingerprint>.o`,
+    keyed like the JIT objects; a hit counts as a 'disk_hits' and runs no LLVM).
     """
     if spec is None:
         spec = KernelSpec(4, 128)
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    return _emit(specs, Target(target_triple, cpu, features), jit=False)
+    target = Target(target_triple, cpu, features)
+    path = None
+    if use_disk_cache:
+        fp = hashlib.sha256("|".join(fingerprint(s, target, "object") for s in specs).encode()).hexdigest()[:32]
+        path = cache_dir() / f"obj-{fp}.o"
+        if path.is_file():
+            try:
+                obj = path.read_bytes()
+            except OSError:
+                obj = b""
+            if obj:
+                with _lock:
+                    _stats["disk_hits"] += 1
+                return obj
+    obj = _emit(specs, target, jit=False)
+    if path is not None:
+        _write_atomic(path, obj)
+    return obj
 
 
 def emit_assembly(spec: KernelSpec, target: Target | None = None, kinds=KINDS) -> str:

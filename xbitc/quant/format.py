@@ -39,7 +39,7 @@ class QuantizedMatrix:
     codes: list[np.ndarray]  # per segment: [out, ncols] uint8 codes (unpacked)
     scales: list[np.ndarray]  # per segment: [out, ngroups] float16
     zeros: list[np.ndarray]  # per segment: [out, ngroups] uint8
-    perm: np.ndarray | None = None  # int32 [in]; None means identity
+    perm: np.ndarray | None = None  # [in] integer indices; None means identity
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

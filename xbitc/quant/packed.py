@@ -17,6 +17,11 @@ from .pack import pack, unpack
 LAYOUT = "lsb-rows"
 
 
+def perm_dtype(in_features: int) -> type:
+    """Column permutations are stored as uint16 whenever they fit: half the bytes of int32."""
+    return np.uint16 if in_features <= 1 << 16 else np.int32
+
+
 @dataclass
 class PackedSegment:
     seg: Segment
@@ -42,7 +47,7 @@ class PackedMatrix:
             else:
                 scales = np.ascontiguousarray(s, dtype=np.float16)
                 segs.append(PackedSegment(seg, pack(c, seg.bits), scales, pack(z, seg.bits)))
-        perm = None if q.perm is None else np.ascontiguousarray(q.perm, dtype=np.int32)
+        perm = None if q.perm is None else np.ascontiguousarray(q.perm, dtype=perm_dtype(q.shape[1]))
         return cls(tuple(q.shape), segs, perm)
 
     def to_quantized(self) -> QuantizedMatrix:

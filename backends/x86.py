@@ -1,0 +1,475 @@
+"""x86: packed linears run through the generated LLVM kernels (backends/llvm) on x86-64 hosts.
+
+Lowering (`X86Backend.lower`) keeps the reference interpreter for every op except PACKED_LINEAR, whose
+`linear_impl` is an `X86Linears`:
+
+* at lower time, every PackedMatrix read by a PACKED_LINEAR node is prepared once (cached per weight name): each
+  segment of nonzero depth gets its codes repacked from the canonical "lsb-rows" stream into the kernel layout,
+  its zero points unpacked to uint8 [out, ngroups] and its scales made a contiguous float16 array; the host kernel
+  of its (bits, group) is compiled or fetched from the disk cache (gemv and gemm, so nothing compiles at call time);
+* at call time, x [..., in] float32 is flattened to [T, in]; each segment's columns are gathered by the permutation
+  (each input column is gathered exactly once, straight into a contiguous per-segment block; no copy at all for
+  unpermuted single-segment weights), then every segment's kernel runs over its column slice into the same y:
+  the first executed segment writes (`gemv` / `gemm`), the others accumulate (`*_acc`); 0-bit segments are
+  skipped; bias is added at the end. One token uses the gemv kernels, several the gemm kernels.
+* rows are split into ranges run concurrently on a module-level thread pool (ctypes drops the GIL); the calling
+  thread runs the first range. A range is at least `MIN_TASK_MACS` multiply-adds, so small matrices stay on one
+  thread (waking a worker costs ~25 us, more than a SmolLM2-sized gemv takes).
+
+Group sizes. The fast (lane-interleaved) kernels need `G % lanes == 0` and `G | block` or `block | G`. For other
+group sizes (e.g. per-channel groups of 576 or 160 columns) the segment is run exactly by a fast kernel at the
+largest group size G' dividing G that the layouts support (G' = gcd(G, block), scales and zero points repeated
+G/G' times in memory: same arithmetic, more scale reads); failing that by the llvm package's canonical-layout
+kernel (scalar, ~30x slower); failing that (LLVM could not build the kernel) by the reference float path
+(dequantize once, matmul). Each fallback is logged once per (bits, group) on the `xbitc.backends.x86` logger.
+
+`emit` writes `kernels/` into the artifact: one relocatable ELF object per distinct kernel and x86-64 level
+(baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with the level so all
+of them link into one binary, plus the C header `kernels/xbitc_kernels.h` (see `header_text`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xbitc.ir.graph import Graph, Op
+from xbitc.quant.pack import unpack
+from xbitc.quant.packed import PackedMatrix, PackedSegment
+
+from .base import Backend, Capabilities, Program
+from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, default_spec, emit_object, get_layout
+from .llvm.layout import dequantize_reference, repack
+
+log = logging.getLogger("xbitc.backends.x86")
+
+ABI_VERSION = 1  # of the emitted kernels' C interface (argument list and meaning); bump on any change
+MIN_TASK_MACS = 1 << 20  # multiply-adds per thread task at least (~50 us of gemv work)
+ROW_ALIGN = 16  # row ranges start on multiples of this (the kernels process rows in pairs)
+EMIT_TRIPLE = "x86_64-unknown-linux-gnu"
+_V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
+_V4 = _V3 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd"
+# (suffix, LLVM cpu, features): the x86-64 micro-architecture levels the artifact carries objects for
+EMIT_TARGETS = (
+    ("x86_64", "x86-64", ""),
+    ("avx2", "x86-64-v3", _V3),
+    ("avx512", "x86-64-v4", _V4),
+)
+HEADER = "xbitc_kernels.h"
+
+
+class X86BackendUnavailable(RuntimeError):
+    """The x86 backend was asked to execute on a host that is not x86-64."""
+
+
+def is_x86_host() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
+# ------------------------------------------------------------------------------------------------ thread pool
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _default_threads() -> int:
+    env = os.environ.get("XBITC_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_num_threads = _default_threads()
+
+
+def num_threads() -> int:
+    """Threads the packed linears use (the caller's thread included)."""
+    return _num_threads
+
+
+def set_num_threads(n: int) -> None:
+    """Resize the module's thread pool (default: the cores this process may run on, or $XBITC_NUM_THREADS)."""
+    global _num_threads, _pool
+    n = max(1, int(n))
+    with _pool_lock:
+        if n != _num_threads and _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        _num_threads = n
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_num_threads, thread_name_prefix="xbitc-x86")
+        return _pool
+
+
+def row_ranges(rows: int, macs: int, threads: int | None = None) -> list[tuple[int, int]]:
+    """Split [0, rows) into at most `threads` ranges of >= MIN_TASK_MACS work each, starts aligned to ROW_ALIGN."""
+    threads = _num_threads if threads is None else threads
+    n = min(threads, macs // MIN_TASK_MACS, -(-rows // ROW_ALIGN))
+    if n <= 1:
+        return [(0, rows)]
+    per = -(-(-(-rows // n)) // ROW_ALIGN) * ROW_ALIGN
+    return [(b, min(rows, b + per)) for b in range(0, rows, per)]
+
+
+# ------------------------------------------------------------------------------------------------ kernel choice
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a (bits, group) segment runs: `spec` at `kernel_group` (== group unless regrouped); `how` is
+    'interleaved' (fast kernel at the group itself), 'regrouped' (fast kernel at a divisor of the group, scales
+    repeated) or 'canonical' (scalar kernel on the canonical stream)."""
+
+    bits: int
+    group: int
+    spec: KernelSpec
+    how: str
+
+    @property
+    def kernel_group(self) -> int:
+        return self.spec.group_size
+
+
+def kernel_plan(bits: int, group: int, target: Target) -> KernelPlan:
+    spec = default_spec(bits, group, target)
+    if spec.lay.interleaved:
+        return KernelPlan(bits, group, spec, "interleaved")
+    wide = target.is_x86 and target.has("avx512f")
+    for layout in (["il16w32"] if wide else []) + ["il8w32"]:
+        lay = get_layout(layout)
+        g2 = math.gcd(group, lay.block_cols)
+        if g2 % lay.lanes == 0 and lay.supports_group(g2):
+            return KernelPlan(bits, group, KernelSpec(bits, g2, layout=layout), "regrouped")
+    return KernelPlan(bits, group, spec, "canonical")
+
+
+_logged: set = set()
+
+
+def _log_once(key: Any, level: int, msg: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, msg)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+# ------------------------------------------------------------------------------------------------ prepared weights
+
+
+class _Segment:
+    """One segment of nonzero depth, ready to run: kernel-layout codes and pointers, or a float fallback."""
+
+    __slots__ = ("start", "stop", "ncols", "bits", "idx", "plan", "kernel", "codes", "scales", "zeros", "ptrs",
+                 "weight", "fns")
+
+    def __init__(self, ps: PackedSegment, out: int, perm: np.ndarray | None, target: Target):
+        seg = ps.seg
+        self.start, self.stop, self.ncols, self.bits = seg.start, seg.stop, seg.ncols, seg.bits
+        self.idx = None if perm is None else np.ascontiguousarray(perm[seg.start:seg.stop], dtype=np.intp)
+        self.plan = plan = kernel_plan(seg.bits, seg.group_size, target)
+        ng = seg.ngroups
+        scales = np.ascontiguousarray(ps.scales, dtype=np.float16).reshape(out, ng)
+        zeros = unpack(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, ng)
+        self.kernel = self.weight = None
+        try:
+            self.kernel = compile_kernel(plan.spec, target, kinds=("gemv", "gemm"))
+        except Exception as err:  # LLVM could not build it: run this segment as the reference does
+            _log_once(("reference", seg.bits, seg.group_size), logging.WARNING,
+                      f"x86: no kernel for {seg.bits}-bit group {seg.group_size} ({type(err).__name__}: {err}); "
+                      "these segments run on the reference float path (dequantized once)")
+            w = dequantize_reference(ps.codes, scales, zeros, seg.bits, seg.ncols, seg.group_size)
+            self.weight = np.ascontiguousarray(w, dtype=np.float32)
+            self.codes = self.scales = self.zeros = None
+            self.ptrs = ()
+            self.fns = ()
+            return
+        if plan.how == "regrouped":
+            r = seg.group_size // plan.kernel_group
+            ng2 = -(-seg.ncols // plan.kernel_group)
+            scales = np.ascontiguousarray(np.repeat(scales, r, axis=1)[:, :ng2])
+            zeros = np.ascontiguousarray(np.repeat(zeros, r, axis=1)[:, :ng2])
+            _log_once(("regrouped", seg.bits, seg.group_size), logging.INFO,
+                      f"x86: group {seg.group_size} has no interleaved kernel; {seg.bits}-bit segments run the "
+                      f"{plan.spec.layout} kernel at group {plan.kernel_group} (scales repeated {r}x, exact)")
+        elif plan.how == "canonical":
+            _log_once(("canonical", seg.bits, seg.group_size), logging.WARNING,
+                      f"x86: group {seg.group_size} has no interleaved kernel; {seg.bits}-bit segments run the "
+                      "canonical-layout LLVM kernel (scalar, ~30x slower)")
+        self.codes = repack(ps.codes, seg.bits, out, seg.ncols, plan.kernel_group, plan.spec.layout)
+        self.scales = scales.view(np.uint16)
+        self.zeros = np.ascontiguousarray(zeros, dtype=np.uint8)
+        self.ptrs = (_ptr(self.codes), _ptr(self.scales), _ptr(self.zeros))
+        k = self.kernel
+        self.fns = (k.gemv, k.gemv_acc, k.gemm, k.gemm_acc)
+
+    def gather(self, x2: np.ndarray, whole: bool) -> np.ndarray:
+        """This segment's input columns of x2 [T, in] as a contiguous [T, ncols] (or [ncols] for T == 1)."""
+        if x2.shape[0] == 1:
+            x1 = x2[0]
+            if self.idx is not None:
+                return np.take(x1, self.idx)
+            return x1 if whole else x1[self.start:self.stop]
+        if self.idx is not None:
+            return np.take(x2, self.idx, axis=1)
+        return x2 if whole else np.ascontiguousarray(x2[:, self.start:self.stop])
+
+    def run(self, xs: np.ndarray, y: np.ndarray, rb: int, re: int, accumulate: bool) -> None:
+        T, out = y.shape
+        if self.weight is not None:
+            part = xs.reshape(T, self.ncols) @ self.weight[rb:re].T
+            if accumulate:
+                y[:, rb:re] += part
+            else:
+                y[:, rb:re] = part
+            return
+        if T == 1:
+            self.fns[1 if accumulate else 0](*self.ptrs, _ptr(xs), _ptr(y), rb, re, self.ncols)
+        else:
+            self.fns[3 if accumulate else 2](*self.ptrs, _ptr(xs), _ptr(y), rb, re, self.ncols, T, out)
+
+    @property
+    def nbytes(self) -> int:
+        if self.weight is not None:
+            return int(self.weight.nbytes)
+        return int(self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes)
+
+
+class _Linear:
+    def __init__(self, pm: PackedMatrix, target: Target):
+        self.out, self.inp = pm.shape
+        perm = None if pm.perm is None else np.asarray(pm.perm)
+        self.segs = [_Segment(ps, self.out, perm, target) for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
+        self.whole = perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
+        self.active_cols = sum(s.ncols for s in self.segs)
+
+    def __call__(self, x2: np.ndarray) -> np.ndarray:
+        T = x2.shape[0]
+        if not self.segs:
+            return np.zeros((T, self.out), dtype=np.float32)
+        xs = [s.gather(x2, self.whole) for s in self.segs]
+        y = np.empty((T, self.out), dtype=np.float32)
+        segs = self.segs
+
+        def work(rb: int, re: int) -> None:
+            for i, (s, xi) in enumerate(zip(segs, xs)):
+                s.run(xi, y, rb, re, accumulate=i > 0)
+
+        ranges = row_ranges(self.out, self.out * self.active_cols * T)
+        if len(ranges) == 1:
+            work(0, self.out)
+            return y
+        futs = [_get_pool().submit(work, rb, re) for rb, re in ranges[1:]]
+        try:
+            work(*ranges[0])
+        finally:
+            for f in futs:  # wait for all before anything can free x / y
+                f.exception()
+        for f in futs:
+            f.result()
+        return y
+
+
+class X86Linears:
+    """The `linear_impl` of a lowered graph: prepared packed weights by name, run through the JIT kernels."""
+
+    def __init__(self, graph: Graph, target: Target):
+        self.target = target
+        self.linears: dict[str, _Linear] = {}
+        by_name = graph.by_name()
+        names = []
+        for n in graph.nodes:
+            if n.op is Op.PACKED_LINEAR:
+                name = by_name[n.args[1].name].attrs["name"]
+                if name not in names:
+                    names.append(name)
+        for name in names:
+            pm = graph.params[name]
+            if isinstance(pm, PackedMatrix):
+                self.linears[name] = _Linear(pm, target)
+
+    def plans(self) -> dict[str, list[KernelPlan]]:
+        return {n: [s.plan for s in lin.segs] for n, lin in self.linears.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for lin in self.linears.values() for s in lin.segs)
+
+    def __call__(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None, name: str) -> torch.Tensor:
+        lin = self.linears.get(name)
+        if lin is None:  # a weight that was not in the graph at lower time (e.g. replaced since)
+            lin = self.linears[name] = _Linear(packed, self.target)
+        if x.shape[-1] != lin.inp:
+            raise ValueError(f"{name}: input has {x.shape[-1]} features, the weight {lin.inp}")
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, lin.inp)
+        if xf.dtype != torch.float32:
+            xf = xf.float()
+        x2 = np.ascontiguousarray(xf.detach().cpu().numpy())
+        y = torch.from_numpy(lin(x2))
+        if bias is not None:
+            y += bias.to(torch.float32)
+        y = y.reshape(*lead, lin.out)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ emission
+
+
+def packed_linear_configs(graph: Graph) -> list[tuple[int, int]]:
+    """Distinct (bits, group) of the nonzero-depth segments of every PACKED_LINEAR weight."""
+    by_name = graph.by_name()
+    found = set()
+    for n in graph.nodes:
+        if n.op is Op.PACKED_LINEAR:
+            pm = graph.params.get(by_name[n.args[1].name].attrs["name"])
+            if isinstance(pm, PackedMatrix):
+                found |= {(ps.seg.bits, ps.seg.group_size) for ps in pm.segments if ps.seg.bits and ps.seg.ncols}
+    return sorted(found)
+
+
+def header_text(kernels: list[dict]) -> str:
+    """The C header declaring every emitted kernel (list of the manifest note entries)."""
+    lines = [
+        "/* xbitc generated kernels: packed b-bit matrix-vector / matrix-matrix products. Generated file. */",
+        "#ifndef XBITC_KERNELS_H",
+        "#define XBITC_KERNELS_H",
+        "",
+        "#include <stdint.h>",
+        "",
+        f"#define XBITC_KERNELS_ABI_VERSION {ABI_VERSION}",
+        f'#define XBITC_KERNELS_GENERATOR "{GENERATOR_VERSION}"',
+        "",
+        "/*",
+        " * Every kernel computes y[r] (=, or += for the _acc variants) sum_j s[r][j/G] * (q[r][j] - z[r][j/G]) * x[j]",
+        " * for rows r in [rows_begin, rows_end), j in [0, in_features):",
+        " *   codes       the [rows, in_features] codes of one segment, repacked into the kernel's layout (below);",
+        " *   scales_f16  [rows, ngroups] IEEE float16 bits, ngroups = ceil(in_features / G), row-major;",
+        " *   zeros       [rows, ngroups] uint8 zero points, one byte each (the artifact stores them bit-packed at",
+        " *               the segment's depth: unpack them first);",
+        " *   x           float32 [in_features] (gemv) or [batch, in_features] row-major (gemm);",
+        " *   y           float32: y[r] (gemv); y[t * ldy + r] for token t (gemm). The plain variants never read y.",
+        " * Row ranges are independent: run disjoint ranges on different threads. A segment of a permuted matrix",
+        " * reads x already gathered by the matrix's permutation (x[j] = x_original[perm[start + j]]).",
+        " *",
+        " * Layouts (codes):",
+        " *   ilLwW: per row, blocks of L*W columns (zero padded); in a block lane l holds the W codes of columns",
+        " *          k*L + l (k = 0..W-1) as an LSB-first stream of `bits` W-bit little-endian words; the block stores",
+        " *          word 0 of lanes 0..L-1, then word 1, ... Row r starts at r * ceil(in/(L*W)) * bits*L*W/8 bytes.",
+        " *   canonical: the artifact's lsb-rows stream (code j at bits j*b .. j*b+b-1 of the row), ceil(in*b/8) bytes",
+        " *          per row.",
+        " * Objects: ELF x86-64 (" + EMIT_TRIPLE + "), position independent; _x86_64 = baseline (SSE2), _avx2 =",
+        " * x86-64-v3 (AVX2, FMA, F16C), _avx512 = x86-64-v4 (AVX-512 F/BW/VL/DQ/CD). Pick one at run time, e.g. with",
+        " * __builtin_cpu_supports(\"avx512f\") / (\"avx2\") && (\"fma\").",
+        " * A segment whose group size G_artifact is listed as served by a kernel of group G repeats each scale and",
+        " * zero point G_artifact / G times (same arithmetic).",
+        " */",
+        "",
+        "#ifdef __cplusplus",
+        'extern "C" {',
+        "#endif",
+        "",
+        "static inline int xbitc_kernels_abi_version(void) { return XBITC_KERNELS_ABI_VERSION; }",
+        "",
+    ]
+    gemv_args = ("const uint8_t* codes, const uint16_t* scales_f16, const uint8_t* zeros, const float* x, "
+                 "float* y, int64_t rows_begin, int64_t rows_end, int64_t in_features")
+    gemm_args = gemv_args + ", int64_t batch, int64_t ldy"
+    for k in kernels:
+        served = ", ".join(str(g) for g in k["serves_groups"])
+        lines.append(f"/* {k['bits']}-bit, group {k['group']} (serves artifact groups {served}), layout {k['layout']}, "
+                     f"target {k['target']} ({k['cpu']}), in {k['file']} */")
+        for sym, args in ((k["gemv"], gemv_args), (k["gemv"] + "_acc", gemv_args),
+                          (k["gemm"], gemm_args), (k["gemm"] + "_acc", gemm_args)):
+            lines.append(f"void {sym}({args});")
+        lines.append("")
+    lines += ["#ifdef __cplusplus", "}", "#endif", "", "#endif /* XBITC_KERNELS_H */", ""]
+    return "\n".join(lines)
+
+
+def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
+    """Write kernels/ (objects + header) for the graph's packed linears; return the manifest note."""
+    configs = packed_linear_configs(graph)
+    if not configs:
+        return {}
+    kdir = Path(folder) / "kernels"
+    kdir.mkdir(parents=True, exist_ok=True)
+    objects: dict[tuple, dict] = {}
+    for suffix, cpu, features in EMIT_TARGETS:
+        target = Target(EMIT_TRIPLE, cpu, features)
+        for bits, group in configs:
+            plan = kernel_plan(bits, group, target)
+            key = (suffix, plan.spec.key())
+            if key in objects:
+                objects[key]["serves_groups"].append(group)
+                continue
+            spec = replace(plan.spec, symbol_suffix=suffix)
+            obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
+            fname = f"xbitc_b{bits}_g{plan.kernel_group}_{spec.layout}_{suffix}.o"
+            (kdir / fname).write_bytes(obj)
+            objects[key] = {
+                "name": f"xbitc_b{bits}_g{plan.kernel_group}_{suffix}", "bits": bits, "group": plan.kernel_group,
+                "serves_groups": [group], "layout": spec.layout, "target": suffix, "cpu": cpu,
+                "file": f"kernels/{fname}", "bytes": len(obj), "gemv": spec.gemv_name, "gemm": spec.gemm_name,
+            }
+    kernels = list(objects.values())
+    header = header_text(kernels)
+    (kdir / HEADER).write_text(header)
+    return {
+        "kernels": {
+            "abi_version": ABI_VERSION,
+            "generator": GENERATOR_VERSION,
+            "triple": EMIT_TRIPLE,
+            "header": f"kernels/{HEADER}",
+            "bytes": sum(k["bytes"] for k in kernels) + len(header.encode()),
+            "list": kernels,
+        }
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the backend
+
+
+class X86Backend(Backend):
+    name = "x86"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(bit_depths=tuple(range(1, 9)), group_sizes="any", layouts=("lsb-rows",),
+                            executes_here=is_x86_host())
+
+    def lower(self, graph: Graph) -> Program:
+        if not is_x86_host():
+            raise X86BackendUnavailable(
+                f"the x86 backend can't execute on this {platform.machine() or 'unknown'} host: it runs JIT-compiled "
+                "x86-64 kernels. Use --backend reference (or runtime.load(path, backend='reference')) here."
+            )
+        from .llvm import host_target
+
+        return Program(graph, X86Linears(graph, host_target()))
+
+    def emit(self, graph: Graph, folder: Path) -> dict[str, Any]:
+        # there are no backend options yet: the x86 backend always ships its kernels
+        return emit_kernels(graph, folder)
+
+
+__all__ = ["X86Backend", "X86Linears", "X86BackendUnavailable", "KernelPlan", "kernel_plan", "set_num_threads",
+           "num_threads", "row_ranges", "emit_kernels", "header_text", "is_x86_host", "ABI_VERSION"]
