@@ -25,8 +25,9 @@ def materialize(value: Any) -> torch.Tensor:
 
 
 class Interpreter:
-    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None):
+    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None, grad: bool = False):
         self.graph = graph
+        self.grad = grad  # record autograd through the ops (sensitivity analysis); off for inference
         self.linear_impl = linear_impl
         self._weights: dict[str, torch.Tensor] = {}
         self._by_name = graph.by_name()
@@ -45,6 +46,10 @@ class Interpreter:
     def param_name(self, node: Node, index: int = 1) -> str:
         return self._by_name[node.args[index].name].attrs["name"]
 
+    def set_weight(self, name: str, value: torch.Tensor) -> None:
+        """Run with `value` in place of a parameter (e.g. a leaf tensor that collects gradients)."""
+        self._weights[name] = value
+
     def weight(self, name: str) -> torch.Tensor:
         if name not in self._weights:
             self._weights[name] = materialize(self.graph.params[name])
@@ -60,7 +65,6 @@ class Interpreter:
         """Drop the cached float form of a parameter after a pass replaced it."""
         self._weights.pop(name, None)
 
-    @torch.no_grad()
     def run(self, *inputs: torch.Tensor, hook: LinearHook | None = None) -> Any:
         steps = self.steps(*inputs)
         item = next(steps)
@@ -72,13 +76,17 @@ class Interpreter:
 
     __call__ = run
 
-    @torch.no_grad()
     def steps(self, *inputs: torch.Tensor):
         """Execute as a generator: yields ("linear", node, x) before every linear and ("output", value) at the end.
 
         Passes that must see each linear's input before deciding its weight (sequential GPTQ) drive several of
         these in lock-step, one per calibration batch, so memory stays bounded by one batch's live values.
         """
+        # torch's grad-mode decorators wrap generators per resumption, so the mode never leaks to the caller
+        mode = torch.enable_grad() if self.grad else torch.no_grad()
+        return mode(self._steps)(inputs)
+
+    def _steps(self, inputs: tuple):
         g = self.graph
         env: dict[str, Any] = {}
         feed = iter(inputs)

@@ -8,6 +8,7 @@ and the batches continue through the now-quantized layer. Memory is the live act
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -15,7 +16,7 @@ from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import gptq_quantize
-from xbitc.quant.rtn import rtn_quantize
+from xbitc.quant.rtn import rtn_any
 
 from .base import PassContext, PassError
 
@@ -34,7 +35,8 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
             raise PassError("calibration batches took different paths through the graph; GPTQ needs a static graph")
         name = interp.param_name(node)
         if name in pending:
-            hessian = torch.zeros(node_in_features(graph, name), node_in_features(graph, name), dtype=torch.float64)
+            width = int(graph.params[name].shape[1])
+            hessian = torch.zeros(width, width, dtype=torch.float64)
             tokens = 0
             for it in items:
                 x = it[2].reshape(-1, it[2].shape[-1]).double()
@@ -44,7 +46,7 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
             cfg = plan[name]
             w = graph.params[name]
             graph.params[name] = gptq_quantize(
-                w.float(), hessian.float(), cfg["bits"], cfg["group"] or w.shape[1], damp=damp, act_order=act_order
+                w.float(), hessian.float(), depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp, act_order=act_order
             )
             interp.forget(name)
             pending.discard(name)
@@ -58,11 +60,13 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
     for name in sorted(pending):
         cfg = plan[name]
         w = graph.params[name]
-        graph.params[name] = rtn_quantize(w, cfg["bits"], cfg["group"] or w.shape[1])
+        graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1])
         bar.update(1)
     bar.close()
     assert all(isinstance(graph.params[n], QuantizedMatrix) for n in plan)
 
 
-def node_in_features(graph: Graph, name: str) -> int:
-    return int(graph.params[name].shape[1])
+
+def depths(bits):
+    """A plan's depth: one int for the whole tensor, or a list of per-column depths."""
+    return bits if isinstance(bits, int) else np.asarray(bits, dtype=np.int64)

@@ -76,7 +76,7 @@ class PlanUniform(Pass):
         )
 
     def _choose(self, graph, ctx, config, bits, group, bpw) -> Graph:
-        graph.meta["plan"] = {n: {"bits": b, "group": g} for n, (b, g) in config.items()}
+        ctx.stats["plan"] = {n: {"bits": b, "group": g} for n, (b, g) in config.items()}
         gtxt = f"group {group}" if group else "per-channel"
         ctx.log(f"plan: {bits}-bit, {gtxt} for {len(config)} tensors -> predicted {bpw:.3f} bits per weight")
         ctx.stats["plan_summary"] = {"bits": bits, "group": group, "predicted_bpw": bpw}

@@ -1,6 +1,7 @@
 """quantize: replace planned weights with QuantizedMatrix values (RTN here; GPTQ in its own module).
 
-Reads the per-tensor configuration that `plan` (or a later allocator) left in graph.meta["plan"]. Linears become
+Reads the per-tensor configuration that `plan` (or a later allocator) left in ctx.stats["plan"]
+(name -> {"bits": int or per-column depths, "group": int}). Linears become
 QLINEAR nodes; embedding tables keep their EMBED node and are dequantized on lookup.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from xbitc.ir.graph import Graph, Op
 from xbitc.quant.format import QuantizedMatrix
-from xbitc.quant.rtn import rtn_quantize
+from xbitc.quant.rtn import rtn_any
 
 from .base import Pass, PassContext, PassError
 
@@ -30,7 +31,7 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if self.method not in METHODS:
             raise PassError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
-        plan = graph.meta.get("plan") or {}
+        plan = ctx.stats.get("plan") or {}
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
@@ -39,7 +40,7 @@ class Quantize(Pass):
             for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
                 cfg = plan[name]
                 w = graph.params[name]
-                graph.params[name] = rtn_quantize(w, cfg["bits"], cfg["group"] or w.shape[1])
+                graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1])
         mark_quantized_linears(graph)
         return graph
 

@@ -28,3 +28,13 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
         scales=[torch.cat(scales, 1).numpy().astype(np.float16)],
         zeros=[torch.cat(zeros, 1).numpy().astype(np.uint8)],
     )
+
+
+def rtn_any(w: torch.Tensor, bits, group_size: int) -> QuantizedMatrix:
+    """RTN at one depth, or at per-column depths (a sequence of 0..8): GPTQ with an identity Hessian compensates
+    nothing between columns, which is exactly RTN with the columns grouped into segments of equal depth."""
+    if isinstance(bits, (int, np.integer)):
+        return rtn_quantize(w, int(bits), group_size)
+    from .gptq import gptq_quantize
+
+    return gptq_quantize(w.float(), torch.eye(w.shape[1]), np.asarray(bits, dtype=np.int64), group_size, damp=0.0, act_order=False)

@@ -1,0 +1,283 @@
+"""The x86 backend: whole-model logits equal the reference backend's, mixed-depth permuted weights equal the float64
+product, the artifact carries kernels/ and a C header that links, and the kernel disk cache is used.
+
+Tolerances.
+* Per matrix (`test_mixed_depth_permuted_matrix`): the rigorous float32 bound of tests/test_llvm_kernels.py,
+  |y - y_exact| <= (2n + 64 + 4 * segments) * u * sum_j |s_j| (q_j + z_j) |x_j| with u = 2**-24 (Higham 3.1/4.2;
+  terms s*q*x and s*z*x, one extra rounding per accumulated segment and for the bias). It cannot flake and is ~n
+  times smaller than one wrong code's effect (~|s_j x_j|).
+* Whole model (`test_logits_match_reference`): both backends evaluate the same quantized network in float32 and
+  differ only in summation order inside each linear: per linear at most the bound above, in practice ~sqrt(n) * u
+  relative (~1e-6 here; measured max |diff| / max |logit| <= 1e-6 on this model). We allow 2e-5 * max |logit|
+  (20x margin over observed values; the rigorous per-linear bound for n = 160 is 2.3e-5 of sum |terms|), while
+  one wrong code at 8 bits moves a logit by ~s*x ~ 1e-3 of the logit scale (50x the tolerance), at 2 bits far more.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_lm
+from xbitc import frontend, registry, runtime
+from xbitc.backends import x86
+from xbitc.backends.llvm import clear_memory_cache, compile_kernel, compile_stats, host_target
+from xbitc.backends.llvm.layout import repack
+from xbitc.driver import CompileOptions, compile_model
+from xbitc.ir.graph import Graph, Node, Op, Ref
+from xbitc.quant.gptq import gptq_quantize
+from xbitc.quant.packed import PackedMatrix
+
+U = 2.0**-24
+pytestmark = pytest.mark.skipif(not x86.is_x86_host(), reason="the x86 backend executes on x86-64 hosts only")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XBITC_CACHE_DIR", str(tmp_path_factory.mktemp("x86cache")))
+    clear_memory_cache()
+    yield
+    mp.undo()
+    clear_memory_cache()
+
+
+def compile_tiny(out: Path, **kw):
+    m, x = tiny_lm()
+    loaded = frontend._from_module(m, x, "tiny", "0")
+    opts = CompileOptions(log=lambda s: None, progress=False, backend="x86", **kw)
+    return m, compile_model(loaded, out, opts)
+
+
+@pytest.fixture(scope="module")
+def artifact_4b(tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "t4.xbitc"
+    _, manifest = compile_tiny(out, bits=4, group=32)
+    return out, manifest
+
+
+def test_entry_point_and_capabilities():
+    assert registry.get(registry.BACKEND_GROUP, "x86") is x86.X86Backend
+    caps = x86.X86Backend().capabilities()
+    assert caps.bit_depths == tuple(range(1, 9)) and caps.executes_here
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+def test_logits_match_reference(tmp_path, bits, group):
+    out = tmp_path / "m.xbitc"
+    compile_tiny(out, bits=bits, group=group)
+    fast = runtime.load(out)  # the manifest names the x86 backend
+    ref = runtime.load(out, backend="reference")
+    assert isinstance(fast.program.interp.linear_impl, x86.X86Linears)
+    plans = [p for ps in fast.program.interp.linear_impl.plans().values() for p in ps]
+    assert len(plans) == 4 and all(p.how == "interleaved" for p in plans)
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    for shape in [(1, 1), (1, 5), (2, 10)]:  # one token: gemv kernels; several: gemm kernels
+        ids = torch.randint(0, 96, shape, generator=g)
+        a, b = fast(ids), ref(ids)
+        assert a.shape == b.shape == (*shape, 96) and a.dtype == torch.float32
+        assert float((a - b).abs().max()) <= 2e-5 * float(b.abs().max()), shape
+
+
+def _mixed_matrix(group: int, seed: int = 0):
+    """A GPTQ-quantized [72, 200] matrix, depths 8/4/3/2/0 per column (shuffled), so a permuted PackedMatrix."""
+    rng = np.random.default_rng(seed)
+    out, inp = 72, 200
+    depths = np.array([8] * 30 + [4] * 100 + [3] * 20 + [2] * 24 + [0] * 26)
+    rng.shuffle(depths)
+    w = torch.from_numpy(rng.standard_normal((out, inp)).astype(np.float32))
+    xs = torch.from_numpy(rng.standard_normal((256, inp)).astype(np.float32))
+    h = 2.0 / xs.shape[0] * xs.T @ xs
+    q = gptq_quantize(w, h, depths, group)
+    assert q.perm is not None and any(s.bits == 0 for s in q.segments)
+    return q, PackedMatrix.from_quantized(q)
+
+
+def _bound(q, x: np.ndarray) -> np.ndarray:
+    """sum_j |s_j| (q_j + z_j) |x_j| per output (float64), for x [T, in]."""
+    xp = np.abs(x[:, q.perm]).astype(np.float64)
+    acc = np.zeros((x.shape[0], q.shape[0]))
+    for seg, c, s, z in zip(q.segments, q.codes, q.scales, q.zeros):
+        if seg.bits == 0:
+            continue
+        rep = lambda a: np.repeat(np.asarray(a, dtype=np.float64), seg.group_size, axis=1)[:, : seg.ncols]
+        coef = np.abs(rep(s)) * (c.astype(np.float64) + rep(z))
+        acc += xp[:, seg.start : seg.stop] @ coef.T
+    return acc
+
+
+def _linear_graph(name: str, pm: PackedMatrix, bias: torch.Tensor | None) -> Graph:
+    """x -> packed_linear(x, W, b) -> output, the smallest graph the backend lowers."""
+    nodes = [Node("x", Op.INPUT), Node("w", Op.PARAM, attrs={"name": name})]
+    args = [Ref("x"), Ref("w")]
+    params = {name: pm}
+    if bias is not None:
+        nodes.append(Node("b", Op.PARAM, attrs={"name": name + ".bias"}))
+        args.append(Ref("b"))
+        params[name + ".bias"] = bias
+    nodes += [Node("y", Op.PACKED_LINEAR, args=tuple(args)), Node("out", Op.OUTPUT, args=(Ref("y"),))]
+    return Graph(nodes=nodes, params=params)
+
+
+# segment groups are min(group, ncols): with 32, the 100-column 4-bit segment has group 32 (interleaved kernel), the
+# 30-, 20- and 24-column ones groups 30 and 20 (canonical kernel) and 24 (regrouped to 8); with 96, group 96 runs
+# regrouped at 32
+@pytest.mark.parametrize("group, hows", [(32, {"interleaved", "regrouped", "canonical"}), (96, {"regrouped", "canonical"})])
+def test_mixed_depth_permuted_matrix(group, hows, monkeypatch, caplog):
+    monkeypatch.setattr(x86, "_logged", set())
+    q, pm = _mixed_matrix(group)
+    bias = torch.linspace(-1, 1, q.shape[0])
+    with caplog.at_level(logging.INFO, logger="xbitc.backends.x86"):
+        prog = x86.X86Backend().lower(_linear_graph("lin.weight", pm, bias))
+    assert {p.how for p in prog.interp.linear_impl.plans()["lin.weight"]} == hows
+    assert "canonical-layout" in caplog.text and "scales repeated" in caplog.text
+    w64 = q.dequantize().double()
+    rng = np.random.default_rng(1)
+    for lead in [(1,), (3,), (2, 5), ()]:
+        x = torch.from_numpy(rng.standard_normal((*lead, q.shape[1])).astype(np.float32))
+        y = prog(x)
+        assert y.shape == (*lead, q.shape[0])
+        x2 = x.reshape(-1, q.shape[1]).numpy()
+        exact = x2.astype(np.float64) @ w64.numpy().T + bias.double().numpy()
+        nseg = sum(1 for s in q.segments if s.bits)
+        tol = (2 * q.shape[1] + 64 + 4 * nseg) * U * (_bound(q, x2) + np.abs(bias.numpy()))
+        assert np.all(np.abs(y.reshape(-1, q.shape[0]).double().numpy() - exact) <= tol + 1e-30), lead
+
+
+def test_threaded_row_ranges_give_identical_results(monkeypatch):
+    q, pm = _mixed_matrix(32, seed=3)
+    prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
+    x = torch.randn(4, q.shape[1])
+    one = [prog(x), prog(x[:1])]
+    monkeypatch.setattr(x86, "MIN_TASK_MACS", 1)
+    assert x86.row_ranges(72, 10**6, threads=3) == [(0, 32), (32, 64), (64, 72)]
+    before = x86.num_threads()
+    x86.set_num_threads(3)
+    try:
+        many = [prog(x), prog(x[:1])]
+    finally:
+        x86.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)  # rows are computed independently of the split
+
+
+def test_reference_fallback_when_no_kernel_builds(monkeypatch, caplog):
+    monkeypatch.setattr(x86, "_logged", set())
+
+    def broken(*a, **k):
+        raise RuntimeError("LLVM says no")
+
+    monkeypatch.setattr(x86, "compile_kernel", broken)
+    q, pm = _mixed_matrix(32, seed=5)
+    with caplog.at_level(logging.WARNING, logger="xbitc.backends.x86"):
+        prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
+    assert "reference float path" in caplog.text
+    x = torch.randn(3, q.shape[1])
+    ref = torch.nn.functional.linear(x, q.dequantize())
+    assert torch.allclose(prog(x), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_artifact_has_kernels_and_header(artifact_4b):
+    out, manifest = artifact_4b
+    note = manifest.notes["kernels"]
+    assert note["abi_version"] == x86.ABI_VERSION and note["header"] == "kernels/xbitc_kernels.h"
+    targets = sorted(k["target"] for k in note["list"])
+    assert targets == ["avx2", "avx512", "x86_64"]  # one (bits, group) in this model, three ISA levels
+    for k in note["list"]:
+        assert (k["bits"], k["group"]) == (4, 32) and (out / k["file"]).stat().st_size == k["bytes"] > 0
+        assert manifest.size.files[k["file"]] == k["bytes"]  # counted in bits per weight
+    header = (out / "kernels" / "xbitc_kernels.h").read_text()
+    assert "#define XBITC_KERNELS_ABI_VERSION 1" in header and 'extern "C"' in header
+    assert "void xbitc_gemm_b4_g32_avx2_acc(" in header and "int64_t ldy" in header
+    assert json.loads((out / "manifest.json").read_text())["notes"]["kernels"]["list"] == note["list"]
+
+
+def test_emitted_objects_link_and_match_the_jit(artifact_4b, tmp_path):
+    """The header compiles as C and C++, the three objects link into one library, and every variant the host
+    can run computes what the JIT kernels compute."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    out, manifest = artifact_4b
+    hdr = out / "kernels" / "xbitc_kernels.h"
+    src = tmp_path / "use.c"
+    src.write_text(f'#include "{hdr}"\nint main(void) {{ return xbitc_kernels_abi_version() == 1 ? 0 : 1; }}\n')
+    subprocess.run([cc, "-Wall", "-Werror", "-std=c99", "-o", str(tmp_path / "use"), str(src)], check=True)
+    subprocess.run([str(tmp_path / "use")], check=True)
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx:
+        subprocess.run([cxx, "-fsyntax-only", "-Wall", "-Werror", "-x", "c++", str(hdr)], check=True)
+    lib = tmp_path / "libk.so"
+    objs = [str(out / k["file"]) for k in manifest.notes["kernels"]["list"]]
+    subprocess.run([cc, "-shared", "-o", str(lib), *objs], check=True)
+    so = ctypes.CDLL(str(lib))
+
+    graph, _ = runtime.load(out).graph, None
+    name = next(n for n, v in graph.params.items() if isinstance(v, PackedMatrix))
+    pm = graph.params[name]
+    ps = pm.segments[0]
+    rows, cols = pm.shape
+    from xbitc.quant.pack import unpack
+
+    scales = np.ascontiguousarray(ps.scales, dtype=np.float16).view(np.uint16)
+    zeros = np.ascontiguousarray(unpack(ps.zeros, 4, ps.seg.ngroups))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    exact = x.astype(np.float64) @ pm.dequantize().double().numpy().T
+    host = host_target()
+    runnable = {"x86_64": True, "avx2": host.has("avx2") and host.has("fma") and host.has("f16c"),
+                "avx512": all(host.has(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"))}
+    ran = 0
+    for k in manifest.notes["kernels"]["list"]:
+        if not runnable[k["target"]]:
+            continue
+        codes = repack(ps.codes, 4, rows, cols, k["group"], k["layout"])
+        args = [ctypes.c_void_p(a.ctypes.data) for a in (codes, scales, zeros)]
+        gemv, gemm = getattr(so, k["gemv"]), getattr(so, k["gemm"])
+        y1 = np.full(rows, np.nan, dtype=np.float32)
+        gemv(*args, ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(y1.ctypes.data), ctypes.c_int64(0),
+             ctypes.c_int64(rows), ctypes.c_int64(cols))
+        y3 = np.full((3, rows), np.nan, dtype=np.float32)
+        gemm(*args, ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(y3.ctypes.data), ctypes.c_int64(0),
+             ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(3), ctypes.c_int64(rows))
+        scale = np.abs(exact).max()
+        assert np.abs(y1 - exact[0]).max() <= 1e-5 * scale, k["name"]
+        assert np.abs(y3 - exact).max() <= 1e-5 * scale, k["name"]
+        ran += 1
+    assert ran >= 1
+
+
+def test_second_lower_compiles_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBITC_CACHE_DIR", str(tmp_path / "fresh"))
+    clear_memory_cache()
+    out = tmp_path / "c.xbitc"
+    compile_tiny(out, bits=5, group=32)  # emits objects into the fresh cache
+    s0 = compile_stats()
+    compile_tiny(tmp_path / "c2.xbitc", bits=5, group=32)
+    s1 = compile_stats()
+    assert s1["codegen"] == s0["codegen"] and s1["disk_hits"] >= s0["disk_hits"] + 3  # objects from the cache
+    runtime.load(out)  # first lower: host kernels compiled (gemv + gemm) and written to the cache
+    s2 = compile_stats()
+    assert s2["codegen"] > s1["codegen"]
+    clear_memory_cache()
+    model = runtime.load(out)  # second lower, as in a new process: everything from the disk cache
+    s3 = compile_stats()
+    assert s3["codegen"] == s2["codegen"] and s3["disk_hits"] >= s2["disk_hits"] + 2
+    model(torch.randint(0, 96, (1, 4)))  # running compiles nothing either
+    assert compile_stats()["codegen"] == s2["codegen"]
+
+
+def test_non_x86_host_is_refused_clearly(monkeypatch, artifact_4b):
+    monkeypatch.setattr(x86.platform, "machine", lambda: "aarch64")
+    assert not x86.X86Backend().capabilities().executes_here
+    with pytest.raises(x86.X86BackendUnavailable, match=r"can't execute on this aarch64 host.*--backend reference"):
+        runtime.load(artifact_4b[0])
+    runtime.load(artifact_4b[0], backend="reference")  # still loads for the reference backend
