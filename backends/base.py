@@ -21,6 +21,10 @@ class Capabilities:
     executes_here: bool = True  # can the Python runtime run it on this machine
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend cannot execute on this machine; the message names the one to use instead."""
+
+
 class Program:
     """Runs a lowered graph: the reference interpreter with the backend's packed-linear implementation."""
 

@@ -6,10 +6,12 @@ Lowering (`X86Backend.lower`) keeps the reference interpreter for every op excep
 * at lower time, every PackedMatrix read by a PACKED_LINEAR node is prepared once (cached per weight name): each
   segment of nonzero depth gets its codes repacked from the canonical "lsb-rows" stream into the kernel layout,
   its zero points unpacked to uint8 [out, ngroups] and its scales made a contiguous float16 array; the host kernel
-  of its (bits, group) is compiled or fetched from the disk cache (gemv and gemm, so nothing compiles at call time);
-* at call time, x [..., in] float32 is flattened to [T, in]; each segment's columns are gathered by the permutation
-  (each input column is gathered exactly once, straight into a contiguous per-segment block; no copy at all for
-  unpermuted single-segment weights), then every segment's kernel runs over its column slice into the same y:
+  of its (bits, group, layout) is compiled or fetched from the disk cache (gemv and gemm, so nothing compiles at
+  call time). The layout is chosen per segment by `kernel_plan` (least row padding: il8w32 for 576-column rows,
+  il16w32 on AVX-512 hosts for multiples of 512 columns);
+* at call time, x [..., in] float32 is flattened to [T, in] (a view); each segment's columns are gathered by the
+  permutation (each input column is gathered exactly once, straight into a contiguous per-segment block; no copy
+  for unpermuted single-segment weights), then every segment's kernel runs over its column slice into the same y:
   the first executed segment writes (`gemv` / `gemm`), the others accumulate (`*_acc`); 0-bit segments are
   skipped; bias is added at the end. One token uses the gemv kernels, several the gemm kernels.
 * rows are split into ranges run concurrently on a module-level thread pool (ctypes drops the GIL); the calling
@@ -24,8 +26,11 @@ kernel (scalar, ~30x slower); failing that (LLVM could not build the kernel) by 
 (dequantize once, matmul). Each fallback is logged once per (bits, group) on the `xbitc.backends.x86` logger.
 
 `emit` writes `kernels/` into the artifact: one relocatable ELF object per distinct kernel and x86-64 level
-(baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with the level so all
-of them link into one binary, plus the C header `kernels/xbitc_kernels.h` (see `header_text`).
+(baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with layout and level
+so all of them link into one binary, plus the C header `kernels/xbitc_kernels.h` (see `header_text`). Objects come
+from the kernel disk cache when they were emitted before. About 15-25 KB per object, ~50 KB per distinct kernel
+over the three levels: negligible for real models (SmolLM2-135M: 74 KB of 99 MB), but they are counted in the
+artifact's bits per weight and dominate it for toy models.
 """
 from __future__ import annotations
 
@@ -43,12 +48,11 @@ import numpy as np
 import torch
 
 from xbitc.ir.graph import Graph, Op
-from xbitc.quant.pack import unpack
 from xbitc.quant.packed import PackedMatrix, PackedSegment
 
-from .base import Backend, Capabilities, Program
-from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, default_spec, emit_object, get_layout
-from .llvm.layout import dequantize_reference, repack
+from .base import Backend, BackendUnavailable, Capabilities, Program
+from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
+from .llvm.layout import dequantize_reference, repack, unpack_fast
 
 log = logging.getLogger("xbitc.backends.x86")
 
@@ -67,7 +71,7 @@ EMIT_TARGETS = (
 HEADER = "xbitc_kernels.h"
 
 
-class X86BackendUnavailable(RuntimeError):
+class X86BackendUnavailable(BackendUnavailable):
     """The x86 backend was asked to execute on a host that is not x86-64."""
 
 
@@ -82,8 +86,8 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _default_threads() -> int:
-    env = os.environ.get("XBITC_NUM_THREADS")
-    if env:
+    env = os.environ.get("XBITC_NUM_THREADS", "")
+    if env.strip().isdigit():
         return max(1, int(env))
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -131,9 +135,15 @@ def row_ranges(rows: int, macs: int, threads: int | None = None) -> list[tuple[i
 # ------------------------------------------------------------------------------------------------ kernel choice
 
 
+# Kernel configuration of this backend: 4-row x 4-token gemm register tiles. Measured on SmolLM2 shapes (3-bit,
+# g128, T = 20 / 128 tokens, 1 thread): 20-40% more GMAC/s than the llvm package's default 2 x 4 tile; 6 x 4 and
+# 4 x 3 were not better overall. The gemv kernels do not depend on it.
+SPEC_KW = {"gemm_rows": 4, "gemm_tokens": 4}
+
+
 @dataclass(frozen=True)
 class KernelPlan:
-    """How a (bits, group) segment runs: `spec` at `kernel_group` (== group unless regrouped); `how` is
+    """How a segment of (bits, group, ncols) runs: `spec` at `kernel_group` (== group unless regrouped); `how` is
     'interleaved' (fast kernel at the group itself), 'regrouped' (fast kernel at a divisor of the group, scales
     repeated) or 'canonical' (scalar kernel on the canonical stream)."""
 
@@ -147,17 +157,27 @@ class KernelPlan:
         return self.spec.group_size
 
 
-def kernel_plan(bits: int, group: int, target: Target) -> KernelPlan:
-    spec = default_spec(bits, group, target)
-    if spec.lay.interleaved:
-        return KernelPlan(bits, group, spec, "interleaved")
+def kernel_plan(bits: int, group: int, target: Target, ncols: int | None = None) -> KernelPlan:
+    """The kernel for a segment. Among the interleaved layouts the target has (il16w32 with AVX-512, il8w32) that
+    handle the group, natively or at a divisor G' = gcd(group, block), pick the one padding the row least (a row
+    is padded to whole blocks: 576 columns take 768 in il8w32 but 1024 in il16w32, and il8w32 measured 20-25%
+    faster on such rows), then native before regrouped, then the larger group, then il16w32. None: canonical."""
     wide = target.is_x86 and target.has("avx512f")
-    for layout in (["il16w32"] if wide else []) + ["il8w32"]:
-        lay = get_layout(layout)
-        g2 = math.gcd(group, lay.block_cols)
-        if g2 % lay.lanes == 0 and lay.supports_group(g2):
-            return KernelPlan(bits, group, KernelSpec(bits, g2, layout=layout), "regrouped")
-    return KernelPlan(bits, group, spec, "canonical")
+    layouts = (["il16w32"] if wide else []) + ["il8w32"]
+    best = None
+    for pref, name in enumerate(layouts):
+        lay = get_layout(name)
+        g = group if lay.supports_group(group) else math.gcd(group, lay.block_cols)
+        if g % lay.lanes or not lay.supports_group(g):
+            continue
+        padded = lay.nblocks(ncols) * lay.block_cols if ncols else 0
+        score = (padded, g != group, -g, pref)
+        if best is None or score < best[0]:
+            best = (score, name, g)
+    if best is None:
+        return KernelPlan(bits, group, KernelSpec(bits, group, layout="canonical", **SPEC_KW), "canonical")
+    _, name, g = best
+    return KernelPlan(bits, group, KernelSpec(bits, g, layout=name, **SPEC_KW), "interleaved" if g == group else "regrouped")
 
 
 _logged: set = set()
@@ -185,11 +205,11 @@ class _Segment:
     def __init__(self, ps: PackedSegment, out: int, perm: np.ndarray | None, target: Target):
         seg = ps.seg
         self.start, self.stop, self.ncols, self.bits = seg.start, seg.stop, seg.ncols, seg.bits
-        self.idx = None if perm is None else np.ascontiguousarray(perm[seg.start:seg.stop], dtype=np.intp)
-        self.plan = plan = kernel_plan(seg.bits, seg.group_size, target)
+        self.idx = None if perm is None else torch.from_numpy(np.asarray(perm[seg.start:seg.stop], dtype=np.int64))
+        self.plan = plan = kernel_plan(seg.bits, seg.group_size, target, seg.ncols)
         ng = seg.ngroups
         scales = np.ascontiguousarray(ps.scales, dtype=np.float16).reshape(out, ng)
-        zeros = unpack(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, ng)
+        zeros = unpack_fast(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, ng)
         self.kernel = self.weight = None
         try:
             self.kernel = compile_kernel(plan.spec, target, kinds=("gemv", "gemm"))
@@ -198,7 +218,7 @@ class _Segment:
                       f"x86: no kernel for {seg.bits}-bit group {seg.group_size} ({type(err).__name__}: {err}); "
                       "these segments run on the reference float path (dequantized once)")
             w = dequantize_reference(ps.codes, scales, zeros, seg.bits, seg.ncols, seg.group_size)
-            self.weight = np.ascontiguousarray(w, dtype=np.float32)
+            self.weight = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
             self.codes = self.scales = self.zeros = None
             self.ptrs = ()
             self.fns = ()
@@ -222,30 +242,27 @@ class _Segment:
         k = self.kernel
         self.fns = (k.gemv, k.gemv_acc, k.gemm, k.gemm_acc)
 
-    def gather(self, x2: np.ndarray, whole: bool) -> np.ndarray:
-        """This segment's input columns of x2 [T, in] as a contiguous [T, ncols] (or [ncols] for T == 1)."""
-        if x2.shape[0] == 1:
-            x1 = x2[0]
-            if self.idx is not None:
-                return np.take(x1, self.idx)
-            return x1 if whole else x1[self.start:self.stop]
+    def gather(self, x2: torch.Tensor, whole: bool) -> torch.Tensor:
+        """This segment's input columns of x2 [T, in] (contiguous float32) as a contiguous [T, ncols]."""
         if self.idx is not None:
-            return np.take(x2, self.idx, axis=1)
-        return x2 if whole else np.ascontiguousarray(x2[:, self.start:self.stop])
+            return x2.index_select(1, self.idx)
+        if whole:
+            return x2
+        return x2[:, self.start:self.stop].contiguous()  # a view (no copy) when T == 1
 
-    def run(self, xs: np.ndarray, y: np.ndarray, rb: int, re: int, accumulate: bool) -> None:
+    def run(self, xs: torch.Tensor, y: torch.Tensor, rb: int, re: int, accumulate: bool) -> None:
         T, out = y.shape
         if self.weight is not None:
-            part = xs.reshape(T, self.ncols) @ self.weight[rb:re].T
+            part = xs @ self.weight[rb:re].T
             if accumulate:
                 y[:, rb:re] += part
             else:
                 y[:, rb:re] = part
             return
         if T == 1:
-            self.fns[1 if accumulate else 0](*self.ptrs, _ptr(xs), _ptr(y), rb, re, self.ncols)
+            self.fns[1 if accumulate else 0](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.ncols)
         else:
-            self.fns[3 if accumulate else 2](*self.ptrs, _ptr(xs), _ptr(y), rb, re, self.ncols, T, out)
+            self.fns[3 if accumulate else 2](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.ncols, T, out)
 
     @property
     def nbytes(self) -> int:
@@ -262,22 +279,27 @@ class _Linear:
         self.whole = perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(s.ncols for s in self.segs)
 
-    def __call__(self, x2: np.ndarray) -> np.ndarray:
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2: contiguous float32 [T, in] -> new float32 [T, out]."""
         T = x2.shape[0]
-        if not self.segs:
-            return np.zeros((T, self.out), dtype=np.float32)
-        xs = [s.gather(x2, self.whole) for s in self.segs]
-        y = np.empty((T, self.out), dtype=np.float32)
+        if not self.segs or T == 0:
+            return torch.zeros(T, self.out, dtype=torch.float32)
+        y = torch.empty(T, self.out, dtype=torch.float32)
         segs = self.segs
+        if len(segs) == 1:
+            xs = [segs[0].gather(x2, self.whole)]
+        else:
+            xs = [s.gather(x2, False) for s in segs]
+        ranges = row_ranges(self.out, self.out * self.active_cols * T) if _num_threads > 1 else None
+        if ranges is None or len(ranges) == 1:
+            for i, (s, xi) in enumerate(zip(segs, xs)):
+                s.run(xi, y, 0, self.out, i > 0)
+            return y
 
         def work(rb: int, re: int) -> None:
             for i, (s, xi) in enumerate(zip(segs, xs)):
-                s.run(xi, y, rb, re, accumulate=i > 0)
+                s.run(xi, y, rb, re, i > 0)
 
-        ranges = row_ranges(self.out, self.out * self.active_cols * T)
-        if len(ranges) == 1:
-            work(0, self.out)
-            return y
         futs = [_get_pool().submit(work, rb, re) for rb, re in ranges[1:]]
         try:
             work(*ranges[0])
@@ -320,30 +342,29 @@ class X86Linears:
             lin = self.linears[name] = _Linear(packed, self.target)
         if x.shape[-1] != lin.inp:
             raise ValueError(f"{name}: input has {x.shape[-1]} features, the weight {lin.inp}")
-        lead = x.shape[:-1]
-        xf = x.reshape(-1, lin.inp)
-        if xf.dtype != torch.float32:
-            xf = xf.float()
-        x2 = np.ascontiguousarray(xf.detach().cpu().numpy())
-        y = torch.from_numpy(lin(x2))
+        x2 = x.reshape(-1, lin.inp)
+        if x2.dtype != torch.float32 or not x2.is_contiguous() or x2.device.type != "cpu":
+            x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+        y = lin(x2)
         if bias is not None:
-            y += bias.to(torch.float32)
-        y = y.reshape(*lead, lin.out)
+            y += bias
+        y = y.view(*x.shape[:-1], lin.out)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ emission
 
 
-def packed_linear_configs(graph: Graph) -> list[tuple[int, int]]:
-    """Distinct (bits, group) of the nonzero-depth segments of every PACKED_LINEAR weight."""
+def packed_linear_configs(graph: Graph) -> list[tuple[int, int, int]]:
+    """Distinct (bits, group, ncols) of the nonzero-depth segments of every PACKED_LINEAR weight."""
     by_name = graph.by_name()
     found = set()
     for n in graph.nodes:
         if n.op is Op.PACKED_LINEAR:
             pm = graph.params.get(by_name[n.args[1].name].attrs["name"])
             if isinstance(pm, PackedMatrix):
-                found |= {(ps.seg.bits, ps.seg.group_size) for ps in pm.segments if ps.seg.bits and ps.seg.ncols}
+                found |= {(ps.seg.bits, ps.seg.group_size, ps.seg.ncols) for ps in pm.segments
+                          if ps.seg.bits and ps.seg.ncols}
     return sorted(found)
 
 
@@ -377,9 +398,10 @@ def header_text(kernels: list[dict]) -> str:
         " *          word 0 of lanes 0..L-1, then word 1, ... Row r starts at r * ceil(in/(L*W)) * bits*L*W/8 bytes.",
         " *   canonical: the artifact's lsb-rows stream (code j at bits j*b .. j*b+b-1 of the row), ceil(in*b/8) bytes",
         " *          per row.",
-        " * Objects: ELF x86-64 (" + EMIT_TRIPLE + "), position independent; _x86_64 = baseline (SSE2), _avx2 =",
-        " * x86-64-v3 (AVX2, FMA, F16C), _avx512 = x86-64-v4 (AVX-512 F/BW/VL/DQ/CD). Pick one at run time, e.g. with",
-        " * __builtin_cpu_supports(\"avx512f\") / (\"avx2\") && (\"fma\").",
+        " * Symbols: xbitc_{gemv,gemm}_b<bits>_g<group>_<layout>_<level>[_acc]. Objects: ELF x86-64 (" + EMIT_TRIPLE + "),",
+        " * position independent, no external references; level x86_64 = baseline (SSE2), avx2 = x86-64-v3 (AVX2,",
+        " * FMA, F16C), avx512 = x86-64-v4 (AVX-512 F/BW/VL/DQ/CD). Pick a level at run time, e.g. with",
+        " * __builtin_cpu_supports(\"avx512f\") / (\"avx2\") && (\"fma\"), and repack codes for its kernels' layout.",
         " * A segment whose group size G_artifact is listed as served by a kernel of group G repeats each scale and",
         " * zero point G_artifact / G times (same arithmetic).",
         " */",
@@ -416,20 +438,22 @@ def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
     objects: dict[tuple, dict] = {}
     for suffix, cpu, features in EMIT_TARGETS:
         target = Target(EMIT_TRIPLE, cpu, features)
-        for bits, group in configs:
-            plan = kernel_plan(bits, group, target)
+        for bits, group, ncols in configs:
+            plan = kernel_plan(bits, group, target, ncols)
             key = (suffix, plan.spec.key())
             if key in objects:
-                objects[key]["serves_groups"].append(group)
+                if group not in objects[key]["serves_groups"]:
+                    objects[key]["serves_groups"].append(group)
                 continue
-            spec = replace(plan.spec, symbol_suffix=suffix)
+            # the layout is part of the symbols: one target may need both il16w32 and il8w32 kernels of a depth
+            spec = replace(plan.spec, symbol_suffix=f"{plan.spec.layout}_{suffix}")
             obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
-            fname = f"xbitc_b{bits}_g{plan.kernel_group}_{spec.layout}_{suffix}.o"
-            (kdir / fname).write_bytes(obj)
+            base = f"xbitc_b{bits}_g{plan.kernel_group}_{spec.layout}_{suffix}"
+            (kdir / f"{base}.o").write_bytes(obj)
             objects[key] = {
-                "name": f"xbitc_b{bits}_g{plan.kernel_group}_{suffix}", "bits": bits, "group": plan.kernel_group,
-                "serves_groups": [group], "layout": spec.layout, "target": suffix, "cpu": cpu,
-                "file": f"kernels/{fname}", "bytes": len(obj), "gemv": spec.gemv_name, "gemm": spec.gemm_name,
+                "name": base, "bits": bits, "group": plan.kernel_group, "serves_groups": [group],
+                "layout": spec.layout, "target": suffix, "cpu": cpu, "file": f"kernels/{base}.o", "bytes": len(obj),
+                "gemv": spec.gemv_name, "gemm": spec.gemm_name,
             }
     kernels = list(objects.values())
     header = header_text(kernels)

@@ -6,6 +6,8 @@
     python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
     python bench/kernels.py --compute  # cache-resident compute ceiling of every strategy (Gweights/s)
 
+Every run appends what it printed to BENCHMARKS.md (bench/common.py `append`); --no-append only prints.
+
 Method.
 * Read bandwidth: bytes / median time of numpy reductions over a 512 MiB float32 array, with 1 thread and with the
   array split over N threads. Both ``sum`` (as the brief asks) and ``max`` are measured: numpy's float32 sum runs at
@@ -38,6 +40,35 @@ try:
     from xbitc.backends.llvm.jit import cache_line_flusher
 except ImportError as exc:  # pragma: no cover
     sys.exit(f"cannot import xbitc.backends.llvm ({exc}); install the package (pip install -e .) first")
+
+REPORT: list[str] = []  # everything printed, appended to BENCHMARKS.md at the end
+
+
+def say(*parts, **kw) -> None:
+    """print, and keep the text for the BENCHMARKS.md entry."""
+    print(*parts, **kw)
+    REPORT.append(" ".join(str(p) for p in parts))
+
+
+def append_report(title: str, argv) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import append
+
+    body = "\n".join(REPORT).strip("\n")
+    # comment lines (# ...) become plain paragraphs in markdown, not headings
+    out: list[str] = []
+    for line in body.split("\n"):
+        if line.startswith("# "):
+            line = line[2:]
+            if out and out[-1]:
+                out.append("")  # each comment line its own paragraph
+        elif line.startswith("|") and out and out[-1] and not out[-1].startswith("|"):
+            out.append("")  # a table starts a new block
+        out.append(line)
+    body = "\n".join(out)
+    args = list(sys.argv[1:] if argv is None else argv)
+    append(title, body, " ".join(["python bench/kernels.py", *args]))
+
 
 FULL_SHAPES = [(4096, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536), (192, 576)]
 QUICK_SHAPES = [(4096, 14336), (576, 1536)]
@@ -171,15 +202,15 @@ def compute_bench(depths, group, rows=256, cols=4096, rounds=6) -> None:
                 t = time.thread_time()
                 fn(*ptrs, 0, rows, cols)
                 best[i] = min(best[i], time.thread_time() - t)
-    print(f"\n# compute ceiling: {rows}x{cols}, group {group}, cache resident, 1 thread, Gweights/s (GB/s of weights)")
-    print("| strategy | " + " | ".join(f"{b} bit" for b in depths) + " |")
-    print("|---|" + "---|" * len(depths))
+    say(f"\n# compute ceiling: {rows}x{cols}, group {group}, cache resident, 1 thread, Gweights/s (GB/s of weights)")
+    say("| strategy | " + " | ".join(f"{b} bit" for b in depths) + " |")
+    say("|---|" + "---|" * len(depths))
     for label, _, _ in STRATEGIES:
         row = []
         for (lab, bits, _, _, arrs), t in zip(cases, best):
             if lab == label:
                 row.append(f"{rows * cols / t / 1e9:.1f} ({sum(a.nbytes for a in arrs) / t / 1e9:.1f})")
-        print(f"| {label} | " + " | ".join(row) + " |")
+        say(f"| {label} | " + " | ".join(row) + " |")
 
 
 def main(argv=None) -> None:
@@ -198,9 +229,13 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--fresh-compile", action="store_true", help="bypass the disk cache (to time compilation)")
     ap.add_argument("--compute", action="store_true", help="only the cache-resident strategy comparison")
+    ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
+    REPORT.clear()
     if args.compute:
         compute_bench(parse_depths(args.depths), args.group)
+        if not args.no_append:
+            append_report("LLVM kernels: compute ceiling", argv)
         return
 
     depths = parse_depths(args.depths)
@@ -220,7 +255,7 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    print(f"# xbitc LLVM gemv kernels: act={args.act} layout={layout} group={args.group} cpu={target.cpu}"
+    say(f"# xbitc LLVM gemv kernels: act={args.act} layout={layout} group={args.group} cpu={target.cpu}"
           f"{' (AVX-512/VNNI off)' if args.avx2 else ''} spec+={args.spec or '-'} "
           f"load-avg(1m)={load:.2f} cores={os.cpu_count()}")
     big = np.ones((512 << 20) // 4, dtype=np.float32)
@@ -230,7 +265,7 @@ def main(argv=None) -> None:
         bws[("max", n)] = reduce_bandwidth(big, np.max, n, pool, 5)
     del big
     bw = max(bws.values())
-    print("# read bandwidth, 512 MiB float32, median of 5: "
+    say("# read bandwidth, 512 MiB float32, median of 5: "
           + ", ".join(f"numpy {m} {n}t {v:.1f}" for (m, n), v in bws.items())
           + f" GB/s -> measured BW = {bw:.1f} GB/s")
     local = np.ones((64 << 20) // 4, dtype=np.float32)
@@ -247,7 +282,7 @@ def main(argv=None) -> None:
         k = compile_kernel(spec, target, use_disk_cache=not args.fresh_compile)
         kernels[bits] = k
         compile_ms.append((bits, k.compile_ms["gemv"], k.compile_cpu_ms["gemv"], k.from_cache["gemv"]))
-    print("# gemv compile, wall / CPU ms ('c' = loaded from the disk cache): "
+    say("# gemv compile, wall / CPU ms ('c' = loaded from the disk cache): "
           + ", ".join(f"b{b}: {ms:.0f}/{cpu:.0f}{'c' if c else ''}" for b, ms, cpu, c in compile_ms))
 
     torch_t = {}
@@ -259,10 +294,10 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     lay = get_layout(layout)
     local_bws = []
-    print()
-    print("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW | % of local BW "
+    say()
+    say("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW | % of local BW "
           "| torch f32 (us) | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
     for rows, cols in shapes:
         x = rng.standard_normal(cols).astype(np.float32)
         y = np.zeros(rows, dtype=np.float32)
@@ -283,13 +318,16 @@ def main(argv=None) -> None:
                 tt = torch_t.get((rows, cols, n))
                 sp = f"{tt / t:.1f}x" if tt else "-"
                 tts = f"{tt * 1e6:.0f}" if tt else "-"
-                print(f"| {rows}x{cols} | {bits} | {n} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
+                say(f"| {rows}x{cols} | {bits} | {n} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
                       f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {sp} |",
                       flush=True)
-    print(f"\n# '% of BW': over the measured BW above ({bw:.1f} GB/s); '% of local BW': over a numpy max of 64 MiB with "
+    say(f"\n# '% of BW': over the measured BW above ({bw:.1f} GB/s); '% of local BW': over a numpy max of 64 MiB with "
           f"the same thread count taken right after that row's runs (range {min(local_bws):.1f}.."
           f"{max(local_bws):.1f} GB/s). Medians of {args.reps} runs; weights evicted with {flush.name} before each.")
-    print(f"# total {time.perf_counter() - t_start:.0f} s")
+    say(f"# total {time.perf_counter() - t_start:.0f} s")
+    if not args.no_append:
+        append_report(f"LLVM kernels: gemv vs DRAM bandwidth and torch (act={args.act}"
+                      f"{', quick' if args.quick else ''}{', AVX2 only' if args.avx2 else ''})", argv)
 
 
 if __name__ == "__main__":

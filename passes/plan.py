@@ -10,16 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from xbitc.ir import serialize
 from xbitc.ir.graph import Graph
-from xbitc.size import bits_per_weight, header_bytes, uniform_bytes
+from xbitc.footprint import artifact_bytes
+from xbitc.size import bits_per_weight
 
 from .base import Pass, PassContext, PassError
-from .targets import quantizable
+from .targets import quantizable, weight_roles
 
 GROUPS = (32, 64, 128, 256, 0)  # 0 = one group per row (per-channel)
-MANIFEST_BYTES_PER_TENSOR = 220  # manifest JSON per stored tensor entry (name, shape, segments, hash)
-MANIFEST_BASE_BYTES = 4096
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -29,20 +27,10 @@ def float_bytes(graph: Graph, name: str) -> int:
     return t.numel() * per
 
 
-def predict_bytes(graph: Graph, config: dict[str, tuple[int, int]]) -> int:
+def predict_bytes(graph: Graph, config: dict[str, tuple[int, int]], act_order: bool = False) -> int:
     """Artifact bytes if `config` (param -> (bits, group)) is applied and everything else stays float."""
-    total, names = 0, []
-    for name, t in graph.params.items():
-        if name in config:
-            bits, group = config[name]
-            shape = tuple(t.shape)
-            total += uniform_bytes(shape, bits, group or shape[1])
-            names += [f"{name}.s0.codes", f"{name}.s0.scales", f"{name}.s0.zeros"]
-        else:
-            total += float_bytes(graph, name)
-            names.append(name)
-    meta = len(serialize.dumps(graph)) + 64 * len(config) + MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_TENSOR * len(names)
-    return total + header_bytes(names) + meta
+    plan = {n: {"bits": b, "group": g} for n, (b, g) in config.items()}
+    return artifact_bytes(graph, plan, weight_roles(graph), permute_uniform=act_order)
 
 
 @dataclass(frozen=True)
@@ -53,6 +41,7 @@ class PlanUniform(Pass):
     bits: int | None = None
     group: int | None = None
     embeddings: bool = False
+    act_order: bool = False  # must match quantize's: GPTQ with act-order stores a column permutation
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         targets = quantizable(graph, self.embeddings)
@@ -65,7 +54,7 @@ class PlanUniform(Pass):
         for bits in bits_options:
             for group in group_options:
                 config = {n: (bits, group) for n in targets}
-                bpw = bits_per_weight(predict_bytes(graph, config), count)
+                bpw = bits_per_weight(predict_bytes(graph, config, self.act_order), count)
                 floor = bpw if floor is None else min(floor, bpw)
                 if self.bpw is None or bpw <= self.bpw:
                     return self._choose(graph, ctx, config, bits, group, bpw)
@@ -83,4 +72,4 @@ class PlanUniform(Pass):
         return graph
 
 
-__all__ = ["PlanUniform", "predict_bytes", "torch"]
+__all__ = ["PlanUniform", "predict_bytes", "float_bytes", "torch"]

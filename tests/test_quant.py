@@ -46,3 +46,20 @@ def test_permuted_mixed_depth_size_is_predicted_exactly(rows, cols, seed):
     assert p.perm is None or p.perm.dtype == np.uint16  # identity orders store no permutation
     assert p.nbytes == packed_bytes((rows, cols), q.segments, permuted=p.perm is not None)
     assert torch.equal(p.dequantize(), q.dequantize())
+
+
+@given(st.integers(1, 12), st.integers(1, 60), st.sampled_from([4, 16, 128]), st.integers(0, 50))
+def test_rtn_per_column_depths_are_honoured(rows, cols, group, seed):
+    from xbitc.quant.rtn import rtn_any
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    depths = torch.randint(0, 9, (cols,), generator=g).numpy()
+    q = rtn_any(w, depths, group)
+    np.testing.assert_array_equal(q.column_bits(), depths)
+    deq = q.dequantize()
+    assert bool((deq[:, depths == 0] == 0).all())
+    for d in set(depths.tolist()) - {0}:  # each depth's columns are exactly an RTN of those columns
+        cols_d = np.nonzero(depths == d)[0]
+        ref = rtn_quantize(w[:, torch.from_numpy(cols_d)], d, group).dequantize()
+        assert torch.equal(deq[:, torch.from_numpy(cols_d)], ref)

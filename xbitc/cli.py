@@ -16,7 +16,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from xbitc.importer import TraceError
     from xbitc.passes.base import PassError
 
-    return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin)
+    from xbitc.backends.base import BackendUnavailable
+
+    return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin, BackendUnavailable)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
     opts = CompileOptions(
         bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
-        quantize_embeddings=a.quantize_embeddings, float_dtype=a.float_dtype, calib=a.calib,
+        quantize_embeddings=a.quantize_embeddings, allocator=a.allocator, objective=a.objective, float_dtype=a.float_dtype, calib=a.calib,
         calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle,
         dump_ir=Path(a.dump_ir) if a.dump_ir else None,
     )
@@ -88,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--passes", help="full pipeline spec, e.g. 'canonicalize,plan{bpw=4},quantize{method=rtn},pack'")
     c.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
+    c.add_argument("--allocator", default="learned", choices=["learned", "uniform"],
+                   help="with --bpw: learned per-column depths (default) or the best uniform depth that fits")
+    c.add_argument("--objective", default="kl", help="allocation cost: kl, ce, mse or package.module:function")
     c.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     c.add_argument("--calib", help="calibration text file, or 'self' to sample from the float model")
     c.add_argument("--calib-windows", type=int, default=16)

@@ -23,6 +23,8 @@ class CompileOptions:
     backend: str = "reference"
     passes: str | None = None  # full pipeline spec; default built from the options above
     method: str = "rtn"
+    allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
+    objective: str = "kl"
     quantize_embeddings: bool = False
     float_dtype: str = "float16"
     calib: str | None = None  # text file, "self", or None for the packaged sample text
@@ -37,7 +39,11 @@ class CompileOptions:
 
 
 def default_pipeline(opts: CompileOptions) -> str:
-    plan = [f"embeddings={opts.quantize_embeddings}"]
+    if opts.bpw is not None and opts.bits is None and opts.allocator == "learned":
+        act = "true" if opts.method == "gptq" else "false"
+        alloc = f"allocate{{bpw={opts.bpw},objective={opts.objective},embeddings={opts.quantize_embeddings},act_order={act}}}"
+        return ",".join(["canonicalize", alloc, f"quantize{{method={opts.method}}}", "pack"])
+    plan = [f"embeddings={opts.quantize_embeddings}", f"act_order={'true' if opts.method == 'gptq' else 'false'}"]
     if opts.bits is not None:
         plan.append(f"bits={opts.bits}")
     if opts.group is not None:
@@ -63,6 +69,8 @@ def check_options(opts: CompileOptions) -> None:
         raise PassError(f"--bits {opts.bits} must be 1..8")
     if opts.group is not None and opts.group < 0:
         raise PassError(f"--group {opts.group} must be positive (0 = per-channel)")
+    if opts.allocator not in ("learned", "uniform"):
+        raise PassError(f"--allocator {opts.allocator!r}: choose learned or uniform")
     if opts.bpw is None and opts.bits is None and not opts.passes:
         raise PassError("give a size target (--bpw B) or a uniform configuration (--bits N [--group G])")
 
@@ -93,7 +101,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     graph = frontend.trace(model)
     graph.meta["float_dtype"] = opts.float_dtype
-    needs_calib = any(p.name == "calibrate" or getattr(p, "method", None) == "gptq" for p in passes)
+    needs_calib = any(p.name in ("calibrate", "allocate") or getattr(p, "method", None) == "gptq" for p in passes)
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress
     if needs_calib:

@@ -31,10 +31,32 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
 
 
 def rtn_any(w: torch.Tensor, bits, group_size: int) -> QuantizedMatrix:
-    """RTN at one depth, or at per-column depths (a sequence of 0..8): GPTQ with an identity Hessian compensates
-    nothing between columns, which is exactly RTN with the columns grouped into segments of equal depth."""
+    """RTN at one depth, or at per-column depths (a sequence of 0..8): columns are ordered by depth, descending
+    (stable, so equal depths keep their order), and each run of equal depth is one RTN segment."""
     if isinstance(bits, (int, np.integer)):
         return rtn_quantize(w, int(bits), group_size)
-    from .gptq import gptq_quantize
-
-    return gptq_quantize(w.float(), torch.eye(w.shape[1]), np.asarray(bits, dtype=np.int64), group_size, damp=0.0, act_order=False)
+    depths = np.asarray(bits, dtype=np.int64)
+    w = w.detach().to(torch.float32)
+    out, inp = w.shape
+    if depths.shape != (inp,):
+        raise ValueError(f"per-column depths must have {inp} entries, got shape {depths.shape}")
+    order = np.argsort(-depths, kind="stable")
+    segments, codes, scales, zeros = [], [], [], []
+    start = 0
+    for d in sorted(set(depths.tolist()), reverse=True):
+        cols = order[start : start + int((depths == d).sum())]
+        if d == 0:
+            segments.append(Segment(0, 1, start, start + len(cols)))
+            codes.append(np.zeros((out, len(cols)), np.uint8))
+            scales.append(np.zeros((out, 0), np.float16))
+            zeros.append(np.zeros((out, 0), np.uint8))
+        else:
+            q = rtn_quantize(w[:, torch.from_numpy(cols)], int(d), group_size)
+            seg = q.segments[0]
+            segments.append(Segment(seg.bits, seg.group_size, start, start + len(cols)))
+            codes += q.codes
+            scales += q.scales
+            zeros += q.zeros
+        start += len(cols)
+    perm = None if np.array_equal(order, np.arange(inp)) else order.astype(np.int64)
+    return QuantizedMatrix((out, inp), segments, codes, scales, zeros, perm)

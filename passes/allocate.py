@@ -1,0 +1,151 @@
+"""allocate: learned bit allocation under a whole-model size target.
+
+Measures how sensitive the task cost (objective: kl, ce, mse, or package.module:function) is to every weight on the
+calibration data (xbitc.alloc.sensitivity), then gives every column of every quantized tensor — linears, and with
+`embeddings` the embedding table and output layer — a depth 0..8 and every tensor a group size, minimising the
+predicted cost at the budget (xbitc.alloc.solve). Everything the artifact will hold is counted: tensors left in
+float, permutations, scales, zeros, safetensors headers, the graph and the manifest; the solve is repeated on the
+exact byte count until the whole model lands just under the target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xbitc.alloc.sensitivity import fisher_diagonal
+from xbitc.alloc.solve import allocate, column_costs
+from xbitc.ir.graph import Graph
+from xbitc.footprint import artifact_bytes
+from xbitc.quant.format import Segment
+from xbitc.size import packed_bytes
+from xbitc.size import bits_per_weight
+
+from .base import Pass, PassContext, PassError
+from .plan import float_bytes
+from .targets import quantizable, weight_roles
+
+SAFETY_BYTES = 512  # manifest bytes a top-up may add (digits of sizes, longer segment lists)
+MARGIN_BPW = 0.001  # aim this far under the target: pass records and timestamps are the only estimated bytes
+
+
+@dataclass(frozen=True)
+class Allocate(Pass):
+    name = "allocate"
+    provides = frozenset({"planned"})
+    bpw: float = 3.0
+    objective: str = "kl"
+    embeddings: bool = True
+    groups: str = "64-128-256-0"  # candidate group sizes, '-' separated; 0 = per-channel
+    batches: int = 8  # calibration batches used for sensitivities
+    act_order: bool = True  # must match quantize's: decides whether uniform tensors store a permutation
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        if not ctx.calib_inputs:
+            raise PassError("allocate needs calibration inputs (--calib FILE or --calib self)")
+        targets = quantizable(graph, self.embeddings)
+        names = sorted(targets)
+        count = graph.source_param_count() or sum(t.numel() for t in graph.params.values())
+        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], self.objective,
+                                 progress=ctx.stats.get("progress", True))
+        groups = [int(g) for g in self.groups.split("-")]
+        costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
+        del fisher
+        roles = weight_roles(graph)
+        fixed = artifact_bytes(graph, {}, roles)  # everything but the quantized tensors' data (and their headers)
+        fixed -= sum(float_bytes(graph, n) for n in names)
+        target_bits = (self.bpw - MARGIN_BPW) * count
+        alloc_budget = target_bits - 8 * fixed
+        # Bisect the bits given to the solver on the exact artifact size (the solver's size model amortizes
+        # group and byte padding; metadata is outside it): land in [target - tolerance, target].
+        tolerance = 0.002 * count
+        fits, over = 0.0, None
+        best = None
+        for _ in range(40):
+            if alloc_budget <= 0:
+                break
+            result = allocate(costs, alloc_budget)
+            plan = {n: {"bits": result.depths[n].tolist(), "group": result.groups[n]} for n in names}
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order)
+            miss = target_bits - 8 * total
+            if miss >= 0:
+                fits, best = alloc_budget, (result, plan, total)
+                if miss <= tolerance:
+                    break
+            else:
+                over = alloc_budget
+            alloc_budget = (fits + over) / 2 if over is not None else alloc_budget + miss
+            if over is not None and over - fits < 8:
+                break
+        if best is None and alloc_budget > 0:
+            raise PassError("allocation did not converge on the budget")
+        if best is not None:
+            result, plan, total = best
+            slack = (target_bits + MARGIN_BPW * count) / 8 - total  # bytes left under the target itself
+            plan = top_up(costs, plan, graph, slack - SAFETY_BYTES, self.act_order)
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order)
+        if alloc_budget <= 0:
+            floor = bits_per_weight(fixed, count)
+            raise PassError(
+                f"--bpw {self.bpw} leaves no room for the quantized weights: the tensors kept in float and the "
+                f"artifact's metadata alone take {floor:.3f} bits per weight; raise --bpw"
+                + ("" if self.embeddings else " or add --quantize-embeddings")
+            )
+        achieved = bits_per_weight(total, count)
+        ctx.stats["plan"] = plan
+        hist = np.bincount(np.concatenate([result.depths[n] for n in names]), minlength=9)
+        ctx.stats["plan_summary"] = {
+            "allocator": "learned", "objective": self.objective, "predicted_bpw": round(achieved, 4),
+            "predicted_cost": result.cost, "lambda": result.lam,
+            "column_depth_histogram": hist.tolist(),
+            "groups": {str(g): sum(1 for n in names if result.groups[n] == g) for g in sorted(set(result.groups.values()))},
+        }
+        ctx.log(f"allocate: {len(names)} tensors, predicted {achieved:.3f} bits per weight; columns by depth 0..8: {hist.tolist()}")
+        return graph
+
+
+def _tensor_bytes(shape, counts: np.ndarray, group: int, permute_uniform: bool) -> int:
+    segs, start = [], 0
+    for d in range(8, -1, -1):
+        n = int(counts[d])
+        if n:
+            segs.append(Segment(d, min(group or shape[1], n) if d else 1, start, start + n))
+            start += n
+    return packed_bytes(shape, segs, len(segs) > 1 or permute_uniform)
+
+
+def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool) -> dict:
+    """Spend the bytes left under the target on one-step column upgrades, best cost decrease per byte first, with
+    each tensor's size recomputed exactly (segments, group and byte padding, permutation)."""
+    cands = []
+    for ti, t in enumerate(costs):
+        k = t.groups.index(min(plan[t.name]["group"] or t.shape[1], t.shape[1]))
+        b = np.asarray(plan[t.name]["bits"])
+        up = np.minimum(b + 1, 8)
+        rows = np.arange(len(b))
+        gain = t.cost[k][rows, b] - t.cost[k][rows, up]
+        extra = t.size[k][rows, up] - t.size[k][rows, b]
+        for j in np.nonzero((up > b) & (gain > 0))[0]:
+            cands.append((gain[j] / extra[j], ti, int(j)))
+    cands.sort(key=lambda c: -c[0])
+    depths = {t.name: np.asarray(plan[t.name]["bits"]).copy() for t in costs}
+    counts = {n: np.bincount(d, minlength=9) for n, d in depths.items()}
+    for _, ti, j in cands:
+        if slack <= 0:
+            break
+        t = costs[ti]
+        group = plan[t.name]["group"]
+        d = depths[t.name][j]
+        if d >= 8:
+            continue
+        before = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform)
+        counts[t.name][d] -= 1
+        counts[t.name][d + 1] += 1
+        delta = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform) - before
+        if delta <= slack:
+            depths[t.name][j] = d + 1
+            slack -= delta
+        else:
+            counts[t.name][d] += 1
+            counts[t.name][d + 1] -= 1
+    return {n: {"bits": depths[n].tolist(), "group": plan[n]["group"]} for n in plan}

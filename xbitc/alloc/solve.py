@@ -1,0 +1,156 @@
+"""Choosing a bit depth (0..8) for every column of every weight, and a group size per weight, under a size budget.
+
+Cost model (second order, see sensitivity.py): quantizing column j of a weight with step D_rj adds, in expectation,
+1/2 sum_r F_rj D_rj^2 / 12 to the task cost; dropping it (0 bits) adds 1/2 sum_r F_rj W_rj^2. With b bits the step is
+R_rg / (2^b - 1), R the row's range inside the column's group, so c_j(b) = A_j / (2^b - 1)^2.
+Size model: b bits per weight plus a float16 scale and a b-bit zero per group, s_j(b) = out (b + (16 + b)/g).
+
+The budget enters as a Lagrange multiplier: for a price lam every column independently takes the depth minimising
+c_j(b) + lam s_j(b), and every weight the group size minimising its sum; lam is found by bisection (dual ascent)
+so the total size meets the budget, then the leftover bits go to the columns with the best cost decrease per bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEPTHS = np.arange(9)  # 0 drops a column
+SCALE_BITS = 16
+
+
+@dataclass
+class TensorCosts:
+    name: str
+    shape: tuple[int, int]
+    groups: list[int]  # candidate group sizes (already clipped to the width)
+    cost: list[np.ndarray]  # per group option: [in, 9] cost of each depth for each column
+    size: list[np.ndarray]  # per group option: [in, 9] bits of each depth for each column
+
+
+def column_costs(w: torch.Tensor, fisher: torch.Tensor, groups: list[int], name: str = "") -> TensorCosts:
+    w = w.float()
+    out, inp = w.shape
+    fisher = fisher.float().clamp_min(0)
+    drop = 0.5 * (fisher * w * w).sum(0).double().numpy()
+    levels = (2.0 ** DEPTHS[1:] - 1) ** 2  # (2^b - 1)^2 for b = 1..8
+    opts_g, opts_c, opts_s = [], [], []
+    for g in sorted({min(g or inp, inp) for g in groups}):
+        pad = (-inp) % g
+        wp = torch.nn.functional.pad(w, (0, pad)).reshape(out, -1, g)
+        span = (wp.amax(2).clamp_min(0) - wp.amin(2).clamp_max(0))  # [out, ngroups]
+        r2 = span.repeat_interleave(g, dim=1)[:, :inp] ** 2  # each column's group range, squared
+        a = (fisher * r2).sum(0).double().numpy() / 24.0  # 1/2 * 1/12
+        cost = np.empty((inp, 9))
+        cost[:, 0] = drop
+        cost[:, 1:] = a[:, None] / levels[None, :]
+        size = np.zeros((inp, 9))
+        size[:, 1:] = out * (DEPTHS[1:] + (SCALE_BITS + DEPTHS[1:]) / g)
+        opts_g.append(g)
+        opts_c.append(cost)
+        opts_s.append(size)
+    return TensorCosts(name, (out, inp), opts_g, opts_c, opts_s)
+
+
+@dataclass
+class Allocation:
+    depths: dict[str, np.ndarray]  # per tensor: [in] depth of each column
+    groups: dict[str, int]
+    cost: float  # predicted task-cost increase
+    bits: float  # amortized size model, in bits
+    lam: float
+
+
+class _Stacked:
+    """All tensors' cost/size tables stacked per group option, so one price is evaluated in a few array ops."""
+
+    def __init__(self, tensors: list[TensorCosts]):
+        self.tensors = tensors
+        self.noptions = max(len(t.groups) for t in tensors)
+        widths = np.array([t.shape[1] for t in tensors])
+        self.offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
+        # a tensor with fewer group options repeats its last one
+        pick = lambda t, k: min(k, len(t.groups) - 1)
+        self.cost = [np.concatenate([t.cost[pick(t, k)] for t in tensors]) for k in range(self.noptions)]
+        self.size = [np.concatenate([t.size[pick(t, k)] for t in tensors]) for k in range(self.noptions)]
+        self.option = lambda ti, k: pick(tensors[ti], k)
+
+    def choose(self, lam: float) -> tuple[list[int], list[np.ndarray], float, float]:
+        per_option = []
+        for c, sz in zip(self.cost, self.size):
+            obj = c + lam * sz
+            b = obj.argmin(1)
+            rows = np.arange(len(b))
+            per_option.append((b, np.add.reduceat(obj[rows, b], self.offsets), c[rows, b], sz[rows, b]))
+        totals = np.stack([o[1] for o in per_option], 1)  # [tensors, options]
+        best = totals.argmin(1)
+        picks, depths, total_c, total_s = [], [], 0.0, 0.0
+        for ti, t in enumerate(self.tensors):
+            k = int(best[ti])
+            lo = self.offsets[ti]
+            hi = lo + t.shape[1]
+            b, _, c, sz = per_option[k]
+            picks.append(self.option(ti, k))
+            depths.append(b[lo:hi].copy())
+            total_c += c[lo:hi].sum()
+            total_s += sz[lo:hi].sum()
+        return picks, depths, total_c, total_s
+
+
+def allocate(tensors: list[TensorCosts], budget_bits: float) -> Allocation:
+    """Depths and group sizes minimising the predicted cost with sum of sizes <= budget_bits."""
+    if budget_bits < 0:
+        raise ValueError("the budget leaves no bits for the quantized weights")
+    stacked = _Stacked(tensors)
+    _choose = lambda _, lam: stacked.choose(lam)
+    lo, hi = 0.0, 1.0
+    while _choose(tensors, hi)[3] > budget_bits:  # a price high enough to fit
+        hi *= 4.0
+        if hi > 1e300:
+            raise ValueError("budget cannot be met even with every column dropped")
+    if _choose(tensors, 0.0)[3] <= budget_bits:
+        hi = 0.0
+    else:
+        for _ in range(200):  # bisection in log space between a fitting and a non-fitting price
+            mid = np.sqrt(lo * hi) if lo > 0 else hi / 1e6
+            if _choose(tensors, mid)[3] > budget_bits:
+                lo = mid
+            else:
+                hi = mid
+            if lo > 0 and hi / lo < 1 + 1e-4:  # the greedy fill spends what the last step leaves
+                break
+    picks, depths, _, used = _choose(tensors, hi)
+    depths = _fill(tensors, picks, depths, budget_bits - used)
+    return _result(tensors, picks, depths, hi)
+
+
+def _fill(tensors, picks, depths, slack: float) -> list[np.ndarray]:
+    """Spend the leftover bits: one-step upgrades ranked by cost decrease per extra bit."""
+    cand = []
+    for ti, (t, k, b) in enumerate(zip(tensors, picks, depths)):
+        up = np.minimum(b + 1, 8)
+        rows = np.arange(len(b))
+        gain = t.cost[k][rows, b] - t.cost[k][rows, up]
+        extra = t.size[k][rows, up] - t.size[k][rows, b]
+        ok = (up > b) & (gain > 0)
+        for j in np.nonzero(ok)[0]:
+            cand.append((gain[j] / extra[j], extra[j], ti, j))
+    cand.sort(key=lambda c: -c[0])
+    depths = [d.copy() for d in depths]
+    for _, extra, ti, j in cand:
+        if extra <= slack:
+            depths[ti][j] += 1
+            slack -= extra
+    return depths
+
+
+def _result(tensors, picks, depths, lam) -> Allocation:
+    rows = lambda b: np.arange(len(b))
+    cost = sum(t.cost[k][rows(b), b].sum() for t, k, b in zip(tensors, picks, depths))
+    bits = sum(t.size[k][rows(b), b].sum() for t, k, b in zip(tensors, picks, depths))
+    return Allocation(
+        depths={t.name: b.astype(np.int64) for t, b in zip(tensors, depths)},
+        groups={t.name: t.groups[k] for t, k in zip(tensors, picks)},
+        cost=float(cost), bits=float(bits), lam=float(lam),
+    )

@@ -1,0 +1,104 @@
+"""Predicting an artifact's exact size from a plan, before anything is quantized or written.
+
+Planners (`plan`, `allocate`) must land on a whole-model bits-per-weight target, so they need the bytes of every
+file: tensor data (exact from the plan's segments), the safetensors header (rendered the way safetensors renders
+it), graph.json (the current graph, with linear ops renamed as packing will) and manifest.json (rendered from the
+same pydantic model the writer uses, with placeholder hashes of the right length).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from xbitc.ir import serialize
+from xbitc.ir.graph import Graph, Op
+from xbitc.manifest import Manifest, Size, Source, TensorEntry
+from xbitc.quant.format import Segment
+from xbitc.quant.pack import row_bytes
+
+FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+PASS_RECORD_BYTES = 130  # one {"pass", "fingerprint", "seconds"} entry in the manifest, indent=1
+OTHER_FILE_BYTES = 120  # one files/size entry for a tokenizer or kernel file
+
+
+def segments_of(bits, group: int, inp: int) -> tuple[list[Segment], bool]:
+    """Segments a plan entry will produce (depth descending) and whether it stores a permutation."""
+    if isinstance(bits, (int, np.integer)):
+        return [Segment(int(bits), min(group or inp, inp), 0, inp)], False
+    depths = np.asarray(bits)
+    segs, start = [], 0
+    for d in sorted(set(depths.tolist()), reverse=True):
+        n = int((depths == d).sum())
+        segs.append(Segment(int(d), min(group or inp, n) if d else 1, start, start + n))
+        start += n
+    return segs, len(segs) > 1
+
+
+def planned_arrays(name: str, shape: tuple[int, int], segs: list[Segment], permuted: bool) -> dict[str, tuple[str, list[int]]]:
+    out, inp = shape
+    arrays = {}
+    if permuted:
+        arrays[f"{name}.perm"] = ("U16" if inp <= 1 << 16 else "I32", [inp])
+    for i, s in enumerate(segs):
+        if s.bits:
+            arrays[f"{name}.s{i}.codes"] = ("U8", [out, row_bytes(s.ncols, s.bits)])
+            arrays[f"{name}.s{i}.scales"] = ("F16", [out, s.ngroups])
+            arrays[f"{name}.s{i}.zeros"] = ("U8", [out, row_bytes(s.ngroups, s.bits)])
+    return arrays
+
+
+_ITEM = {"U8": 1, "U16": 2, "I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}
+
+
+def safetensors_bytes(arrays: dict[str, tuple[str, list[int]]]) -> int:
+    header, offset = {"__metadata__": {"format": "xbitc", "version": "1"}}, 0
+    for name in sorted(arrays):
+        dtype, shape = arrays[name]
+        n = _ITEM[dtype] * int(np.prod(shape))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    return 8 + len(text) + (-len(text)) % 8 + offset
+
+
+def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_uniform: bool = False, passes: int = 4) -> int:
+    """Counted bytes of the artifact `plan` (name -> {"bits", "group"}) will produce from `graph`."""
+    float_code = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[graph.meta.get("float_dtype", "float16")]
+    kinds = graph.meta.get("param_kinds", {})
+    arrays: dict[str, tuple[str, list[int]]] = {}
+    entries: dict[str, TensorEntry] = {}
+    for name, t in graph.params.items():
+        shape = [int(s) for s in t.shape]
+        if name in plan:
+            segs, permuted = segments_of(plan[name]["bits"], plan[name]["group"], shape[1])
+            permuted = permuted or permute_uniform
+            part = planned_arrays(name, tuple(shape), segs, permuted)
+            arrays.update(part)
+            entries[name] = TensorEntry(
+                role=roles.get(name, "linear"), shape=shape, storage="packed", layout="lsb-rows", permuted=permuted,
+                segments=[[s.bits, s.group_size, s.start, s.stop] for s in segs],
+                bytes=sum(_ITEM[d] * int(np.prod(s)) for d, s in part.values()),
+            )
+        else:
+            is_param = t.is_floating_point() and kinds.get(name, "parameter") == "parameter"
+            code = float_code if is_param else {1: "U8", 2: "F16", 4: "F32", 8: "I64"}[t.element_size()]
+            arrays[name] = (code, shape)
+            entries[name] = TensorEntry(
+                role=roles.get(name, "float"), shape=shape, storage="float", dtype=str(t.dtype).removeprefix("torch."),
+                bytes=_ITEM[code] * int(np.prod(shape)),
+            )
+    weights = safetensors_bytes(arrays)
+    by_name = graph.by_name()
+    renamed = sum(1 for n in graph.nodes if n.op is Op.LINEAR and by_name[n.args[1].name].attrs["name"] in plan)
+    graph_json = len(serialize.dumps(graph)) + len("packed_") * renamed
+    size = Size(target_bpw=0.0, bits_per_weight=0.0, linear_bits_per_weight=0.0, counted_bytes=10**9,
+                files={"graph.json": 10**6, "weights.safetensors": 10**9, "manifest.json": 10**5}, uncounted={})
+    manifest = Manifest(
+        xbitc_version="0.0.0", created="2026-01-01T00:00:00+00:00", kind=graph.meta.get("kind", "generic"),
+        backend="reference", source=Source(path=str(graph.meta.get("source", "")), sha256="0" * 64, param_count=10**8),
+        pipeline="x" * 120, passes=[], inputs=[n.name for n in graph.inputs()], size=size, tensors=entries,
+        files={"graph.json": "0" * 64, "weights.safetensors": "0" * 64}, notes={"plan": {"summary": "x" * 200}},
+    )
+    meta = len(manifest.model_dump_json(indent=1)) + PASS_RECORD_BYTES * passes
+    return weights + graph_json + meta
