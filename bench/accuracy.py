@@ -35,6 +35,8 @@ ROWS = {  # name -> xbitc compile arguments
     "GPTQ 3-bit g128": ["--bits", "3", "--group", "128", "--method", "gptq"],
     "GPTQ 3-bit per-channel": ["--bits", "3", "--group", "0", "--method", "gptq"],
     "GPTQ 2-bit g128": ["--bits", "2", "--group", "128", "--method", "gptq"],
+    # learned allocation: whole-model budgets with everything counted, embeddings and output layer included
+    **{f"xbitc {b} bpw": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"] for b in ("4.0", "3.5", "3.0", "2.5", "2.0")},
 }
 COLUMNS = ["method", "ppl", "KL", "top1 agree", "top1 acc", "bpw (whole)", "bpw (linears)", "MB", "compile s", "peak GiB"]
 
@@ -93,7 +95,8 @@ def main() -> None:
     note = (
         f"SmolLM2-135M-Instruct, WikiText-2 test first {len(wins) * 1024:,} tokens, windows of 1,024; calibration "
         f"{calib_args[3]} windows of {calib_args[5]} tokens from wikitext2-valid (seed 0); embeddings and output layer "
-        "kept float16; GPTQ with act-order, 1% dampening; float16 scale and b-bit zero point per group."
+        "kept float16 in RTN/GPTQ rows; xbitc rows quantize it too (learned allocation, objective kl, GPTQ with "
+        "per-column depths). GPTQ: act-order, 1% dampening; float16 scale and b-bit zero point per group."
     )
     print("\n" + body)
     append("Accuracy: SmolLM2-135M" + (" (quick)" if a.quick else ""), note + "\n\n" + body,

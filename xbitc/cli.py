@@ -67,7 +67,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from xbitc.inspect import report
 
-    print(report(Path(a.artifact)))
+    for art in a.artifact:
+        print(report(Path(art)))
+    if a.plot:
+        from xbitc.plot import plot
+
+        print(f"wrote {plot([Path(p) for p in a.artifact], Path(a.plot))}")
     return 0
 
 
@@ -116,7 +121,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--backend")
     e.set_defaults(fn=cmd_eval)
     i = sub.add_parser("inspect", help="show an artifact's size, allocation and provenance")
-    i.add_argument("artifact")
+    i.add_argument("artifact", nargs="+")
+    i.add_argument("--plot", metavar="PNG", help="draw bits per component type per layer and column depth histograms")
     i.set_defaults(fn=cmd_inspect)
     sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
     sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))
