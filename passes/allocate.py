@@ -34,7 +34,7 @@ class Allocate(Pass):
     name = "allocate"
     provides = frozenset({"planned"})
     bpw: float = 3.0
-    objective: str = "kl"
+    objective: str = "auto"  # kl | ce | mse | package.module:function; auto = kl for language models, else mse
     embeddings: bool = True
     groups: str = "64-128-256-0"  # candidate group sizes, '-' separated; 0 = per-channel
     batches: int = 8  # calibration batches used for sensitivities
@@ -46,7 +46,10 @@ class Allocate(Pass):
         targets = quantizable(graph, self.embeddings)
         names = sorted(targets)
         count = graph.source_param_count() or sum(t.numel() for t in graph.params.values())
-        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], self.objective,
+        objective = self.objective
+        if objective == "auto":
+            objective = "kl" if graph.meta.get("kind") == "causal-lm" else "mse"
+        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
                                  progress=ctx.stats.get("progress", True))
         groups = [int(g) for g in self.groups.split("-")]
         costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
@@ -95,7 +98,7 @@ class Allocate(Pass):
         ctx.stats["plan"] = plan
         hist = np.bincount(np.concatenate([result.depths[n] for n in names]), minlength=9)
         ctx.stats["plan_summary"] = {
-            "allocator": "learned", "objective": self.objective, "predicted_bpw": round(achieved, 4),
+            "allocator": "learned", "objective": objective, "predicted_bpw": round(achieved, 4),
             "predicted_cost": result.cost, "lambda": result.lam,
             "column_depth_histogram": hist.tolist(),
             "groups": {str(g): sum(1 for n in names if result.groups[n] == g) for g in sorted(set(result.groups.values()))},

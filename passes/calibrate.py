@@ -1,7 +1,7 @@
 """calibrate: run calibration batches through the float graph and record each linear's input statistics.
 
-Records, per weight, the Hessian proxy H = 2/N * sum x x^T over all N calibration tokens (float64 accumulation,
-stored float32) and the token count. Batches stream through one at a time, so memory is one batch's activations
+Records, per weight, the Hessian proxy H = 2/N * sum x x^T over all N calibration tokens (float32 per batch,
+float64 across batches, stored float32) and the token count. Batches stream through one at a time, so memory is one batch's activations
 plus the [in, in] matrices.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ class Calibrate(Pass):
 
         def hook(node, x):
             name = interp.param_name(node)
-            flat = x.reshape(-1, x.shape[-1]).double()
-            sums[name] = sums.get(name, 0) + flat.T @ flat
+            flat = x.reshape(-1, x.shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (flat.T @ flat).double()  # float32 per batch, float64 across
             counts[name] = counts.get(name, 0) + flat.shape[0]
 
         for batch in tqdm(ctx.calib_inputs, desc="calibrate", leave=False, disable=not ctx.stats.get("progress", True)):

@@ -39,8 +39,8 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
             hessian = torch.zeros(width, width, dtype=torch.float64)
             tokens = 0
             for it in items:
-                x = it[2].reshape(-1, it[2].shape[-1]).double()
-                hessian += x.T @ x
+                x = it[2].reshape(-1, it[2].shape[-1]).float()
+                hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
                 tokens += x.shape[0]
             hessian *= 2.0 / tokens
             cfg = plan[name]

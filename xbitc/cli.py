@@ -97,7 +97,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
     c.add_argument("--allocator", default="learned", choices=["learned", "uniform"],
                    help="with --bpw: learned per-column depths (default) or the best uniform depth that fits")
-    c.add_argument("--objective", default="kl", help="allocation cost: kl, ce, mse or package.module:function")
+    c.add_argument("--objective", default="auto",
+                   help="allocation cost: kl, ce, mse or package.module:function (auto: kl for language models, else mse)")
     c.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     c.add_argument("--calib", help="calibration text file, or 'self' to sample from the float model")
     c.add_argument("--calib-windows", type=int, default=16)

@@ -24,7 +24,7 @@ class CompileOptions:
     passes: str | None = None  # full pipeline spec; default built from the options above
     method: str = "rtn"
     allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
-    objective: str = "kl"
+    objective: str = "auto"  # kl for language models, mse for encoders and vision models
     quantize_embeddings: bool = False
     float_dtype: str = "float16"
     calib: str | None = None  # text file, "self", or None for the packaged sample text
@@ -76,8 +76,13 @@ def check_options(opts: CompileOptions) -> None:
 
 
 def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> list[tuple]:
-    if model.tokenizer is None or model.kind != "causal-lm":
+    if model.tokenizer is None or model.kind not in ("causal-lm", "encoder"):
         return calibration.random_inputs(model.example_inputs, opts.calib_windows, opts.seed)
+    if model.kind == "encoder":  # text windows with a full attention mask
+        path = Path(opts.calib) if opts.calib and opts.calib != "self" else calibration.PACKAGE_TEXT / "calib.txt"
+        length = min(opts.calib_len, model.max_seq)
+        wins = calibration.text_windows(model.tokenizer, path, opts.calib_windows, length, opts.seed)
+        return [(w[0], torch.ones_like(w[0])) for w in wins]
     if opts.calib == "self":
         tok = model.tokenizer
         vocab = model.module.model.config.vocab_size
