@@ -28,6 +28,7 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
     steps = [interp.steps(*batch) for batch in ctx.calib_inputs]
     items = [next(s) for s in steps]
     pending = set(plan)
+    cached = None  # (input node name, its Hessian)
     bar = tqdm(total=len(plan), desc="quantize gptq", leave=False, disable=not ctx.stats.get("progress", True))
     while pending and items[0][0] == "linear":
         node = items[0][1]
@@ -35,14 +36,18 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
             raise PassError("calibration batches took different paths through the graph; GPTQ needs a static graph")
         name = interp.param_name(node)
         if name in pending:
-            width = int(graph.params[name].shape[1])
-            hessian = torch.zeros(width, width, dtype=torch.float64)
-            tokens = 0
-            for it in items:
-                x = it[2].reshape(-1, it[2].shape[-1]).float()
-                hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
-                tokens += x.shape[0]
-            hessian *= 2.0 / tokens
+            source = node.args[0].name
+            if cached is None or cached[0] != source:  # q/k/v (gate/up) read the same input: one Hessian
+                width = int(graph.params[name].shape[1])
+                hessian = torch.zeros(width, width, dtype=torch.float64)
+                tokens = 0
+                for it in items:
+                    x = it[2].reshape(-1, it[2].shape[-1]).float()
+                    hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
+                    tokens += x.shape[0]
+                hessian *= 2.0 / tokens
+                cached = (source, hessian)
+            hessian = cached[1]
             cfg = plan[name]
             w = graph.params[name]
             graph.params[name] = gptq_quantize(
