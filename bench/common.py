@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -70,5 +69,3 @@ def run_cli_measured(args: list[str]) -> tuple[float, float, str]:
     peak = next((int(l.split()[1]) for l in r.stderr.splitlines() if l.startswith("PEAK_RSS_KB")), 0) / 2**20
     return seconds, peak, r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
 
-
-__all__ = ["machine", "table", "append", "require_shared", "run_cli_measured", "resource"]

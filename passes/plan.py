@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from xbitc.ir.graph import Graph
 from xbitc.footprint import artifact_bytes
@@ -71,5 +70,3 @@ class PlanUniform(Pass):
         ctx.stats["plan_summary"] = {"bits": bits, "group": group, "predicted_bpw": bpw}
         return graph
 
-
-__all__ = ["PlanUniform", "predict_bytes", "float_bytes", "torch"]

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from xbitc import __version__
 from xbitc.ir import serialize
-from xbitc.ir.graph import Graph, Op
+from xbitc.ir.graph import Graph
 from xbitc.quant.packed import PackedMatrix
 from xbitc.size import bits_per_weight
 
@@ -203,5 +203,3 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
     graph = serialize.loads((path / GRAPH).read_text(), params)
     return graph, manifest
 
-
-__all__ = ["write", "load_graph", "read_manifest", "verify_files", "ArtifactError", "Op"]

@@ -7,9 +7,6 @@ from pathlib import Path
 
 from xbitc import registry
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from xbitc.artifact import ArtifactError
     from xbitc.frontend import LoadError

@@ -120,5 +120,3 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     )
     return manifest
 
-
-__all__ = ["CompileOptions", "compile_model", "torch"]

@@ -38,13 +38,6 @@ class Size(Strict):
     uncounted: dict[str, int]  # e.g. tokenizer files: not needed to compute outputs from inputs
 
 
-class PassRecord(Strict):
-    model_config = ConfigDict(extra="forbid")
-    pass_: str
-    fingerprint: str
-    seconds: float
-
-
 class Manifest(Strict):
     format: Literal["xbitc-artifact"] = "xbitc-artifact"
     version: int = MANIFEST_VERSION
