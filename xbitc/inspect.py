@@ -25,17 +25,26 @@ def report(path: Path) -> str:
     if s.uncounted:
         lines.append(f"  not counted (tokenizer, not needed to compute outputs): {sum(s.uncounted.values()):,} bytes")
     depth: Counter = Counter()
+    groups: Counter = Counter()
     for e in m.tensors.values():
         if e.storage == "packed":
-            for bits, group, start, stop in e.segments or []:
-                depth[(bits, group if group < e.shape[1] else 0)] += e.shape[0] * (stop - start)
+            segs = e.segments or []
+            for bits, _group, start, stop in segs:
+                depth[bits] += e.shape[0] * (stop - start)
+            # a segment narrower than the tensor's group size stores min(group, width)
+            live = [(grp, stop - start) for bits, grp, start, stop in segs if bits]
+            per_channel = all(grp >= width for grp, width in live)
+            g = max((grp for grp, _ in live), default=0)
+            groups["per-channel" if per_channel else f"group {g}"] += int(np.prod(e.shape))
         else:
-            depth[("float", e.dtype)] += int(np.prod(e.shape))
+            depth[f"float ({e.dtype})"] += int(np.prod(e.shape))
     lines.append("  weights by storage:")
     total = sum(depth.values())
     for key, n in sorted(depth.items(), key=lambda kv: -kv[1]):
-        label = f"{key[0]}-bit, {'per-channel' if key[1] == 0 else f'group {key[1]}'}" if key[0] != "float" else f"float ({key[1]})"
+        label = key if isinstance(key, str) else ("dropped (0-bit)" if key == 0 else f"{key}-bit")
         lines.append(f"    {label:24s} {n:>14,} weights ({100 * n / total:.1f}%)")
+    if groups:
+        lines.append("  quantized tensors by group size: " + ", ".join(f"{k}: {v:,} weights" for k, v in groups.most_common()))
     for p in m.passes:
         lines.append(f"  pass {p['pass']:40s} {p['seconds']:8.2f} s")
     return "\n".join(lines)
