@@ -85,7 +85,11 @@ class Allocate(Pass):
         if best is not None:
             result, plan, total = best
             slack = (target_bits + MARGIN_BPW * count) / 8 - total  # bytes left under the target itself
-            plan = top_up(costs, plan, graph, slack - SAFETY_BYTES, self.act_order)
+            for _ in range(8):  # each round offers every column one more bit; stop when a round buys nothing
+                plan, spent = top_up(costs, plan, graph, slack - SAFETY_BYTES, self.act_order)
+                slack -= spent
+                if spent == 0:
+                    break
             total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order)
         if alloc_budget <= 0:
             floor = bits_per_weight(fixed, count)
@@ -117,7 +121,7 @@ def _tensor_bytes(shape, counts: np.ndarray, group: int, permute_uniform: bool) 
     return packed_bytes(shape, segs, len(segs) > 1 or permute_uniform)
 
 
-def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool) -> dict:
+def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool) -> tuple[dict, float]:
     """Spend the bytes left under the target on one-step column upgrades, best cost decrease per byte first, with
     each tensor's size recomputed exactly (segments, group and byte padding, permutation)."""
     cands = []
@@ -133,6 +137,7 @@ def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool)
     cands.sort(key=lambda c: -c[0])
     depths = {t.name: np.asarray(plan[t.name]["bits"]).copy() for t in costs}
     counts = {n: np.bincount(d, minlength=9) for n, d in depths.items()}
+    start = slack
     for _, ti, j in cands:
         if slack <= 0:
             break
@@ -151,4 +156,4 @@ def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool)
         else:
             counts[t.name][d] += 1
             counts[t.name][d + 1] -= 1
-    return {n: {"bits": depths[n].tolist(), "group": plan[n]["group"]} for n in plan}
+    return {n: {"bits": depths[n].tolist(), "group": plan[n]["group"]} for n in plan}, start - slack

@@ -125,7 +125,8 @@ def mid_results(tmp_path_factory):
     out = {}
     for bpw in (2.0, 3.0, 5.0):
         path = tmp_path_factory.mktemp("mid") / f"{bpw}.xbitc"
-        opts = CompileOptions(bpw=bpw, quantize_embeddings=True, method="rtn", calib_windows=6, log=lambda s: None, progress=False)
+        opts = CompileOptions(bpw=bpw, quantize_embeddings=True, method="rtn", objective="kl", calib_windows=6,
+                              log=lambda s: None, progress=False)
         manifest = compile_model(loaded, path, opts)
         logp = torch.log_softmax(load(path)(held), -1)
         kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
