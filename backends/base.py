@@ -5,7 +5,7 @@ packed graph into a `Program` (`lower`) and may add files to the artifact (`emit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,9 +53,3 @@ class Backend:
         """Write backend files into the artifact folder being built; return manifest notes."""
         return {}
 
-
-@dataclass
-class BackendInfo:
-    name: str
-    origin: str
-    capabilities: Capabilities = field(default_factory=Capabilities)

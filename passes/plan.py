@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 
 from xbitc.ir.graph import Graph
-from xbitc.footprint import artifact_bytes
+from xbitc.footprint import FLOAT_BYTES, artifact_bytes
 from xbitc.size import bits_per_weight
 
 from .base import Pass, PassContext, PassError
 from .targets import quantizable, weight_roles
 
 GROUPS = (32, 64, 128, 256, 0)  # 0 = one group per row (per-channel)
-FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def float_bytes(graph: Graph, name: str) -> int:

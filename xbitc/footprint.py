@@ -19,7 +19,6 @@ from xbitc.quant.pack import row_bytes
 
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 PASS_RECORD_BYTES = 130  # one {"pass", "fingerprint", "seconds"} entry in the manifest, indent=1
-OTHER_FILE_BYTES = 120  # one files/size entry for a tokenizer or kernel file
 
 
 def segments_of(bits, group: int, inp: int) -> tuple[list[Segment], bool]:

@@ -1,15 +1,12 @@
 """Honest size accounting: bits per weight = 8 * (bytes the artifact needs to run) / (source parameter count).
 
-`predict_packed_bytes` gives the exact tensor bytes a quantized matrix will take in the artifact, so planners can
-hit a budget before anything is written; the artifact writer then measures the real files.
+`predict_packed_bytes` gives the exact tensor bytes a quantized matrix will take in the artifact; xbitc.footprint
+builds the whole artifact's size from it, and the artifact writer measures the real files.
 """
 from __future__ import annotations
 
 from xbitc.quant.format import Segment
 from xbitc.quant.pack import row_bytes
-
-SAFETENSORS_ENTRY_BYTES = 96  # JSON header bytes per tensor besides its name (dtype, shape, offsets), generous
-
 
 def segment_bytes(rows: int, seg: Segment) -> int:
     if seg.bits == 0:
@@ -25,10 +22,6 @@ def packed_bytes(shape: tuple[int, int], segments: list[Segment], permuted: bool
 def uniform_bytes(shape: tuple[int, int], bits: int, group: int) -> int:
     group = min(group, shape[1])
     return packed_bytes(shape, [Segment(bits, group, 0, shape[1])], permuted=False)
-
-
-def header_bytes(tensor_names: list[str]) -> int:
-    return sum(len(n) + SAFETENSORS_ENTRY_BYTES for n in tensor_names) + 8
 
 
 def bits_per_weight(total_bytes: int, param_count: int) -> float:
