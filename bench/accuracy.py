@@ -28,17 +28,20 @@ from xbitc.evaluate import windows  # noqa: E402
 from xbitc.runtime import load  # noqa: E402
 
 ROWS = {  # name -> xbitc compile arguments
-    "RTN 4-bit g128": ["--bits", "4", "--group", "128", "--method", "rtn"],
-    "RTN 3-bit g128": ["--bits", "3", "--group", "128", "--method", "rtn"],
-    "RTN 2-bit g128": ["--bits", "2", "--group", "128", "--method", "rtn"],
-    "GPTQ 4-bit g128": ["--bits", "4", "--group", "128", "--method", "gptq"],
-    "GPTQ 3-bit g128": ["--bits", "3", "--group", "128", "--method", "gptq"],
-    "GPTQ 3-bit per-channel": ["--bits", "3", "--group", "0", "--method", "gptq"],
-    "GPTQ 2-bit g128": ["--bits", "2", "--group", "128", "--method", "gptq"],
+    "RTN 4-bit g128": ["--bits", "4", "--group", "128", "--method", "rtn", "--no-clip"],
+    "RTN 3-bit g128": ["--bits", "3", "--group", "128", "--method", "rtn", "--no-clip"],
+    "RTN 2-bit g128": ["--bits", "2", "--group", "128", "--method", "rtn", "--no-clip"],
+    "GPTQ 4-bit g128": ["--bits", "4", "--group", "128", "--method", "gptq", "--no-clip"],
+    "GPTQ 3-bit g128": ["--bits", "3", "--group", "128", "--method", "gptq", "--no-clip"],
+    "GPTQ 3-bit per-channel": ["--bits", "3", "--group", "0", "--method", "gptq", "--no-clip"],
+    "GPTQ 2-bit g128": ["--bits", "2", "--group", "128", "--method", "gptq", "--no-clip"],
     # learned allocation: whole-model budgets with everything counted, embeddings and output layer included
     **{f"xbitc {b} bpw": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"] for b in ("4.0", "3.5", "3.0", "2.5", "2.0")},
+    # equal file size with the GPTQ g128 rows above (embeddings float16; whole-model bpw as measured for those rows)
+    **{f"xbitc {b} bpw (= GPTQ {k}-bit size)": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"]
+       for k, b in ((2, "5.129"), (3, "5.921"), (4, "6.719"))},
 }
-COLUMNS = ["method", "ppl", "KL", "top1 agree", "top1 acc", "bpw (whole)", "bpw (linears)", "MB", "compile s", "peak GiB"]
+COLUMNS = ["method", "ppl", "KL", "top1 agree", "top1 acc", "recovery", "bpw (whole)", "bpw (linears)", "MB", "compile s", "peak GiB"]
 
 
 @torch.no_grad()
@@ -77,7 +80,7 @@ def main() -> None:
     wins = windows(ids, 1024, tokens)
     with torch.no_grad():
         ref_logp = [F.log_softmax(model.module(w)[0, :-1].float(), -1) for w in wins]
-    rows = [{"method": "float32", **evaluate(model.module, wins, ref_logp), "bpw (whole)": 32.0}]
+    rows = [{"method": "float32", **evaluate(model.module, wins, ref_logp), "bpw (whole)": 32.0, "recovery": 1.0}]
     print(table(rows, COLUMNS), flush=True)
     names = a.rows.split(",") if a.rows else list(ROWS)
     out_dir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="xbitc-acc-"))
@@ -87,7 +90,8 @@ def main() -> None:
         compiled = load(art)
         s = compiled.manifest.size
         rows.append({
-            "method": name, **evaluate(compiled, wins, ref_logp), "bpw (whole)": s.bits_per_weight,
+            "method": name, **(r := evaluate(compiled, wins, ref_logp)), "recovery": r["top1 acc"] / rows[0]["top1 acc"],
+            "bpw (whole)": s.bits_per_weight,
             "bpw (linears)": s.linear_bits_per_weight, "MB": s.counted_bytes / 1e6, "compile s": seconds, "peak GiB": peak,
         })
         print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
@@ -96,7 +100,9 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, WikiText-2 test first {len(wins) * 1024:,} tokens, windows of 1,024; calibration "
         f"{calib_args[3]} windows of {calib_args[5]} tokens from wikitext2-valid (seed 0); embeddings and output layer "
         "kept float16 in RTN/GPTQ rows; xbitc rows quantize it too (learned allocation, objective kl, GPTQ with "
-        "per-column depths). GPTQ: act-order, 1% dampening; float16 scale and b-bit zero point per group."
+        "per-column depths, clipping searched per group). RTN/GPTQ rows use the plain full-range grid (--no-clip), as the "
+        "reference implementations do. GPTQ: act-order, 1% dampening; float16 scale and b-bit zero point per group. "
+        "recovery = top-1 accuracy / float top-1 accuracy."
     )
     print("\n" + body)
     append("Accuracy: SmolLM2-135M" + (" (quick)" if a.quick else ""), note + "\n\n" + body,

@@ -21,7 +21,9 @@ from xbitc.quant.rtn import rtn_any
 from .base import PassContext, PassError
 
 
-def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True) -> None:
+def quantize_gptq(
+    graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True, clip: bool = True
+) -> None:
     if not ctx.calib_inputs:
         raise PassError("GPTQ needs calibration inputs (--calib FILE or --calib self)")
     interp = Interpreter(graph)
@@ -51,7 +53,8 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
             cfg = plan[name]
             w = graph.params[name]
             graph.params[name] = gptq_quantize(
-                w.float(), hessian.float(), depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp, act_order=act_order
+                w.float(), hessian.float(), depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp, act_order=act_order,
+                clip=clip,
             )
             interp.forget(name)
             pending.discard(name)
@@ -65,7 +68,7 @@ def quantize_gptq(graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01
     for name in sorted(pending):
         cfg = plan[name]
         w = graph.params[name]
-        graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1])
+        graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1], clip=clip)
         bar.update(1)
     bar.close()
     assert all(isinstance(graph.params[n], QuantizedMatrix) for n in plan)

@@ -27,6 +27,7 @@ class Quantize(Pass):
     method: str = "rtn"
     damp: float = 0.01  # GPTQ: relative dampening of the Hessian diagonal
     act_order: bool = True  # GPTQ: process columns by decreasing Hessian diagonal
+    clip: bool = True  # search each group's range for the least squared error (xbitc.quant.grid)
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if self.method not in METHODS:
@@ -35,12 +36,12 @@ class Quantize(Pass):
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
-            quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order)
+            quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order, clip=self.clip)
         else:
             for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
                 cfg = plan[name]
                 w = graph.params[name]
-                graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1])
+                graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1], clip=self.clip)
         mark_quantized_linears(graph)
         return graph
 

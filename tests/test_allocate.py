@@ -142,3 +142,24 @@ def test_budget_is_met_from_bytes_on_disk(mid_results):
 def test_more_budget_never_increases_the_loss(mid_results):
     kls = [mid_results[b][1] for b in sorted(mid_results)]
     assert kls[0] > kls[1] > kls[2]
+
+
+def test_column_costs_are_the_measured_grid_error_and_fall_with_depth():
+    """c_j(b) is 1/2 sum_r F_rj (W - Q_b(W))^2 on the artifact's own grid, non-increasing in b; 0 bits costs the
+    whole column."""
+    import numpy as np
+    import torch
+
+    from xbitc.alloc.solve import column_costs
+    from xbitc.quant.rtn import rtn_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 40, generator=gen)
+    fisher = torch.rand(16, 40, generator=gen)
+    t = column_costs(w, fisher, [8], "w")
+    cost = t.cost[0]
+    assert np.all(np.diff(cost[:, 1:], axis=1) <= 1e-12)
+    np.testing.assert_allclose(cost[:, 0], 0.5 * (fisher * w * w).sum(0).numpy(), rtol=1e-5)
+    expect = np.stack([0.5 * (fisher * (rtn_quantize(w, b, 8).dequantize() - w) ** 2).sum(0).double().numpy()
+                       for b in range(1, 9)], 1)
+    np.testing.assert_allclose(cost[:, 1:], np.minimum.accumulate(expect, axis=1), rtol=1e-5)

@@ -63,3 +63,30 @@ def test_rtn_per_column_depths_are_honoured(rows, cols, group, seed):
         cols_d = np.nonzero(depths == d)[0]
         ref = rtn_quantize(w[:, torch.from_numpy(cols_d)], d, group).dequantize()
         assert torch.equal(deq[:, torch.from_numpy(cols_d)], ref)
+
+
+@given(st.integers(1, 8), st.integers(1, 10), st.integers(2, 70), st.sampled_from([8, 32, 128]), st.integers(0, 99))
+def test_clipped_grid_never_has_more_error_and_stays_in_format(bits, rows, cols, group, seed):
+    """The clipping search includes the full range, so per row its squared error can only go down; codes stay b-bit
+    and every scale is float16-representable."""
+    from xbitc.quant.grid import dequantize_codes, grid_params, quantize_codes
+
+    w = torch.from_numpy(np.random.default_rng(seed).standard_t(3, (rows, cols)).astype(np.float32))
+    for g0 in range(0, cols, group):
+        block = w[:, g0 : g0 + group]
+        errs = []
+        for clip in (False, True):
+            scale, zero = grid_params(block, bits, clip=clip)
+            q = quantize_codes(block, scale, zero, bits)
+            assert q.min() >= 0 and q.max() <= (1 << bits) - 1
+            assert torch.equal(scale, scale.half().float())
+            errs.append(((dequantize_codes(q, scale, zero) - block) ** 2).sum(1))
+        assert (errs[1] <= errs[0] * (1 + 1e-6) + 1e-12).all()
+
+
+def test_clipping_lowers_error_of_heavy_tailed_weights_at_low_bits():
+    """What clipping is for: one outlier per group no longer stretches the 2-bit grid over everything else."""
+    w = torch.from_numpy(np.random.default_rng(0).standard_t(5, (64, 128)).astype(np.float32))
+    plain = rtn_quantize(w, 2, 128).dequantize()
+    clipped = rtn_quantize(w, 2, 128, clip=True).dequantize()
+    assert ((clipped - w) ** 2).sum() < 0.7 * ((plain - w) ** 2).sum()  # measured 0.53 for this draw

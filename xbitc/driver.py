@@ -23,6 +23,7 @@ class CompileOptions:
     backend: str = "reference"
     passes: str | None = None  # full pipeline spec; default built from the options above
     method: str = "rtn"
+    clip: bool = True  # search each group's clipping range (quantize{clip})
     allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
     objective: str = "auto"  # kl for language models, mse for encoders and vision models
     quantize_embeddings: bool = False
@@ -42,7 +43,7 @@ def default_pipeline(opts: CompileOptions) -> str:
     if opts.bpw is not None and opts.bits is None and opts.allocator == "learned":
         act = "true" if opts.method == "gptq" else "false"
         alloc = f"allocate{{bpw={opts.bpw},objective={opts.objective},embeddings={opts.quantize_embeddings},act_order={act}}}"
-        return ",".join(["canonicalize", alloc, f"quantize{{method={opts.method}}}", "pack"])
+        return ",".join(["canonicalize", alloc, f"quantize{{method={opts.method},clip={opts.clip}}}", "pack"])
     plan = [f"embeddings={opts.quantize_embeddings}", f"act_order={'true' if opts.method == 'gptq' else 'false'}"]
     if opts.bits is not None:
         plan.append(f"bits={opts.bits}")
@@ -50,7 +51,7 @@ def default_pipeline(opts: CompileOptions) -> str:
         plan.append(f"group={opts.group}")
     if opts.bpw is not None:
         plan.append(f"bpw={opts.bpw}")
-    stages = ["canonicalize", "plan{" + ",".join(plan) + "}", f"quantize{{method={opts.method}}}", "pack"]
+    stages = ["canonicalize", "plan{" + ",".join(plan) + "}", f"quantize{{method={opts.method},clip={opts.clip}}}", "pack"]
     return ",".join(stages)
 
 

@@ -44,6 +44,7 @@ def gptq_quantize(
     block_size: int = 128,
     *,
     depth_order: str = "descending",
+    clip: bool = False,
 ) -> QuantizedMatrix:
     """GPTQ-quantize a [out, in] weight matrix given the [in, in] Hessian (2/N) sum x x^T of its inputs.
 
@@ -51,11 +52,11 @@ def gptq_quantize(
     Hessian diagonal is 0 never saw a nonzero input and are zeroed. `perm` orders the columns by depth (`depth_order`:
     "descending", "ascending" or "drop_first", i.e. dropped columns first, then descending), then by Hessian diagonal
     descending (act_order) or index; it is None when that order is the identity (always so for uniform bits without
-    act_order). `meta["loss"]` is the sum of the
+    act_order). `clip` searches each group's range (xbitc.quant.grid) on the error-updated weights. `meta["loss"]` is the sum of the
     per-weight GPTQ losses (w - q)^2 / (2 [U]_qq^2) (U the upper Cholesky factor of the damped H^-1), which equals
     tr(dW H_damped dW^T) / 2 for dW = W - Wq; `meta["damp"]` is the relative damping actually used.
     """
-    return _gptq(w, hessian, bits, group_size, damp, act_order, block_size, depth_order, want_result=False)[0]
+    return _gptq(w, hessian, bits, group_size, damp, act_order, block_size, depth_order, want_result=False, clip=clip)[0]
 
 
 def _gptq(
@@ -68,6 +69,7 @@ def _gptq(
     block_size: int,
     depth_order: str = "descending",
     want_result: bool = True,
+    clip: bool = False,
 ) -> tuple[QuantizedMatrix, torch.Tensor | None]:
     """The quantized matrix and (if want_result) the float32 [out, in] matrix GPTQ's error computation used, in
     original column order."""
@@ -135,7 +137,7 @@ def _gptq(
             if col in group_at:
                 si, gi, g1 = group_at[col]
                 cur = W1[i : i + g1 - col] if g1 <= i2 else WT[col:g1]  # the latter only when i == 0
-                scale, zero = grid_params(cur.T, seg.bits)
+                scale, zero = grid_params(cur.T, seg.bits, clip=clip)
                 scale, zero = scale[:, 0], zero[:, 0]
                 if not torch.isfinite(scale).all():
                     raise ValueError("GPTQ: weights too large for float16 scales")

@@ -8,7 +8,7 @@ from .format import QuantizedMatrix, Segment
 from .grid import grid_params, quantize_codes
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> QuantizedMatrix:
     """Uniform b-bit asymmetric RTN of a [out, in] matrix, groups of `group_size` input columns."""
     w = w.detach().to(torch.float32)
     out, inp = w.shape
@@ -16,7 +16,7 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
     codes, scales, zeros = [], [], []
     for g0 in range(0, inp, group_size):
         block = w[:, g0 : g0 + group_size]
-        scale, zero = grid_params(block, bits)
+        scale, zero = grid_params(block, bits, clip=clip)
         codes.append(quantize_codes(block, scale, zero, bits))
         scales.append(scale)
         zeros.append(zero)
@@ -30,11 +30,11 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
     )
 
 
-def rtn_any(w: torch.Tensor, bits, group_size: int) -> QuantizedMatrix:
+def rtn_any(w: torch.Tensor, bits, group_size: int, clip: bool = False) -> QuantizedMatrix:
     """RTN at one depth, or at per-column depths (a sequence of 0..8): columns are ordered by depth, descending
     (stable, so equal depths keep their order), and each run of equal depth is one RTN segment."""
     if isinstance(bits, (int, np.integer)):
-        return rtn_quantize(w, int(bits), group_size)
+        return rtn_quantize(w, int(bits), group_size, clip)
     depths = np.asarray(bits, dtype=np.int64)
     w = w.detach().to(torch.float32)
     out, inp = w.shape
@@ -51,7 +51,7 @@ def rtn_any(w: torch.Tensor, bits, group_size: int) -> QuantizedMatrix:
             scales.append(np.zeros((out, 0), np.float16))
             zeros.append(np.zeros((out, 0), np.uint8))
         else:
-            q = rtn_quantize(w[:, torch.from_numpy(cols)], int(d), group_size)
+            q = rtn_quantize(w[:, torch.from_numpy(cols)], int(d), group_size, clip)
             seg = q.segments[0]
             segments.append(Segment(seg.bits, seg.group_size, start, start + len(cols)))
             codes += q.codes
