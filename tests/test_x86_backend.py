@@ -328,3 +328,26 @@ def test_non_x86_host_is_refused_clearly(monkeypatch, artifact_4b):
     with pytest.raises(x86.X86BackendUnavailable, match=r"can't execute on this aarch64 host.*--backend reference"):
         runtime.load(artifact_4b[0])
     runtime.load(artifact_4b[0], backend="reference")  # still loads for the reference backend
+
+
+def test_portable_artifacts_run_on_the_x86_kernels_by_default(tmp_path, monkeypatch):
+    """An artifact compiled for `reference` holds only the portable format; on an x86-64 host loading it picks the
+    x86 backend (same logits within the whole-model tolerance above), and XBITC_BACKEND or backend= overrides."""
+    monkeypatch.delenv("XBITC_BACKEND", raising=False)
+    m, x = tiny_lm()
+    out = tmp_path / "p.xbitc"
+    compile_model(frontend._from_module(m, x, "tiny", "0"), out,
+                  CompileOptions(log=lambda s: None, progress=False, bits=3, group=32))
+    assert json.loads((out / "manifest.json").read_text())["backend"] == "reference"
+    assert not (out / "kernels").exists()
+    fast = runtime.load(out)
+    assert fast.backend_name == "x86" and isinstance(fast.program.interp.linear_impl, x86.X86Linears)
+    ref = runtime.load(out, backend="reference")
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    a, b = fast(ids), ref(ids)
+    assert float((a - b).abs().max()) <= 2e-5 * float(b.abs().max())
+    monkeypatch.setenv("XBITC_BACKEND", "reference")
+    assert runtime.load(out).backend_name == "reference"
+    monkeypatch.setattr(x86.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv("XBITC_BACKEND")
+    assert runtime.load(out).backend_name == "reference"

@@ -15,7 +15,7 @@ from xbitc.runtime import load
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bpw", type=float, default=4.5)
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", default="reference", help="backend the artifact is compiled for (reference: portable)")
     ap.add_argument("-o", "--output", default="out/smollm2-135m.xbitc")
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -30,7 +30,8 @@ def main() -> None:
     got = score(compiled, ids, window, reference=model.module)
     s = manifest.size
     print()
-    print(f"SmolLM2-135M-Instruct -> {a.output}  (backend {a.backend}, compiled in {compile_s:.0f} s)")
+    print(f"SmolLM2-135M-Instruct -> {a.output}  (compiled for {a.backend} in {compile_s:.0f} s, "
+          f"run on {compiled.backend_name})")
     print(f"  artifact size        {s.counted_bytes / 1e6:.2f} MB (float32 source {4 * manifest.source.param_count / 1e6:.0f} MB)")
     print(f"  bits per weight      {s.bits_per_weight:.3f} whole model (target {a.bpw}), {s.linear_bits_per_weight:.3f} linears only")
     print(f"  perplexity           {got.perplexity:.2f} (float {base.perplexity:.2f}) on {got.tokens} tokens of xbitc/data/eval.txt")

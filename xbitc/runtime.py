@@ -1,6 +1,13 @@
-"""Loading and running compiled artifacts from Python."""
+"""Loading and running compiled artifacts from Python.
+
+Which backend executes: the one asked for (`backend=`, `--backend`), else the environment's `XBITC_BACKEND`, else the
+artifact's own. An artifact compiled for `reference` holds only the portable packed format, which every executing
+backend lowers from, so on an x86-64 host it runs through the x86 kernels; `reference` stays available as the oracle
+(`XBITC_BACKEND=reference` or `backend="reference"`).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ class CompiledModel:
         self.path = Path(path)
         self.graph, self.manifest = load_graph(self.path, check=check)
         verify(self.graph)
-        self.backend_name = backend or self.manifest.backend
+        self.backend_name = backend or os.environ.get("XBITC_BACKEND") or host_backend(self.manifest.backend)
         self.backend = registry.get(registry.BACKEND_GROUP, self.backend_name)()
         self.program = self.backend.lower(self.graph)
         self._tokenizer = None
@@ -52,6 +59,15 @@ class CompiledModel:
             if tok.eos_token_id is not None and int(nxt) == tok.eos_token_id:
                 break
         return tok.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def host_backend(artifact_backend: str) -> str:
+    """The backend that runs an artifact compiled for `artifact_backend` on this host by default."""
+    if artifact_backend != "reference":
+        return artifact_backend
+    from xbitc.backends.x86 import is_x86_host
+
+    return "x86" if is_x86_host() else "reference"
 
 
 def load(path: str | Path, backend: str | None = None, check: bool = True) -> CompiledModel:
