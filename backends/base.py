@@ -35,6 +35,13 @@ class Program:
     def __call__(self, *inputs: Any) -> Any:
         return self.interp.run(*inputs)
 
+    def companion(self, graph: Graph) -> Program:
+        """A program for another graph over the same parameters (a language model's decode step): same linear
+        implementation, same cache of dequantized tensors, so nothing is prepared or held twice."""
+        other = Program(graph, self.interp.linear_impl)
+        other.interp._weights = self.interp._weights
+        return other
+
 
 class Backend:
     name: ClassVar[str] = ""

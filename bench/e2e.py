@@ -77,6 +77,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--engines", default="float,reference,x86")
     ap.add_argument("--keep", help="write the artifact here (default: a temporary folder)")
+    ap.add_argument("--artifact", help="measure this compiled SmolLM2 artifact (e.g. a learned-allocation one from "
+                    "bench/accuracy.py --keep) instead of compiling --bits/--group")
     ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
     a = ap.parse_args(argv)
     threads = [int(t) for t in a.threads.split(",")]
@@ -86,14 +88,23 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     loaded = frontend.load(str(gguf))
     load_s = time.perf_counter() - t0
-    out = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="xbitc-e2e-")) / "smollm2.xbitc"
     t0 = time.perf_counter()
-    manifest = compile_model(loaded, out, CompileOptions(bits=a.bits, group=a.group, backend="x86", progress=False,
-                                                         log=lambda s: None))
-    compile_s = time.perf_counter() - t0
+    if a.artifact:
+        out = Path(a.artifact)
+        compile_s = float("nan")
+    else:
+        out = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="xbitc-e2e-")) / "smollm2.xbitc"
+        compile_model(loaded, out, CompileOptions(bits=a.bits, group=a.group, backend="x86", progress=False,
+                                                  log=lambda s: None))
+        compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fast = runtime.load(out)  # x86: repack + kernels (disk cache)
+    fast = runtime.load(out, backend="x86")  # x86: repack + kernels (disk cache)
     lower_s = time.perf_counter() - t0
+    manifest = fast.manifest
+    what = (f"`{out.name}` ({manifest.pipeline})" if a.artifact else
+            f"`compile_model(CompileOptions(bits={a.bits}, group={a.group}, backend=\"x86\"))` (RTN; embeddings and "
+            "the tied output layer float)")
+    short = f"{manifest.size.bits_per_weight:.2f} bpw" if a.artifact else f"{a.bits}-bit g{a.group}"
     ref = runtime.load(out, backend="reference")
     kern = manifest.notes.get("kernels", {})
     plans = {p.how for ps in fast.program.interp.linear_impl.plans().values() for p in ps}
@@ -109,8 +120,8 @@ def main(argv=None) -> None:
         long_ids = long_ids.repeat(1, -(-a.prefill // long_ids.shape[1]))[:, : a.prefill]
     one = prompt[:, :1]
     fns = {"float": loaded.module, "reference": ref, "x86": fast}
-    labels = {"float": "float32 PyTorch eager", "reference": f"reference backend ({a.bits}-bit g{a.group})",
-              "x86": f"x86 backend ({a.bits}-bit g{a.group})"}
+    labels = {"float": "float32 PyTorch eager", "reference": f"reference backend ({short})",
+              "x86": f"x86 backend ({short})"}
     try:
         load_avg = os.getloadavg()
     except OSError:
@@ -147,8 +158,7 @@ def main(argv=None) -> None:
     body = table(rows, COLUMNS)
     plen = prompt.shape[1]
     note = (
-        f"SmolLM2-135M-Instruct compiled with `compile_model(CompileOptions(bits={a.bits}, group={a.group}, "
-        f"backend=\"x86\"))` (RTN; embeddings and the tied output layer float): {manifest.size.counted_bytes / 1e6:.2f}"
+        f"SmolLM2-135M-Instruct compiled with {what}: {manifest.size.counted_bytes / 1e6:.2f}"
         f" MB, {manifest.size.bits_per_weight:.3f} bits per weight, of which kernels/ {kern.get('bytes', 0):,} bytes "
         f"(x86 kernel plans: {', '.join(sorted(plans))}). Compile {compile_s:.1f} s; x86 lower (repack + kernel "
         f"fetch) {lower_s:.1f} s.\n\n"
@@ -164,7 +174,7 @@ def main(argv=None) -> None:
     print("\n" + body)
     if not a.no_append:
         cmd = "python bench/e2e.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-        append(f"End to end: SmolLM2-135M, {a.bits}-bit g{a.group}, float vs reference vs x86", note + "\n\n" + body,
+        append(f"End to end: SmolLM2-135M, {short}, float vs reference vs x86", note + "\n\n" + body,
                cmd.strip())
 
 

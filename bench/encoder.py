@@ -68,15 +68,16 @@ def main() -> None:
         return s.bits_per_weight
 
     for bits in ([3] if a.quick else [2, 3, 4]):
-        measure("RTN g128", bits, ["--bits", str(bits), "--group", "128", "--method", "rtn"])
-        size = measure("GPTQ g128", bits, ["--bits", str(bits), "--group", "128", "--method", "gptq"])
+        measure("RTN g128", bits, ["--bits", str(bits), "--group", "128", "--method", "rtn", "--no-clip"])
+        size = measure("GPTQ g128", bits, ["--bits", str(bits), "--group", "128", "--method", "gptq", "--no-clip"])
         measure("xbitc (GPTQ's size)", bits, ["--bpw", f"{size:.4f}", "--method", "gptq"])
         measure("xbitc", bits, ["--bpw", f"{bits}.0", "--method", "gptq"])
     body = table(rows, COLUMNS)
     print("\n" + body)
     note = (f"all-MiniLM-L6-v2, {len(texts)} held-out WikiText-2 test lines (<=128 tokens), mean-pooled, cosine to the "
             "float model's embeddings; calibration 32 windows of 128 tokens from wikitext2-valid; embeddings quantized in "
-            "every row; xbitc = learned allocation (objective mse) + GPTQ with per-column depths.")
+            "every row; RTN/GPTQ rows use the plain full-range grid (--no-clip); xbitc = learned allocation (objective mse) "
+            "+ GPTQ with per-column depths and clipping search.")
     append("Encoder: all-MiniLM-L6-v2" + (" (quick)" if a.quick else ""), note + "\n\n" + body,
            "python bench/encoder.py" + (" --quick" if a.quick else ""))
 

@@ -92,6 +92,8 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor | QuantizedMatrix | PackedMatrix
     meta: dict[str, Any] = field(default_factory=dict)
+    # a language model's cached decode step over the same parameters (xbitc.stepgraph), stored beside the graph
+    step: Graph | None = None
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -102,6 +102,8 @@ def verify(g: Graph) -> None:
     if len(outputs) != 1 or (g.nodes and g.nodes[-1].op is not Op.OUTPUT):
         errors.append("graph must end in exactly one output node")
     used = {n.attrs.get("name") for n in g.nodes if n.op is Op.PARAM}
+    if g.step is not None:  # parameters only the decode step reads (its constants) are stored for it
+        used |= {n.attrs.get("name") for n in g.step.nodes if n.op is Op.PARAM}
     for name in sorted(set(g.params) - used):
         errors.append(f"parameter {name!r} is stored but no node reads it")
     if errors:

@@ -30,6 +30,8 @@ class Canonicalize(Pass):
                 live.update(n.refs())
         kept.reverse()
         used = {n.attrs["name"] for n in kept if n.op is Op.PARAM}
+        if graph.step is not None:  # the decode step reads the same parameters (and its own constants)
+            used |= {n.attrs["name"] for n in graph.step.nodes if n.op is Op.PARAM}
         removed = len(graph.nodes) - len(kept)
         graph.nodes = kept
         graph.params = {k: v for k, v in graph.params.items() if k in used}

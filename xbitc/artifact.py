@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer"
+STEP = "step.json"  # the cached decode step of a language model (xbitc.stepgraph), when it has one
 
 
 class ArtifactError(ValueError):
@@ -97,6 +98,8 @@ def write(
         arrays, entries = flatten_params(graph, roles)
         save_file(arrays, str(tmp / WEIGHTS), metadata={"format": "xbitc", "version": str(MANIFEST_VERSION)})
         (tmp / GRAPH).write_text(serialize.dumps(graph))
+        if graph.step is not None:
+            (tmp / STEP).write_text(serialize.dumps(graph.step))
         extra_notes = dict(notes or {})
         if emit is not None:
             extra_notes.update(emit(graph, tmp) or {})
@@ -201,5 +204,7 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
                 t = t.view(torch.bfloat16)
             params[name] = t
     graph = serialize.loads((path / GRAPH).read_text(), params)
+    if (path / STEP).exists():
+        graph.step = serialize.loads((path / STEP).read_text(), params)
     return graph, manifest
 

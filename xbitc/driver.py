@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from xbitc import artifact, calibration, frontend, registry
+from xbitc import artifact, calibration, frontend, registry, stepgraph
 from xbitc.manifest import Manifest
 from xbitc.passes.base import Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
 from xbitc.passes.targets import weight_roles
@@ -105,7 +105,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     passes = build_passes(spec)  # unknown passes / options fail here, before any model is loaded
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
-    graph = frontend.trace(model)
+    graph = frontend.trace(model, log=opts.log)
     graph.meta["float_dtype"] = opts.float_dtype
     needs_calib = any(p.name in ("calibrate", "allocate") or getattr(p, "method", None) == "gptq" for p in passes)
     ctx = PassContext(log=opts.log)
@@ -114,6 +114,11 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
         ctx.calib_inputs = calibration_inputs(model, opts)
     manager = PassManager(passes, dump_dir=opts.dump_ir)
     graph = manager.run(graph, ctx)
+    try:
+        stepgraph.link(graph)
+    except ValueError as err:  # a user pipeline may remove what the step reads: ship without it, say so
+        opts.log(f"dropping the cached decode step: {err}")
+        graph.step = None
     roles = weight_roles(graph)
     manifest = artifact.write(
         graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=opts.bpw,

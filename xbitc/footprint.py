@@ -91,13 +91,18 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
     by_name = graph.by_name()
     renamed = sum(1 for n in graph.nodes if n.op is Op.LINEAR and by_name[n.args[1].name].attrs["name"] in plan)
     graph_json = len(serialize.dumps(graph)) + len("packed_") * renamed
+    if graph.step is not None:  # step.json: the cached decode step, its linears renamed the same way
+        step_names = graph.step.by_name()
+        graph_json += len(serialize.dumps(graph.step)) + len("packed_") * sum(
+            1 for n in graph.step.nodes if n.op is Op.LINEAR and step_names[n.args[1].name].attrs["name"] in plan)
+    listed = ["graph.json", "weights.safetensors"] + (["step.json"] if graph.step is not None else [])
     size = Size(target_bpw=0.0, bits_per_weight=0.0, linear_bits_per_weight=0.0, counted_bytes=10**9,
-                files={"graph.json": 10**6, "weights.safetensors": 10**9, "manifest.json": 10**5}, uncounted={})
+                files={**{f: 10**6 for f in listed}, "manifest.json": 10**5}, uncounted={})
     manifest = Manifest(
         xbitc_version="0.0.0", created="2026-01-01T00:00:00+00:00", kind=graph.meta.get("kind", "generic"),
         backend="reference", source=Source(path=str(graph.meta.get("source", "")), sha256="0" * 64, param_count=10**8),
         pipeline="x" * 120, passes=[], inputs=[n.name for n in graph.inputs()], size=size, tensors=entries,
-        files={"graph.json": "0" * 64, "weights.safetensors": "0" * 64}, notes={"plan": {"summary": "x" * 200}},
+        files={f: "0" * 64 for f in listed}, notes={"plan": {"summary": "x" * 200}},
     )
     meta = len(manifest.model_dump_json(indent=1)) + PASS_RECORD_BYTES * passes
     return weights + graph_json + meta

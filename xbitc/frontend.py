@@ -6,12 +6,13 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from xbitc import stepgraph
 from xbitc.importer import TraceError, from_exported
-from xbitc.ir.graph import Graph
+from xbitc.ir.graph import Graph, Op
 
 
 class LoadError(ValueError):
@@ -195,14 +196,17 @@ def load_exported(path: Path) -> LoadedModel:
     return loaded
 
 
-def trace(model: LoadedModel) -> Graph:
-    """Trace with torch.export (dynamic sequence length where the model has one, else static shapes)."""
+def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = lambda s: None) -> Graph:
+    """Trace with torch.export (dynamic sequence length where the model has one, else static shapes); for a
+    transformers causal LM also its cached decode step (`graph.step`, see xbitc.stepgraph) unless `step` is off."""
     param_count = model.param_count
     ep = getattr(model, "exported", None)
     if ep is None:
         ep = _export(model)
     prefix = "model." if isinstance(model.module, (CausalLMLogits, EncoderHidden, VisionOutput)) else ""
     graph = from_exported(ep, strip_prefix=prefix)
+    if isinstance(model.module, CausalLMLogits) and step:
+        graph.step = _trace_step(model, graph, log)
     graph.meta.update(
         {
             "kind": model.kind,
@@ -212,6 +216,35 @@ def trace(model: LoadedModel) -> Graph:
         }
     )
     return graph
+
+
+def _trace_step(model: LoadedModel, graph: Graph, log: Callable[[str], None]) -> Graph | None:
+    from xbitc.passes.base import PassContext
+    from xbitc.passes.canonicalize import Canonicalize
+
+    hf = model.module.model
+    step = stepgraph.export_step(hf, hf.config, model.max_seq, log)
+    if step is None:
+        return None
+    step = Canonicalize().run(step, PassContext(log=lambda s: None))
+    renamed = {}
+    kinds = step.meta.get("param_kinds", {})
+    for name, value in step.params.items():
+        mine = graph.params.get(name)
+        if mine is not None and tuple(mine.shape) == tuple(value.shape) and torch.equal(mine, value):
+            continue
+        if kinds.get(name) == "parameter":  # weights must be the compiled ones; a mismatch means another model
+            log(f"no cached decode step: its parameter {name!r} differs from the traced graph's")
+            return None
+        renamed[name] = "step." + name  # a constant only the cache code uses (e.g. a lifted scalar): keep it apart
+    for n in step.nodes:
+        if n.op is Op.PARAM and n.attrs["name"] in renamed:
+            n.attrs["name"] = renamed[n.attrs["name"]]
+    for old, new in renamed.items():
+        graph.params[new] = step.params[old]
+        graph.meta.setdefault("param_kinds", {})[new] = kinds.get(old, "constant")
+    step.params = graph.params
+    return step
 
 
 def _export(model: LoadedModel) -> torch.export.ExportedProgram:

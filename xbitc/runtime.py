@@ -16,6 +16,7 @@ import torch
 from xbitc import registry
 from xbitc.artifact import TOKENIZER, load_graph
 from xbitc.ir.verify import verify
+from xbitc.stepgraph import empty_cache
 
 
 class CompiledModel:
@@ -26,6 +27,9 @@ class CompiledModel:
         self.backend_name = backend or os.environ.get("XBITC_BACKEND") or host_backend(self.manifest.backend)
         self.backend = registry.get(registry.BACKEND_GROUP, self.backend_name)()
         self.program = self.backend.lower(self.graph)
+        if self.graph.step is not None:
+            verify(self.graph.step)
+        self.step = self.program.companion(self.graph.step) if self.graph.step is not None else None
         self._tokenizer = None
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
@@ -46,19 +50,36 @@ class CompiledModel:
         return self._tokenizer
 
     @torch.no_grad()
-    def generate(self, text: str, max_new_tokens: int = 20) -> str:
-        """Greedy decoding, re-running the whole prefix each step (the graph has no KV cache yet)."""
+    def generate_ids(self, ids: torch.Tensor, max_new_tokens: int, eos: int | None = None,
+                     use_cache: bool = True) -> list[int]:
+        """Greedy continuation of `ids` [1, T]. With the artifact's decode step (and `use_cache`), the prompt is run
+        once with empty key/value caches and every new token is one step over the caches; otherwise every token
+        re-runs the whole prefix through the main graph."""
         if self.manifest.kind != "causal-lm":
             raise ValueError(f"generate needs a causal language model; this artifact is a {self.manifest.kind} model")
-        tok = self.tokenizer
-        ids = tok(text, return_tensors="pt").input_ids
-        start = ids.shape[1]
+        out: list[int] = []
+        if self.step is not None and use_cache:
+            logits, *past = self.step(ids, *empty_cache(self.graph.step, ids.shape[0]))
+            for _ in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(nxt))
+                if int(nxt) == eos or len(out) == max_new_tokens:
+                    break
+                logits, *past = self.step(nxt, *past)
+            return out
         for _ in range(max_new_tokens):
             nxt = self(ids)[:, -1].argmax(-1, keepdim=True)
+            out.append(int(nxt))
             ids = torch.cat([ids, nxt], dim=1)
-            if tok.eos_token_id is not None and int(nxt) == tok.eos_token_id:
+            if int(nxt) == eos:
                 break
-        return tok.decode(ids[0, start:], skip_special_tokens=True)
+        return out
+
+    def generate(self, text: str, max_new_tokens: int = 20, use_cache: bool = True) -> str:
+        """Greedy decoding of `text`'s continuation (see generate_ids)."""
+        tok = self.tokenizer
+        ids = tok(text, return_tensors="pt").input_ids
+        return tok.decode(self.generate_ids(ids, max_new_tokens, tok.eos_token_id, use_cache), skip_special_tokens=True)
 
 
 def host_backend(artifact_backend: str) -> str:
