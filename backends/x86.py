@@ -48,11 +48,12 @@ import numpy as np
 import torch
 
 from xbitc.ir.graph import Graph, Op
+from xbitc.quant.pack import row_bytes as canonical_row_bytes
 from xbitc.quant.packed import PackedMatrix, PackedSegment
 
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
-from .llvm.layout import dequantize_reference, repack, unpack_fast
+from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
 
 log = logging.getLogger("xbitc.backends.x86")
 
@@ -199,14 +200,23 @@ def _ptr(a: np.ndarray) -> int:
 class _Segment:
     """One segment of nonzero depth, ready to run: kernel-layout codes and pointers, or a float fallback."""
 
-    __slots__ = ("start", "stop", "ncols", "bits", "idx", "plan", "kernel", "codes", "scales", "zeros", "ptrs",
-                 "weight", "fns")
+    __slots__ = ("start", "stop", "ncols", "kcols", "bits", "idx", "plan", "kernel", "codes", "scales", "zeros",
+                 "ptrs", "weight", "fns")
 
     def __init__(self, ps: PackedSegment, out: int, perm: np.ndarray | None, target: Target):
         seg = ps.seg
         self.start, self.stop, self.ncols, self.bits = seg.start, seg.stop, seg.ncols, seg.bits
         self.idx = None if perm is None else torch.from_numpy(np.asarray(perm[seg.start:seg.stop], dtype=np.int64))
         self.plan = plan = kernel_plan(seg.bits, seg.group_size, target, seg.ncols)
+        self.kcols = seg.ncols  # columns the kernel sees
+        if plan.how == "canonical" and seg.group_size >= seg.ncols:
+            # One group spans the whole (narrow) segment, e.g. 11 columns at one depth: zero-pad it to the next
+            # group width an interleaved kernel has. Padded columns meet zero inputs, so they add nothing.
+            for width in (8, 16, 32, 64, 128, 256, 512, 1024):
+                wide = kernel_plan(seg.bits, width, target, width)
+                if width >= seg.ncols and wide.how == "interleaved":
+                    self.plan, plan, self.kcols = wide, wide, width
+                    break
         ng = seg.ngroups
         scales = np.ascontiguousarray(ps.scales, dtype=np.float16).reshape(out, ng)
         zeros = unpack_fast(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, ng)
@@ -217,6 +227,7 @@ class _Segment:
             _log_once(("reference", seg.bits, seg.group_size), logging.WARNING,
                       f"x86: no kernel for {seg.bits}-bit group {seg.group_size} ({type(err).__name__}: {err}); "
                       "these segments run on the reference float path (dequantized once)")
+            self.kcols = seg.ncols
             w = dequantize_reference(ps.codes, scales, zeros, seg.bits, seg.ncols, seg.group_size)
             self.weight = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
             self.codes = self.scales = self.zeros = None
@@ -235,7 +246,13 @@ class _Segment:
             _log_once(("canonical", seg.bits, seg.group_size), logging.WARNING,
                       f"x86: group {seg.group_size} has no interleaved kernel; {seg.bits}-bit segments run the "
                       "canonical-layout LLVM kernel (scalar, ~30x slower)")
-        self.codes = repack(ps.codes, seg.bits, out, seg.ncols, plan.kernel_group, plan.spec.layout)
+        if self.kcols > seg.ncols:
+            raw = np.asarray(ps.codes, dtype=np.uint8).reshape(out, canonical_row_bytes(seg.ncols, seg.bits))
+            codes = np.zeros((out, self.kcols), dtype=np.uint8)
+            codes[:, : seg.ncols] = unpack_fast(raw, seg.bits, seg.ncols)
+            self.codes = interleave_codes(codes, seg.bits, plan.spec.layout)
+        else:
+            self.codes = repack(ps.codes, seg.bits, out, seg.ncols, plan.kernel_group, plan.spec.layout)
         self.scales = scales.view(np.uint16)
         self.zeros = np.ascontiguousarray(zeros, dtype=np.uint8)
         self.ptrs = (_ptr(self.codes), _ptr(self.scales), _ptr(self.zeros))
@@ -243,7 +260,11 @@ class _Segment:
         self.fns = (k.gemv, k.gemv_acc, k.gemm, k.gemm_acc)
 
     def gather(self, x2: torch.Tensor, whole: bool) -> torch.Tensor:
-        """This segment's input columns of x2 [T, in] (contiguous float32) as a contiguous [T, ncols]."""
+        """This segment's input columns of x2 [T, in] (contiguous float32) as a contiguous [T, kcols]."""
+        if self.kcols > self.ncols:  # zero-padded narrow segment
+            xs = torch.zeros(x2.shape[0], self.kcols, dtype=torch.float32)
+            xs[:, : self.ncols] = x2[:, self.start:self.stop] if self.idx is None else x2.index_select(1, self.idx)
+            return xs
         if self.idx is not None:
             return x2.index_select(1, self.idx)
         if whole:
@@ -260,9 +281,9 @@ class _Segment:
                 y[:, rb:re] = part
             return
         if T == 1:
-            self.fns[1 if accumulate else 0](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.ncols)
+            self.fns[1 if accumulate else 0](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.kcols)
         else:
-            self.fns[3 if accumulate else 2](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.ncols, T, out)
+            self.fns[3 if accumulate else 2](*self.ptrs, xs.data_ptr(), y.data_ptr(), rb, re, self.kcols, T, out)
 
     @property
     def nbytes(self) -> int:

@@ -9,13 +9,15 @@ Method.
   float16 -> float32 at run time, as in every artifact). The same artifact is loaded twice, with the x86 backend
   (generated LLVM kernels) and with the reference backend (packed weights dequantized to float32 once, torch
   matmuls); "float" is the loaded PyTorch module itself, float32, eager.
-* Decode: greedy, the same prompt, `--new-tokens` steps. The graph has no KV cache, so every step re-runs the whole
-  prefix: a step is one forward at the current length (prompt .. prompt + new - 1 tokens) and "decode tok/s" is
-  1 / the median step time. Every engine decodes its own tokens; the table says whether x86 and reference produced
-  the same ones (they compute the same quantized network, so they should).
+* Decode: greedy, the same prompt, `--new-tokens` steps, tok/s = 1 / the median step time, two ways:
+  with a KV cache (the float model through transformers' own DynamicCache; xbitc engines through the artifact's
+  compiled decode step, step.json: one token over explicit key/value tensors; prefill not timed) and without (every
+  step re-runs the whole prefix: one forward at the current length). "vs float" divides by the float model's cached
+  rate. Every engine decodes its own tokens; the table says whether x86 and reference produced the same ones (they
+  compute the same quantized network, so they should), and a line is printed if an engine's cached and uncached
+  tokens differ.
 * Prefill: one forward of `--prefill` tokens (the packaged calibration text), median of `--reps`.
-* 1-token forward: one forward of a single token (the kernels' gemv path; what a KV-cached decode step would cost
-  in the linears), median of 20.
+* 1-token forward: one forward of the main graph on a single token (the kernels' gemv path), median of 20.
 * Threads: torch.set_num_threads(n) and the x86 backend's pool (`xbitc.backends.x86.set_num_threads(n)`), same n.
   All engines run in the same process, in turn, for every thread count.
 """
@@ -37,10 +39,11 @@ from common import append, table  # noqa: E402
 from xbitc import frontend, models, runtime  # noqa: E402
 from xbitc.backends import x86  # noqa: E402
 from xbitc.driver import CompileOptions, compile_model  # noqa: E402
+from xbitc.stepgraph import empty_cache  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
-COLUMNS = ["engine", "threads", "decode tok/s", "decode step ms (median)", "prefill tok/s", "prefill ms",
-           "1-token forward ms", "same tokens as reference"]
+COLUMNS = ["engine", "threads", "decode tok/s (KV cache)", "vs float (KV cache)", "decode tok/s (no cache)",
+           "prefill tok/s", "1-token forward ms", "same tokens as reference"]
 
 
 def timed(fn, *args):
@@ -59,6 +62,35 @@ def decode(fn, ids: torch.Tensor, steps: int) -> tuple[list[int], list[float]]:
         times.append(dt)
         ids = torch.cat([ids, nxt], dim=1)
     return toks, times
+
+
+@torch.no_grad()
+def decode_cached(step, ids: torch.Tensor, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy decode with a KV cache: `step(ids, past) -> (logits, past)`; the prompt's prefill is not timed."""
+    logits, past = step(ids, None)
+    toks, times = [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(int(nxt))
+        (logits, past), dt = timed(step, nxt, past)
+        times.append(dt)
+    return toks, times
+
+
+def hf_step(hf):
+    """The float model's own cached step (transformers DynamicCache), as a user of PyTorch would decode."""
+    def step(ids, past):
+        out = hf(input_ids=ids, past_key_values=past, use_cache=True)
+        return out.logits, out.past_key_values
+    return step
+
+
+def xbitc_step(model):
+    """The artifact's compiled decode step (step.json) over explicit key/value tensors."""
+    def step(ids, past):
+        logits, *kv = model.step(ids, *(empty_cache(model.graph.step) if past is None else past))
+        return logits, kv
+    return step
 
 
 @torch.no_grad()
@@ -137,6 +169,17 @@ def main(argv=None) -> None:
             toks, times = decode(fn, prompt, a.new_tokens)
             tokens[name] = toks
             step = statistics.median(times)
+            stepper = hf_step(loaded.module.model) if name == "float" else xbitc_step(fn) if fn.step is not None else None
+            if stepper is not None:
+                decode_cached(stepper, prompt, 2)  # warm-up
+                ctoks, ctimes = decode_cached(stepper, prompt, a.new_tokens)
+                cached = 1 / statistics.median(ctimes)
+                if ctoks != toks:
+                    print(f"# {name}: cached decode produced other tokens than re-running the prefix")
+            else:
+                cached = float("nan")
+            if name == "float":
+                float_cached = cached
             pre = median_time(fn, long_ids, a.reps)
             try:
                 single = median_time(fn, one, 20)
@@ -144,8 +187,10 @@ def main(argv=None) -> None:
                 print(f"# {name}: 1-token forward failed: {type(err).__name__}: {err}")
                 single = float("nan")
             rows.append({
-                "engine": labels[name], "threads": n, "decode tok/s": 1 / step, "decode step ms (median)": step * 1e3,
-                "prefill tok/s": long_ids.shape[1] / pre, "prefill ms": pre * 1e3, "1-token forward ms": single * 1e3,
+                "engine": labels[name], "threads": n, "decode tok/s (KV cache)": cached,
+                "vs float (KV cache)": cached / float_cached if "float" in engines else float("nan"),
+                "decode tok/s (no cache)": 1 / step,
+                "prefill tok/s": long_ids.shape[1] / pre, "1-token forward ms": single * 1e3,
                 "same tokens as reference": "" if name == "reference" or "reference" not in tokens
                 else ("yes" if toks == tokens["reference"] else
                       f"no ({sum(x == y for x, y in zip(toks, tokens['reference']))}/{len(toks)})"),
@@ -162,9 +207,11 @@ def main(argv=None) -> None:
         f" MB, {manifest.size.bits_per_weight:.3f} bits per weight, of which kernels/ {kern.get('bytes', 0):,} bytes "
         f"(x86 kernel plans: {', '.join(sorted(plans))}). Compile {compile_s:.1f} s; x86 lower (repack + kernel "
         f"fetch) {lower_s:.1f} s.\n\n"
-        f"Decode: greedy, {a.new_tokens} new tokens after a {plen}-token prompt. **No KV cache**: every step re-runs "
-        f"the whole prefix, so a step is one forward of {plen}..{plen + a.new_tokens - 1} tokens (x86: the gemm "
-        f"kernels) and decode tok/s = 1 / median step time. Prefill: one forward of {long_ids.shape[1]} tokens, "
+        f"Decode: greedy, {a.new_tokens} new tokens after a {plen}-token prompt, tok/s = 1 / median step time. "
+        f"KV cache: float = the transformers model with its DynamicCache; xbitc = the artifact's compiled decode step "
+        f"(step.json: one token over explicit key/value tensors, x86: the gemv kernels); prefill not timed. No cache: "
+        f"every step re-runs the whole prefix, a forward of {plen}..{plen + a.new_tokens - 1} tokens (x86: the gemm "
+        f"kernels). Prefill: one forward of {long_ids.shape[1]} tokens, "
         f"median of {a.reps}. 1-token forward: one single-token forward (x86: the gemv kernels), median of 20. "
         f"Threads: torch.set_num_threads(n) and the x86 pool, same n; all engines in one process, in turn. "
         f"Load average (1/5/15 min) {load_avg[0]:.2f}/{load_avg[1]:.2f}/{load_avg[2]:.2f} before, "

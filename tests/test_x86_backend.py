@@ -155,10 +155,14 @@ def _linear_graph(name: str, pm: PackedMatrix, bias: torch.Tensor | None) -> Gra
 WIDE = {5: 512, 3: 1024, 0: 64}
 
 
+NARROW = {4: 100, 3: 20, 0: 4}  # group 20 over 100 columns has no fast kernel; 20 columns in one group are padded
+
+
 @pytest.mark.parametrize("group, counts, hows", [
-    (32, MIXED, {"interleaved", "regrouped", "canonical"}),
-    (96, MIXED, {"regrouped", "canonical"}),
+    (32, MIXED, {"interleaved", "regrouped"}),  # 30 and 20 columns in one group: zero-padded to 32; 24 regrouped at 8
+    (96, MIXED, {"regrouped", "interleaved"}),
     (128, WIDE, {"interleaved"}),
+    (20, NARROW, {"canonical", "interleaved"}),
 ])
 def test_mixed_depth_permuted_matrix(group, counts, hows, monkeypatch, caplog):
     monkeypatch.setattr(x86, "_logged", set())
