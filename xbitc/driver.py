@@ -112,6 +112,8 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     ctx.stats["progress"] = opts.progress
     if needs_calib:
         ctx.calib_inputs = calibration_inputs(model, opts)
+    if not isinstance(source, frontend.LoadedModel):
+        model.module = None  # the graph holds its own copy of the weights: free the source model's (peak memory)
     manager = PassManager(passes, dump_dir=opts.dump_ir)
     graph = manager.run(graph, ctx)
     try:

@@ -63,7 +63,7 @@ def fisher_diagonal(
     interp = Interpreter(graph, grad=True)
     leaves = {}
     for name in names:
-        w = interp.weight(name).detach().clone()
+        w = interp.weight(name).detach()  # shares storage with the graph's tensor; nothing writes to it
         if callable(objective):  # see module docstring: a perturbed point, so a reference-matching cost has a slope
             span = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)).clamp_min(1e-12) / 15
             w = w + (torch.rand(w.shape, generator=gen) - 0.5) * span
