@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter, LinearImpl
+from xbitc.ir.pycode import compile_interpreter
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,13 @@ class Program:
     def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None):
         self.graph = graph
         self.interp = Interpreter(graph, linear_impl)
+        self._compiled = None
 
     def __call__(self, *inputs: Any) -> Any:
-        return self.interp.run(*inputs)
+        # the interpreter's semantics as straight-line Python (ir/pycode.py): same ops, no per-node lookups
+        if self._compiled is None:
+            self._compiled = compile_interpreter(self.interp)
+        return self._compiled(*inputs)
 
     def companion(self, graph: Graph) -> Program:
         """A program for another graph over the same parameters (a language model's decode step): same linear
