@@ -158,13 +158,20 @@ class KernelPlan:
         return self.spec.group_size
 
 
+# Relative time per padded column of a layout's gemv (il8w8's 8-column lane words take ~1.4x il8w32's per column on
+# full rows, measured at 2-4 bits on 576x1536 and 1536x576; on 100-column segments its 64-column blocks pad 2x less
+# and it ran 1.2-1.5x faster). A layout is picked by padded columns times this factor.
+COLUMN_COST = {"il8w8": 1.4}
+
+
 def kernel_plan(bits: int, group: int, target: Target, ncols: int | None = None) -> KernelPlan:
-    """The kernel for a segment. Among the interleaved layouts the target has (il16w32 with AVX-512, il8w32) that
-    handle the group, natively or at a divisor G' = gcd(group, block), pick the one padding the row least (a row
-    is padded to whole blocks: 576 columns take 768 in il8w32 but 1024 in il16w32, and il8w32 measured 20-25%
-    faster on such rows), then native before regrouped, then the larger group, then il16w32. None: canonical."""
+    """The kernel for a segment. Among the interleaved layouts the target has (il16w32 with AVX-512, il8w32, il8w8)
+    that handle the group, natively or at a divisor G' = gcd(group, block), pick the one with the least padded row
+    cost (a row is padded to whole blocks: 576 columns take 768 in il8w32 but 1024 in il16w32, and il8w32 measured
+    20-25% faster on such rows; see COLUMN_COST), then native before regrouped, then the larger group, then the
+    first listed. None: canonical."""
     wide = target.is_x86 and target.has("avx512f")
-    layouts = (["il16w32"] if wide else []) + ["il8w32"]
+    layouts = (["il16w32"] if wide else []) + ["il8w32", "il8w8"]
     best = None
     for pref, name in enumerate(layouts):
         lay = get_layout(name)
@@ -172,7 +179,7 @@ def kernel_plan(bits: int, group: int, target: Target, ncols: int | None = None)
         if g % lay.lanes or not lay.supports_group(g):
             continue
         padded = lay.nblocks(ncols) * lay.block_cols if ncols else 0
-        score = (padded, g != group, -g, pref)
+        score = (padded * COLUMN_COST.get(name, 1.0), g != group, -g, pref)
         if best is None or score < best[0]:
             best = (score, name, g)
     if best is None:

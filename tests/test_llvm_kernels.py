@@ -124,7 +124,7 @@ def test_canonical_layout_any_group_size(bits, rc, group, seed):
     assert_close(yb, reference_gemv(packed, s, z, xb, bits, group), bound(packed, s, z, xb, bits, group))
 
 
-@pytest.mark.parametrize("layout,rows_per_iter", [("il16w32", 2), ("il32w8", 1), ("il8w32", 1), ("il8w32", 3)])
+@pytest.mark.parametrize("layout,rows_per_iter", [("il16w32", 2), ("il32w8", 1), ("il8w32", 1), ("il8w32", 3), ("il8w8", 1)])
 @settings(max_examples=6, **SETTINGS)
 @given(rc=dims, bits=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
 def test_other_layouts_and_row_tiling(layout, rows_per_iter, rc, bits, seed):

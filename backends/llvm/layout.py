@@ -72,6 +72,7 @@ LAYOUTS = {
     "il8w32": Layout("il8w32", 8, 32),
     "il16w32": Layout("il16w32", 16, 32),
     "il32w8": Layout("il32w8", 32, 8),
+    "il8w8": Layout("il8w8", 8, 8),  # 64-column blocks: narrow segments (learned allocation) pad 4x less than il8w32
     "canonical": Layout("canonical", 0, 0),
 }
 
