@@ -84,17 +84,23 @@ def main() -> None:
     print(table(rows, COLUMNS), flush=True)
     names = a.rows.split(",") if a.rows else list(ROWS)
     out_dir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="xbitc-acc-"))
-    for name in names:
-        art = out_dir / (name.replace(" ", "_") + ".xbitc")
-        seconds, peak, _ = run_cli_measured(["compile", gguf, "-o", str(art), *ROWS[name], *calib_args])
-        compiled = load(art)
-        s = compiled.manifest.size
-        rows.append({
-            "method": name, **(r := evaluate(compiled, wins, ref_logp)), "recovery": r["top1 acc"] / rows[0]["top1 acc"],
-            "bpw (whole)": s.bits_per_weight,
-            "bpw (linears)": s.linear_bits_per_weight, "MB": s.counted_bytes / 1e6, "compile s": seconds, "peak GiB": peak,
-        })
-        print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    stopped = None
+    try:
+        for name in names:
+            art = out_dir / (name.replace(" ", "_") + ".xbitc")
+            seconds, peak, _ = run_cli_measured(["compile", gguf, "-o", str(art), *ROWS[name], *calib_args])
+            compiled = load(art)
+            s = compiled.manifest.size
+            r = evaluate(compiled, wins, ref_logp)
+            rows.append({
+                "method": name, **r, "recovery": r["top1 acc"] / rows[0]["top1 acc"], "bpw (whole)": s.bits_per_weight,
+                "bpw (linears)": s.linear_bits_per_weight, "MB": s.counted_bytes / 1e6, "compile s": seconds,
+                "peak GiB": peak,
+            })
+            print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    except (KeyboardInterrupt, Exception) as err:  # keep what was measured: a long run stopped late still counts
+        stopped = f"{type(err).__name__} before rows {', '.join(names[len(rows) - 1:])!r}"
+        print(f"# stopped: {stopped}", flush=True)
     body = table(rows, COLUMNS)
     note = (
         f"SmolLM2-135M-Instruct, WikiText-2 test first {len(wins) * 1024:,} tokens, windows of 1,024; calibration "
@@ -104,8 +110,11 @@ def main() -> None:
         "reference implementations do. GPTQ: act-order, 1% dampening; float16 scale and b-bit zero point per group. "
         "recovery = top-1 accuracy / float top-1 accuracy."
     )
+    if stopped:
+        note += f" **Partial run**: stopped ({stopped})."
     print("\n" + body)
-    append("Accuracy: SmolLM2-135M" + (" (quick)" if a.quick else ""), note + "\n\n" + body,
+    append("Accuracy: SmolLM2-135M" + (" (quick)" if a.quick else "") + (" (partial)" if stopped else ""),
+           note + "\n\n" + body,
            "python bench/accuracy.py" + (" --quick" if a.quick else ""))
 
 
