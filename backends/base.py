@@ -29,9 +29,9 @@ class BackendUnavailable(RuntimeError):
 class Program:
     """Runs a lowered graph: the reference interpreter with the backend's packed-linear implementation."""
 
-    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None):
+    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None, weights: dict | None = None):
         self.graph = graph
-        self.interp = Interpreter(graph, linear_impl)
+        self.interp = Interpreter(graph, linear_impl, weights=weights)
         self._compiled = None
 
     def __call__(self, *inputs: Any) -> Any:
@@ -43,9 +43,7 @@ class Program:
     def companion(self, graph: Graph) -> Program:
         """A program for another graph over the same parameters (a language model's decode step): same linear
         implementation, same cache of dequantized tensors, so nothing is prepared or held twice."""
-        other = Program(graph, self.interp.linear_impl)
-        other.interp._weights = self.interp._weights
-        return other
+        return Program(graph, self.interp.linear_impl, weights=self.interp._weights)
 
 
 class Backend:

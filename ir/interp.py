@@ -25,11 +25,13 @@ def materialize(value: Any) -> torch.Tensor:
 
 
 class Interpreter:
-    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None, grad: bool = False):
+    def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None, grad: bool = False,
+                 weights: dict[str, torch.Tensor] | None = None):
         self.graph = graph
         self.grad = grad  # record autograd through the ops (sensitivity analysis); off for inference
         self.linear_impl = linear_impl
-        self._weights: dict[str, torch.Tensor] = {}
+        # float forms of parameters, filled on first use; another graph over the same parameters may share it
+        self._weights: dict[str, torch.Tensor] = {} if weights is None else weights
         self._by_name = graph.by_name()
         self._fns = {n.name: resolve(n.attrs["target"]) for n in graph.nodes if n.op in TARGET_OPS}
         last_use: dict[str, int] = {}
@@ -110,10 +112,8 @@ class Interpreter:
                 table = self.weight(self._by_name[n.args[1].name].attrs["name"])
                 env[n.name] = F.embedding(env[n.args[0].name], table)
             elif op is Op.RMSNORM:
-                x = env[n.args[0].name]
                 w = self.weight(self._by_name[n.args[1].name].attrs["name"])
-                xf = x.float()
-                env[n.name] = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.attrs["eps"])).to(x.dtype) * w
+                env[n.name] = rmsnorm(env[n.args[0].name], w, n.attrs["eps"])
             elif op is Op.OUTPUT:
                 outs = tuple(get(a) for a in n.args)
                 yield ("output", outs[0] if n.attrs.get("single", len(outs) == 1) else outs)
@@ -123,6 +123,11 @@ class Interpreter:
             for name in self._free_after.get(i, ()):
                 env.pop(name, None)
         raise RuntimeError("graph has no output node")
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def _substitute(v: Any, env: dict[str, Any]) -> Any:

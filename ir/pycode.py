@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .graph import LINEAR_OPS, TARGET_OPS, Op, Ref
+from .graph import LINEAR_OPS, TARGET_OPS, Op, Ref, _refs
+from .interp import rmsnorm
 
 
 def compile_interpreter(interp: Any) -> Callable[..., Any]:
@@ -40,14 +41,6 @@ def compile_interpreter(interp: Any) -> Callable[..., Any]:
         if isinstance(v, dict) and any(_has_ref(x) for x in v.values()):
             return "{" + ", ".join(f"{const(k)}: {expr(x)}" for k, x in v.items()) + "}"
         return const(v)
-
-    last_use: dict[str, int] = {}
-    for i, n in enumerate(g.nodes):
-        for r in n.refs():
-            last_use[r] = i
-    free_after: dict[int, list[str]] = {}
-    for name, i in last_use.items():
-        free_after.setdefault(i, []).append(name)
 
     inputs = [n for n in g.nodes if n.op is Op.INPUT]
     lines = [f"def _run(*inputs):", f"    if len(inputs) != {len(inputs)}:",
@@ -83,11 +76,11 @@ def compile_interpreter(interp: Any) -> Callable[..., Any]:
             lines.append(f"    {v} = FN[{i}]({', '.join(p for p in (args, kwargs) if p)})")
         else:
             raise NotImplementedError(f"no code for op {n.op.value}")
-        dead = [f"v{index[name]}" for name in free_after.get(i, ()) if index[name] != i]
+        dead = [f"v{index[name]}" for name in interp._free_after.get(i, ()) if index[name] != i]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     fns = {index[name]: fn for name, fn in interp._fns.items()}
-    scope = {"K": consts, "W": interp.weight, "LIN": interp._linear, "EMB": F.embedding, "RMS": _rmsnorm, "FN": fns}
+    scope = {"K": consts, "W": interp.weight, "LIN": interp._linear, "EMB": F.embedding, "RMS": rmsnorm, "FN": fns}
     exec(compile("\n".join(lines), f"<xbitc graph {id(g):x}>", "exec"), scope)  # noqa: S102 - source built above
     run = scope["_run"]
 
@@ -100,15 +93,4 @@ def compile_interpreter(interp: Any) -> Callable[..., Any]:
 
 
 def _has_ref(v: Any) -> bool:
-    if isinstance(v, Ref):
-        return True
-    if isinstance(v, (tuple, list)):
-        return any(_has_ref(x) for x in v)
-    if isinstance(v, dict):
-        return any(_has_ref(x) for x in v.values())
-    return False
-
-
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    return next(_refs(v), None) is not None

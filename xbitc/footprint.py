@@ -88,13 +88,8 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
                 bytes=_ITEM[code] * int(np.prod(shape)),
             )
     weights = safetensors_bytes(arrays)
-    by_name = graph.by_name()
-    renamed = sum(1 for n in graph.nodes if n.op is Op.LINEAR and by_name[n.args[1].name].attrs["name"] in plan)
-    graph_json = len(serialize.dumps(graph)) + len("packed_") * renamed
-    if graph.step is not None:  # step.json: the cached decode step, its linears renamed the same way
-        step_names = graph.step.by_name()
-        graph_json += len(serialize.dumps(graph.step)) + len("packed_") * sum(
-            1 for n in graph.step.nodes if n.op is Op.LINEAR and step_names[n.args[1].name].attrs["name"] in plan)
+    # graph.json, and step.json for the cached decode step: both have their planned linears renamed by packing
+    graph_json = sum(_json_bytes(g, plan) for g in (graph, graph.step) if g is not None)
     listed = ["graph.json", "weights.safetensors"] + (["step.json"] if graph.step is not None else [])
     size = Size(target_bpw=0.0, bits_per_weight=0.0, linear_bits_per_weight=0.0, counted_bytes=10**9,
                 files={**{f: 10**6 for f in listed}, "manifest.json": 10**5}, uncounted={})
@@ -106,3 +101,9 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
     )
     meta = len(manifest.model_dump_json(indent=1)) + PASS_RECORD_BYTES * passes
     return weights + graph_json + meta
+
+
+def _json_bytes(graph: Graph, plan: dict) -> int:
+    by_name = graph.by_name()
+    renamed = sum(1 for n in graph.nodes if n.op is Op.LINEAR and by_name[n.args[1].name].attrs["name"] in plan)
+    return len(serialize.dumps(graph)) + len("packed_") * renamed
