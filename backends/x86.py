@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import threading
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,12 +55,15 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
 from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
+from .llvm.rowlane import ROWS_KIND, RowLaneSpec
+from .llvm.rowlane import pack as rowlane_pack
 
 log = logging.getLogger("xbitc.backends.x86")
 
 ABI_VERSION = 1  # of the emitted kernels' C interface (argument list and meaning); bump on any change
 MIN_TASK_MACS = 1 << 20  # multiply-adds per thread task at least (~50 us of gemv work)
-ROW_ALIGN = 16  # row ranges start on multiples of this (the kernels process rows in pairs)
+ROW_ALIGN = 16  # row ranges start on multiples of this (gemv rows go in pairs, the column kernel's in 16s)
+ROWS_SPEC = RowLaneSpec()
 EMIT_TRIPLE = "x86_64-unknown-linux-gnu"
 _V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
 _V4 = _V3 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd"
@@ -121,6 +125,18 @@ def _get_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_num_threads, thread_name_prefix="xbitc-x86")
         return _pool
+
+
+LINEAR_KERNELS = ("rows", "segments")
+
+
+def linear_kernels() -> str:
+    """How packed linears run: "rows" (default: the row-lane kernel, one call per matrix) or "segments" (one
+    lane-interleaved kernel call per segment); `$XBITC_X86_LINEAR` picks, read when a model is lowered."""
+    choice = os.environ.get("XBITC_X86_LINEAR", "rows").strip() or "rows"
+    if choice not in LINEAR_KERNELS:
+        raise ValueError(f"XBITC_X86_LINEAR={choice!r}: expected one of {', '.join(LINEAR_KERNELS)}")
+    return choice
 
 
 def row_ranges(rows: int, macs: int, threads: int | None = None) -> list[tuple[int, int]]:
@@ -207,13 +223,12 @@ def _ptr(a: np.ndarray) -> int:
 class _Segment:
     """One segment of nonzero depth, ready to run: kernel-layout codes and pointers, or a float fallback."""
 
-    __slots__ = ("start", "stop", "ncols", "kcols", "bits", "idx", "plan", "kernel", "codes", "scales", "zeros",
+    __slots__ = ("start", "stop", "ncols", "kcols", "bits", "plan", "kernel", "codes", "scales", "zeros",
                  "ptrs", "weight", "fns")
 
-    def __init__(self, ps: PackedSegment, out: int, perm: np.ndarray | None, target: Target):
+    def __init__(self, ps: PackedSegment, out: int, target: Target):
         seg = ps.seg
         self.start, self.stop, self.ncols, self.bits = seg.start, seg.stop, seg.ncols, seg.bits
-        self.idx = None if perm is None else torch.from_numpy(np.asarray(perm[seg.start:seg.stop], dtype=np.int64))
         self.plan = plan = kernel_plan(seg.bits, seg.group_size, target, seg.ncols)
         self.kcols = seg.ncols  # columns the kernel sees
         if plan.how == "canonical" and seg.group_size >= seg.ncols:
@@ -266,17 +281,16 @@ class _Segment:
         k = self.kernel
         self.fns = (k.gemv, k.gemv_acc, k.gemm, k.gemm_acc)
 
-    def gather(self, x2: torch.Tensor, whole: bool) -> torch.Tensor:
-        """This segment's input columns of x2 [T, in] (contiguous float32) as a contiguous [T, kcols]."""
-        if self.kcols > self.ncols:  # zero-padded narrow segment
-            xs = torch.zeros(x2.shape[0], self.kcols, dtype=torch.float32)
-            xs[:, : self.ncols] = x2[:, self.start:self.stop] if self.idx is None else x2.index_select(1, self.idx)
-            return xs
-        if self.idx is not None:
-            return x2.index_select(1, self.idx)
+    def gather(self, xp: torch.Tensor, whole: bool) -> torch.Tensor:
+        """This segment's columns of xp [T, in] (the input already permuted) as a contiguous [T, kcols]."""
         if whole:
-            return x2
-        return x2[:, self.start:self.stop].contiguous()  # a view (no copy) when T == 1
+            return xp
+        xs = xp[:, self.start:self.stop]
+        if self.kcols > self.ncols:  # zero-padded narrow segment
+            pad = torch.zeros(xp.shape[0], self.kcols, dtype=torch.float32)
+            pad[:, : self.ncols] = xs
+            return pad
+        return xs.contiguous()  # a view (no copy) when T == 1
 
     def run(self, xs: torch.Tensor, y: torch.Tensor, rb: int, re: int, accumulate: bool) -> None:
         T, out = y.shape
@@ -299,35 +313,79 @@ class _Segment:
         return int(self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes)
 
 
+class _RowLane:
+    """The whole matrix as row-lane records (backends/llvm/rowlane.py): one kernel call per matrix and token batch,
+    vectorised over rows, every segment and depth inside it."""
+
+    def __init__(self, pss: list[PackedSegment], out: int, kernel: Any):
+        records = []
+        for ps in pss:
+            seg = ps.seg
+            raw = np.asarray(ps.codes, dtype=np.uint8).reshape(out, canonical_row_bytes(seg.ncols, seg.bits))
+            codes = unpack_fast(raw, seg.bits, seg.ncols)
+            scales = np.asarray(ps.scales, dtype=np.float16).reshape(out, seg.ngroups)
+            zeros = unpack_fast(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, seg.ngroups)
+            for g in range(seg.ngroups):
+                c0, c1 = g * seg.group_size, min(seg.ncols, (g + 1) * seg.group_size)
+                records.append((codes[:, c0:c1], scales[:, g], zeros[:, g], seg.start + c0, seg.bits))
+        self.buf, self.table = rowlane_pack(records, out)
+        self.nrec = len(records)
+        self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
+
+    def run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
+        T, inp = xp.shape
+        if T == 1:
+            self.gemv(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re)
+        else:
+            self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buf.nbytes + self.table.nbytes)
+
+
+def _rows_kernel(target: Target) -> Any:
+    try:
+        return compile_kernel(ROWS_SPEC, target, kinds=(ROWS_KIND,))
+    except Exception as err:  # then every segment runs on its own lane-interleaved kernel
+        _log_once(("rows",), logging.WARNING, f"x86: no row-lane kernel ({type(err).__name__}: {err}); "
+                  "segments run one lane-interleaved kernel call each")
+        return None
+
+
 class _Linear:
     def __init__(self, pm: PackedMatrix, target: Target):
         self.out, self.inp = pm.shape
-        perm = None if pm.perm is None else np.asarray(pm.perm)
-        self.segs = [_Segment(ps, self.out, perm, target) for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
-        self.whole = perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
-        self.active_cols = sum(s.ncols for s in self.segs)
+        self.perm = None if pm.perm is None else torch.from_numpy(np.asarray(pm.perm, dtype=np.int64))
+        live = [ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
+        kernel = _rows_kernel(target) if live and linear_kernels() == "rows" else None
+        self.rows = _RowLane(live, self.out, kernel) if kernel is not None else None
+        self.segs = [] if self.rows is not None else [_Segment(ps, self.out, target) for ps in live]
+        self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
+        self.active_cols = sum(ps.seg.ncols for ps in live)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         """x2: contiguous float32 [T, in] -> new float32 [T, out]."""
         T = x2.shape[0]
-        if not self.segs or T == 0:
+        segs, rows = self.segs, self.rows
+        if (not segs and rows is None) or T == 0:
             return torch.zeros(T, self.out, dtype=torch.float32)
+        # one gather by the permutation; segments read contiguous column ranges of it
+        xp = x2 if self.perm is None else x2.index_select(1, self.perm)
         y = torch.empty(T, self.out, dtype=torch.float32)
-        segs = self.segs
-        if len(segs) == 1:
-            xs = [segs[0].gather(x2, self.whole)]
+        if rows is not None:
+            work = partial(rows.run, xp, y)
         else:
-            xs = [s.gather(x2, False) for s in segs]
+            xs = [s.gather(xp, self.whole) for s in segs]
+
+            def work(rb: int, re: int) -> None:
+                for i, (s, xi) in enumerate(zip(segs, xs)):
+                    s.run(xi, y, rb, re, i > 0)
+
         ranges = row_ranges(self.out, self.out * self.active_cols * T) if _num_threads > 1 else None
         if ranges is None or len(ranges) == 1:
-            for i, (s, xi) in enumerate(zip(segs, xs)):
-                s.run(xi, y, 0, self.out, i > 0)
+            work(0, self.out)
             return y
-
-        def work(rb: int, re: int) -> None:
-            for i, (s, xi) in enumerate(zip(segs, xs)):
-                s.run(xi, y, rb, re, i > 0)
-
         futs = [_get_pool().submit(work, rb, re) for rb, re in ranges[1:]]
         try:
             work(*ranges[0])
@@ -337,6 +395,10 @@ class _Linear:
         for f in futs:
             f.result()
         return y
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segs) + (self.rows.nbytes if self.rows is not None else 0)
 
 
 class X86Linears:
@@ -362,7 +424,7 @@ class X86Linears:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for lin in self.linears.values() for s in lin.segs)
+        return sum(lin.nbytes for lin in self.linears.values())
 
     def __call__(self, x: torch.Tensor, packed: Any, bias: torch.Tensor | None, name: str) -> torch.Tensor:
         lin = self.linears.get(name)

@@ -355,3 +355,73 @@ def test_float16_conversion_without_f16c():
     assert_close(lin.gemv(x), reference_gemv(packed, s, z, x, bits, group), bound(packed, s, z, x, bits, group))
     xb = rng.standard_normal((3, cols)).astype(np.float32)
     assert_close(lin.gemm(xb), reference_gemv(packed, s, z, xb, bits, group), bound(packed, s, z, xb, bits, group))
+
+
+# ---------------------------------------------------------------------------------------- row-lane kernel
+
+
+def _rowlane_case(seed: int, rows: int, specs: list[tuple[int, int]], extreme: bool = False):
+    """Records of (bits, ncols) at consecutive x offsets, random (or extreme) codes / zeros, float16 scales."""
+    from xbitc.backends.llvm.rowlane import pack as rl_pack
+
+    rng = np.random.default_rng(seed)
+    recs, off = [], 0
+    for bits, n in specs:
+        hi = 1 << bits
+        pick = (lambda shape: rng.choice(np.array([0, hi - 1], np.uint8), size=shape)) if extreme else \
+            (lambda shape: rng.integers(0, hi, shape, dtype=np.uint8))
+        recs.append((pick((rows, n)), (rng.standard_normal(rows) * 0.05).astype(np.float16), pick(rows), off, bits))
+        off += n
+    buf, table = rl_pack(recs, rows)
+    return recs, buf, table, off
+
+
+def _rowlane_bound(recs, x):
+    """(2n + 64) u sum_j |s| (q + z) |x_j| per row: the same rigorous float32 bound as the other kernels (products
+    s*(q - z)*x formed as s*(sum q x) - (s z)(sum x), a few roundings each, summed in another order)."""
+    acc = np.zeros((x.shape[0], recs[0][0].shape[0])) if recs else np.zeros((x.shape[0], 0))
+    n = x.shape[1]
+    for q, s, z, off, _ in recs:
+        coef = np.abs(s.astype(np.float64))[:, None] * (q.astype(np.float64) + z.astype(np.float64)[:, None])
+        acc += np.abs(x[:, off:off + q.shape[1]]).astype(np.float64) @ coef.T
+    return (2 * n + 64) * U * acc
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 50),
+       specs=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 90)), min_size=1, max_size=6),
+       batch=st.sampled_from([1, 2, 5]), extreme=st.booleans())
+def test_rowlane_kernel_matches_reference(seed, rows, specs, batch, extreme):
+    """Every depth, packed and byte records, widths that are not multiples of 32, row counts that are not
+    multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block."""
+    from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec, reference_rows
+
+    k = compile_kernel(RowLaneSpec(), kinds=(ROWS_KIND,))
+    recs, buf, table, n = _rowlane_case(seed, rows, specs, extreme)
+    x = np.random.default_rng(seed + 1).standard_normal((batch, n)).astype(np.float32)
+    exact = reference_rows([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
+    tol = _rowlane_bound(recs, x)
+    for rb in sorted({0, 16 * (rows // 32)}):
+        y = np.full((batch, rows), np.nan, dtype=np.float32)
+        if batch == 1:
+            k.rows_gemv(table.ctypes.data, len(recs), x.ctypes.data, y.ctypes.data, rb, rows)
+        else:
+            k.rows_gemm(table.ctypes.data, len(recs), x.ctypes.data, y.ctypes.data, rb, rows, batch, n, rows)
+        assert np.isnan(y[:, :rb]).all()  # rows outside the range are not written
+        assert np.all(np.abs(y[:, rb:] - exact[:, rb:]) <= tol[:, rb:] + 1e-30)
+
+
+def test_rowlane_record_formats():
+    """Packed at the record's depth unless bytes are smaller; the packed stream is the documented bit layout."""
+    from xbitc.backends.llvm.rowlane import BYTES_KIND, layout_codes, record_kind
+
+    assert record_kind(3, 3) == BYTES_KIND and record_kind(8, 1) == BYTES_KIND  # 3 bytes < 32*3 bits; 1 < 32
+    assert record_kind(3, 20) == 3 and record_kind(2, 128) == 2  # 20 bytes > 12; 128 > 32
+    codes = np.arange(17 * 40, dtype=np.int64).reshape(17, 40) % 8
+    flat = layout_codes(codes.astype(np.uint8), 3)
+    assert flat.size == 2 * 2 * 3 * 16 * 4  # 2 row blocks x 2 column blocks x 3 words x 16 lanes x 4 bytes
+    words = flat.view("<u4").reshape(2, 2, 3, 16)
+    for r, j in [(0, 0), (5, 31), (16, 39), (3, 10)]:
+        w = words[r // 16, j // 32, :, r % 16]
+        stream = sum(int(v) << (32 * i) for i, v in enumerate(w))
+        assert (stream >> (3 * (j % 32))) & 7 == codes[r, j]

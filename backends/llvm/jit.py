@@ -28,6 +28,7 @@ import llvmlite.binding as llvm
 
 from .codegen import GENERATOR_VERSION, KINDS, KernelSpec, Target, default_spec, generate_module, symbol_names
 from .layout import get_layout, ngroups, repack
+from .rowlane import ROWS_KIND, RowLaneSpec, generate_rows_module
 
 OPT_LEVEL = 3  # codegen (instruction selection / scheduling / register allocation) level
 # The generated IR is already explicitly vectorised and unrolled, so the full -O3 module pipeline buys nothing at run
@@ -42,6 +43,10 @@ _stats = {"codegen": 0, "disk_hits": 0, "memory_hits": 0, "disk_writes": 0}
 
 GEMV_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5), *([ctypes.c_int64] * 3))
 GEMM_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5), *([ctypes.c_int64] * 5))
+ROWS_GEMV_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                   *([ctypes.c_int64] * 2))
+ROWS_GEMM_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                   *([ctypes.c_int64] * 5))
 
 
 def _init() -> None:
@@ -104,7 +109,10 @@ def _target_machine(target: Target, jit: bool):
 def build_module(spec: KernelSpec, target: Target, tm=None, kinds=KINDS):
     """Generate, parse, verify and optimize the kernel module; returns an llvmlite ModuleRef."""
     tm = tm or _target_machine(target, jit=False)
-    irmod = generate_module(spec, target, kinds)
+    if isinstance(spec, RowLaneSpec):
+        irmod = generate_rows_module(spec, target)
+    else:
+        irmod = generate_module(spec, target, kinds)
     irmod.data_layout = str(tm.target_data)
     mod = llvm.parse_assembly(str(irmod))
     mod.verify()
@@ -229,6 +237,15 @@ class CompiledKernel:
     def gemm_acc(self):
         return self._part("gemm")[1]
 
+    @property
+    def rows_gemv(self):
+        """The row-lane kernels of a RowLaneSpec (backends/llvm/rowlane.py)."""
+        return self._part(ROWS_KIND)[0]
+
+    @property
+    def rows_gemm(self):
+        return self._part(ROWS_KIND)[1]
+
     def _load(self, kind: str) -> tuple:
         spec, target = self.spec, self.target
         fp = fingerprint(spec, target, kind)
@@ -254,9 +271,12 @@ class CompiledKernel:
         engine = llvm.create_mcjit_compiler(empty, tm)
         engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         engine.finalize_object()
-        proto = GEMV_PROTO if kind == "gemv" else GEMM_PROTO
+        if kind == ROWS_KIND:
+            protos = dict(zip(spec.names(), (ROWS_GEMV_PROTO, ROWS_GEMM_PROTO)))
+        else:
+            protos = dict.fromkeys(symbol_names(spec, kind), GEMV_PROTO if kind == "gemv" else GEMM_PROTO)
         fns = []
-        for name in symbol_names(spec, kind):
+        for name, proto in protos.items():
             addr = engine.get_function_address(name)
             if not addr:
                 raise RuntimeError(f"symbol {name} not found in compiled kernel object")

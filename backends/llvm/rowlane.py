@@ -1,0 +1,383 @@
+"""The row-lane kernel: a whole mixed-depth linear in one call, vectorised over rows.
+
+Why. Learned allocation cuts every weight matrix into segments of equal depth, and most are short: on the 3.0 bpw
+SmolLM2-135M, 998 segments over 211 matrices, 642 of them under 64 columns (an outlier column at 8 bits, say), with
+rows of only 576-1536 columns. The lane-interleaved gemv kernels (codegen.py) put vector lanes on columns, so every
+row of every segment ends in a horizontal sum, a zero-point dot product and a store, and every segment is a call:
+a decode step spent most of its kernel time in that per-row, per-segment overhead, not in arithmetic. Here lanes
+are *rows*: 16 rows advance together through the columns, one broadcast x[j] feeds 16 multiply-adds, partial sums
+stay vertical (no horizontal sums at all), and one call walks every segment of the matrix, whatever its depth.
+
+    y[r] = sum_records s_g[r] * (sum_{j in g} q[r, j] x[j]) - s_g[r] z_g[r] (sum_{j in g} x[j])
+
+Records. A record is one scale group of one segment (a multi-group segment is one record per group):
+7 int64 each -- kind, ncols, codes, scales, zeros (byte addresses of the record's data in row block 0), x_offset
+(the group's first column in the permuted input), stride (bytes from one row block's data to the next). `pack`
+lays every record of a matrix out in one buffer, row block by row block ([codes, 16 float16 scales, 16 uint8 zero
+points] of record 0, then record 1, ...), so a row block is one sequential read however many records there are.
+Two code formats, chosen per record by fewer bytes (`record_kind`):
+
+* kind 1..8 (packed, that many bits): blocks of 16 rows x 32 columns; a block is `bits` vectors of 16 x uint32, word
+  w of lane l holding bits [32w, 32w+32) of row l's LSB-first stream of 32 codes (code k at bits k*b..k*b+b-1).
+  Blocks of one row block follow each other along the columns; the last is zero padded. The extraction of code k is
+  the same compile-time shift/mask as the interleaved kernels' (`codegen.emit_extract`).
+* kind 9 (bytes): one byte per code, [rows/16][ncols][16] -- for records so narrow (e.g. 3 columns) that padding
+  them to 32 would cost more bytes than one byte per code.
+
+Functions::
+
+    void xbitc_rows_gemv(const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin,
+                         int64_t rows_end)
+    void xbitc_rows_gemm(const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin,
+                         int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy)
+
+y = W x (written, never read): y[r] (gemv) / y[t*ldy + r] (gemm), rows in [rows_begin, rows_end), rows_begin a
+multiple of 16, so disjoint row ranges run on different threads. gemm decodes each block's codes once per 8
+columns and applies them to every token (partial sums per token in a stack buffer), so prefill does not re-extract
+codes per token. Padding columns carry code 0; their x index is clamped to a valid column, so nothing past a
+record's columns is read and padding contributes exactly 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+
+from .codegen import F32, I1, I8, I16, I32, I64, P, V, VOID, Emitter, ci, cvec, emit_extract
+
+ROWS_KIND = "rows"
+ROWS_VERSION = 2  # of the record format and code generator: part of the cache key
+REC_FIELDS = 7
+BYTES_KIND = 9
+LANES = 16
+BLOCK_COLS = 32
+CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers while tokens stream by)
+
+
+@dataclass(frozen=True)
+class RowLaneSpec:
+    unroll_accs: int = 4  # independent accumulators in gemv (hide the FMA latency)
+    symbol_suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.unroll_accs < 1:
+            raise ValueError("unroll_accs must be >= 1")
+        if self.symbol_suffix and not (self.symbol_suffix.isascii() and self.symbol_suffix.replace("_", "").isalnum()):
+            raise ValueError(f"symbol_suffix must be [A-Za-z0-9_], got {self.symbol_suffix!r}")
+
+    @property
+    def _sfx(self) -> str:
+        return f"_{self.symbol_suffix}" if self.symbol_suffix else ""
+
+    @property
+    def gemv_name(self) -> str:
+        return "xbitc_rows_gemv" + self._sfx
+
+    @property
+    def gemm_name(self) -> str:
+        return "xbitc_rows_gemm" + self._sfx
+
+    def names(self) -> tuple[str, str]:
+        return self.gemv_name, self.gemm_name
+
+    def key(self) -> str:
+        return f"rows{ROWS_VERSION}_l{LANES}_w{BLOCK_COLS}_a{self.unroll_accs}" + (f"_s{self.symbol_suffix}" if self.symbol_suffix else "")
+
+
+# ------------------------------------------------------------------------------------------------ host-side layout
+
+
+def record_kind(bits: int, ncols: int) -> int:
+    """Packed at `bits` unless one byte per code is smaller than padding the record to whole 32-column blocks."""
+    padded = -(-ncols // BLOCK_COLS) * BLOCK_COLS
+    return BYTES_KIND if ncols * 8 < padded * bits else bits
+
+
+def rows_padded(rows: int) -> int:
+    return -(-rows // LANES) * LANES
+
+
+def layout_codes(codes: np.ndarray, kind: int) -> np.ndarray:
+    """[rows, ncols] uint8 codes -> the record's flat uint8 code array (rows zero padded to 16)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    rows, ncols = codes.shape
+    rp = rows_padded(rows)
+    if kind == BYTES_KIND:
+        buf = np.zeros((rp, ncols), dtype=np.uint8)
+        buf[:rows] = codes
+        return np.ascontiguousarray(buf.reshape(rp // LANES, LANES, ncols).transpose(0, 2, 1)).reshape(-1)
+    bits = kind
+    ncb = -(-ncols // BLOCK_COLS)
+    buf = np.zeros((rp, ncb * BLOCK_COLS), dtype=np.uint8)
+    buf[:rows, :ncols] = codes
+    # bit planes: [rp, ncb, 32 codes, bits] -> LSB-first stream of 32*bits bits -> `bits` little-endian uint32 words
+    planes = (buf.reshape(rp, ncb, BLOCK_COLS, 1) >> np.arange(bits, dtype=np.uint8)) & 1
+    words = np.packbits(planes.reshape(rp, ncb, bits, 32), axis=-1, bitorder="little")  # [rp, ncb, bits, 4]
+    # -> [row block, column block, word, lane, 4 bytes]
+    out = words.reshape(rp // LANES, LANES, ncb, bits, 4).transpose(0, 2, 3, 1, 4)
+    return np.ascontiguousarray(out).reshape(-1)
+
+
+def pack(records, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """records = [(codes [rows, n] uint8, scales [rows] float16, zeros [rows] uint8, x_offset, bits)] -> (one
+    uint8 buffer with every record's row blocks interleaved, the int64 record table pointing into it). The buffer
+    must outlive every call."""
+    rp = rows_padded(rows)
+    nrb = rp // LANES
+    parts, meta, width = [], [], 0
+    for codes, scales, zeros, off, bits in records:
+        kind = record_kind(bits, codes.shape[1])
+        c = layout_codes(codes, kind).reshape(nrb, -1)
+        sc = np.zeros(rp, dtype=np.float16)
+        sc[:rows] = scales
+        zp = np.zeros(rp, dtype=np.uint8)
+        zp[:rows] = zeros
+        block = np.concatenate([c, sc.view(np.uint8).reshape(nrb, 2 * LANES), zp.reshape(nrb, LANES)], axis=1)
+        parts.append(block)
+        meta.append((kind, codes.shape[1], width, width + c.shape[1], width + c.shape[1] + 2 * LANES, off))
+        width += block.shape[1]
+    buf = np.ascontiguousarray(np.concatenate(parts, axis=1)).reshape(-1) if parts else np.zeros(0, np.uint8)
+    base = buf.ctypes.data
+    table = [[kind, n, base + c0, base + s0, base + z0, off, width] for kind, n, c0, s0, z0, off in meta]
+    return buf, np.asarray(table, dtype=np.int64).reshape(-1, REC_FIELDS)
+
+
+def reference_rows(records, x: np.ndarray, rows: int) -> np.ndarray:
+    """numpy oracle in float64: records = [(codes [rows, n] uint8, scales [rows], zeros [rows], x_offset)]."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    y = np.zeros((x.shape[0], rows))
+    for codes, s, z, off in records:
+        n = codes.shape[1]
+        w = np.asarray(s, np.float64)[:, None] * (codes.astype(np.float64) - np.asarray(z, np.float64)[:, None])
+        y += x[:, off:off + n] @ w.T
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ code generation
+
+
+def _masked_store(e: Emitter, val, ptr, mask):
+    n = val.type.count
+    vt = V(F32, n)
+    fn = e.intrinsic(f"llvm.masked.store.v{n}f32.p0", VOID, [vt, P(vt), I32, V(I1, n)])
+    e.b.call(fn, [val, e.b.bitcast(ptr, P(vt)), ci(4, I32), mask])
+
+
+class _Gen:
+    """Shared pieces of the gemv and gemm functions."""
+
+    def __init__(self, e: Emitter, spec: RowLaneSpec):
+        self.e, self.spec = e, spec
+        self.vf = V(F32, LANES)
+        self.zero = cvec(F32, LANES, 0.0)
+        self.lane = cvec(I64, LANES, list(range(LANES)))
+
+    def field(self, rec, s, k, ty=None):
+        b = self.e.b
+        v = b.load(b.gep(rec, [b.add(b.mul(s, ci(REC_FIELDS)), ci(k))], inbounds=True), align=8)
+        return b.inttoptr(v, ty) if ty is not None else v
+
+    def x_at(self, xrow, j, n):
+        """x[j] for column j of a record of n columns (j clamped: padding columns meet code 0)."""
+        b = self.e.b
+        j = b.select(b.icmp_signed("<", j, n), j, b.sub(n, ci(1)))
+        return b.load(b.gep(xrow, [j], inbounds=True), align=4)
+
+    def xsum(self, xrow, n):
+        """sum of x[0:n] (vector loop, masked tail)."""
+        e, b = self.e, self.e.b
+
+        def body(j, acc):
+            mask = b.icmp_signed("<", self.lane, e.bcast(b.sub(n, j), LANES))
+            return [b.fadd(acc[0], e.masked_load_f32(b.gep(xrow, [j], inbounds=True), LANES, mask))]
+
+        (v,) = e.loop(ci(0), n, ci(LANES), [self.zero], body, name="xs")
+        return e.hsum(v)
+
+    def packed_codes(self, crow, blk, bits, k0, k1):
+        """Float code vectors of columns k0..k1-1 of block blk (16 rows each)."""
+        e, b = self.e, self.e.b
+        wt = V(I32, LANES)
+        base = b.mul(blk, ci(bits * LANES * 4))
+        words = [e.load(crow, b.add(base, ci(w * LANES * 4)), wt, 4) for w in range(bits)]
+        return [b.sitofp(emit_extract(e, words, bits, 32, k, scaled=False), self.vf) for k in range(k0, k1)]
+
+    def byte_code(self, crow, j):
+        e, b = self.e, self.e.b
+        return b.uitofp(e.load(crow, b.mul(j, ci(LANES)), V(I8, LANES), 1), self.vf)
+
+    def at_block(self, rec, s, k, blk_row):
+        """Address of field k's data in row block blk_row."""
+        b = self.e.b
+        off = b.mul(blk_row, self.field(rec, s, 6))
+        return b.inttoptr(b.add(self.field(rec, s, k), off), P(I8))
+
+    def scale_zero(self, rec, s, blk_row):
+        """(s, s*z) vectors of the record for the row block's 16 rows."""
+        e, b = self.e, self.e.b
+        sv = e.f16_to_f32(e.load(self.at_block(rec, s, 3, blk_row), ci(0), V(I16, LANES), 2))
+        zv = b.uitofp(e.load(self.at_block(rec, s, 4, blk_row), ci(0), V(I8, LANES), 1), self.vf)
+        return sv, b.fmul(sv, zv)
+
+    def switch_kind(self, kind, emit_kind):
+        """switch (kind) { case 1..9: emit_kind(k) }"""
+        b = self.e.b
+        fn = b.block.function
+        done = fn.append_basic_block("kind.done")
+        sw = b.switch(kind, done)
+        for k in list(range(1, 9)) + [BYTES_KIND]:
+            bb = fn.append_basic_block(f"kind{k}")
+            sw.add_case(ci(k), bb)
+            b.position_at_end(bb)
+            emit_kind(k)
+            b.branch(done)
+        b.position_at_end(done)
+
+
+def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
+    g = _Gen(e, spec)
+    A = spec.unroll_accs
+    fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(F32), I64, I64]), name=spec.gemv_name)
+    rec, nrec, x, y, rb, re = fn.args
+    y.add_attribute("noalias")
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    acc_slot = b.alloca(g.vf, name="acc")  # the record's sum, carried out of the kind switch
+    acc_slot.align = 64
+
+    def rowblock(r, _):
+        blk_row = b.sdiv(r, ci(LANES))
+
+        def record(s, yv):
+            kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
+            crow = g.at_block(rec, s, 2, blk_row)
+            xrow = b.gep(x, [g.field(rec, s, 5)], inbounds=True)
+
+            def emit_kind(k):
+                if k == BYTES_KIND:
+                    nu = b.mul(b.sdiv(n, ci(A)), ci(A))
+
+                    def cols(j, accs):
+                        return [e.fmuladd(g.byte_code(crow, b.add(j, ci(u))),
+                                          e.bcast(g.x_at(xrow, b.add(j, ci(u)), n), LANES), accs[u]) for u in range(A)]
+
+                    accs = e.loop(ci(0), nu, ci(A), [g.zero] * A, cols, name="bcol")
+                    (a0,) = e.loop(nu, n, ci(1), [accs[0]],
+                                   lambda j, a: [e.fmuladd(g.byte_code(crow, j), e.bcast(g.x_at(xrow, j, n), LANES), a[0])],
+                                   name="bcolr")
+                    accs[0] = a0
+                else:
+                    nb = b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS))
+
+                    def block(blk, accs):
+                        accs = list(accs)
+                        c0 = b.mul(blk, ci(BLOCK_COLS))
+                        for kk, q in enumerate(g.packed_codes(crow, blk, k, 0, BLOCK_COLS)):
+                            xj = g.x_at(xrow, b.add(c0, ci(kk)), n)
+                            accs[kk % A] = e.fmuladd(q, e.bcast(xj, LANES), accs[kk % A])
+                        return accs
+
+                    accs = e.loop(ci(0), nb, ci(1), [g.zero] * A, block, name="blk")
+                tot = accs[0]
+                for a in accs[1:]:
+                    tot = b.fadd(tot, a)
+                b.store(tot, acc_slot)
+
+            g.switch_kind(kind, emit_kind)
+            sv, szv = g.scale_zero(rec, s, blk_row)
+            yv = e.fmuladd(sv, b.load(acc_slot), yv[0])
+            return [e.fmuladd(b.fneg(szv), e.bcast(g.xsum(xrow, n), LANES), yv)]
+
+        (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
+        left = b.sub(re, r)
+        mask = b.icmp_signed("<", g.lane, e.bcast(left, LANES))
+        _masked_store(e, yv, b.gep(y, [r], inbounds=True), mask)
+        return []
+
+    e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
+    b.ret_void()
+    return fn
+
+
+def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
+    g = _Gen(e, spec)
+    fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(F32), I64, I64, I64, I64, I64]),
+                     name=spec.gemm_name)
+    rec, nrec, x, y, rb, re, batch, ldx, ldy = fn.args
+    y.add_attribute("noalias")
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    ybuf = b.alloca(g.vf, size=batch, name="ybuf")  # per token: y of the 16 rows
+    ybuf.align = 64
+    abuf = b.alloca(g.vf, size=batch, name="abuf")  # per token: the current record's sum
+    abuf.align = 64
+
+    def rowblock(r, _):
+        blk_row = b.sdiv(r, ci(LANES))
+        e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(g.zero, ybuf, t, 64), [])[1], name="yz")
+
+        def record(s, _):
+            kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
+            crow = g.at_block(rec, s, 2, blk_row)
+            off = g.field(rec, s, 5)
+            e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(g.zero, abuf, t, 64), [])[1], name="az")
+
+            def apply(qs, c0):
+                """abuf[t] += sum_i qs[i] * x[t, c0 + i] for every token."""
+
+                def tok(t, _):
+                    xrow = b.gep(x, [b.add(b.mul(t, ldx), off)], inbounds=True)
+                    a = e.load(abuf, t, g.vf, 64)
+                    for i, q in enumerate(qs):
+                        a = e.fmuladd(q, e.bcast(g.x_at(xrow, b.add(c0, ci(i)), n), LANES), a)
+                    e.store(a, abuf, t, 64)
+                    return []
+
+                e.loop(ci(0), batch, ci(1), [], tok, name="tok")
+
+            def emit_kind(k):
+                if k == BYTES_KIND:
+                    e.loop(ci(0), n, ci(1), [], lambda j, _: (apply([g.byte_code(crow, j)], j), [])[1], name="bcol")
+                else:
+                    nb = b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS))
+
+                    def block(blk, _):
+                        for k0 in range(0, BLOCK_COLS, CHUNK):
+                            apply(g.packed_codes(crow, blk, k, k0, k0 + CHUNK), b.add(b.mul(blk, ci(BLOCK_COLS)), ci(k0)))
+                        return []
+
+                    e.loop(ci(0), nb, ci(1), [], block, name="blk")
+
+            g.switch_kind(kind, emit_kind)
+            sv, szv = g.scale_zero(rec, s, blk_row)
+
+            def flush(t, _):
+                xs = g.xsum(b.gep(x, [b.add(b.mul(t, ldx), off)], inbounds=True), n)
+                yv = e.fmuladd(sv, e.load(abuf, t, g.vf, 64), e.load(ybuf, t, g.vf, 64))
+                e.store(e.fmuladd(b.fneg(szv), e.bcast(xs, LANES), yv), ybuf, t, 64)
+                return []
+
+            e.loop(ci(0), batch, ci(1), [], flush, name="flush")
+            return []
+
+        e.loop(ci(0), nrec, ci(1), [], record, name="rec")
+        mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r), LANES))
+
+        def store(t, _):
+            _masked_store(e, e.load(ybuf, t, g.vf, 64), b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
+            return []
+
+        e.loop(ci(0), batch, ci(1), [], store, name="ys")
+        return []
+
+    e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
+    b.ret_void()
+    return fn
+
+
+def generate_rows_module(spec: RowLaneSpec, target) -> ir.Module:
+    m = ir.Module(name=f"xbitc_{spec.key()}")
+    m.triple = target.triple
+    e = Emitter(m, target)
+    _gen_gemv(e, spec)
+    _gen_gemm(e, spec)
+    return m
