@@ -317,7 +317,7 @@ class _RowLane:
     """The whole matrix as row-lane records (backends/llvm/rowlane.py): one kernel call per matrix and token batch,
     vectorised over rows, every segment and depth inside it."""
 
-    def __init__(self, pss: list[PackedSegment], out: int, kernel: Any):
+    def __init__(self, pss: list[PackedSegment], out: int, perm: np.ndarray | None, kernel: Any):
         records = []
         for ps in pss:
             seg = ps.seg
@@ -331,13 +331,17 @@ class _RowLane:
         self.buf, self.table = rowlane_pack(records, out)
         self.nrec = len(records)
         self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
+        self.perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int32)
+        self.perm_ptr = None if perm is None else _ptr(self.perm)
 
-    def run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
+    def gemv_run(self, x2: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
+        """One token, x2 the unpermuted input (the kernel gathers by the permutation as it copies x)."""
+        self.gemv(_ptr(self.table), self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
+
+    def gemm_run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
+        """Several tokens, xp the permuted input."""
         T, inp = xp.shape
-        if T == 1:
-            self.gemv(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re)
-        else:
-            self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[1])
+        self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -359,7 +363,7 @@ class _Linear:
         self.perm = None if pm.perm is None else torch.from_numpy(np.asarray(pm.perm, dtype=np.int64))
         live = [ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
         kernel = _rows_kernel(target) if live and linear_kernels() == "rows" else None
-        self.rows = _RowLane(live, self.out, kernel) if kernel is not None else None
+        self.rows = _RowLane(live, self.out, pm.perm, kernel) if kernel is not None else None
         self.segs = [] if self.rows is not None else [_Segment(ps, self.out, target) for ps in live]
         self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(ps.seg.ncols for ps in live)
@@ -370,12 +374,14 @@ class _Linear:
         segs, rows = self.segs, self.rows
         if (not segs and rows is None) or T == 0:
             return torch.zeros(T, self.out, dtype=torch.float32)
-        # one gather by the permutation; segments read contiguous column ranges of it
-        xp = x2 if self.perm is None else x2.index_select(1, self.perm)
         y = torch.empty(T, self.out, dtype=torch.float32)
-        if rows is not None:
-            work = partial(rows.run, xp, y)
+        if rows is not None and T == 1:
+            work = partial(rows.gemv_run, x2, y)
+        elif rows is not None:
+            work = partial(rows.gemm_run, x2 if self.perm is None else x2.index_select(1, self.perm), y)
         else:
+            # one gather by the permutation; segments read contiguous column ranges of it
+            xp = x2 if self.perm is None else x2.index_select(1, self.perm)
             xs = [s.gather(xp, self.whole) for s in segs]
 
             def work(rb: int, re: int) -> None:

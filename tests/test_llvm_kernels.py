@@ -404,7 +404,7 @@ def test_rowlane_kernel_matches_reference(seed, rows, specs, batch, extreme):
     for rb in sorted({0, 16 * (rows // 32)}):
         y = np.full((batch, rows), np.nan, dtype=np.float32)
         if batch == 1:
-            k.rows_gemv(table.ctypes.data, len(recs), x.ctypes.data, y.ctypes.data, rb, rows)
+            k.rows_gemv(table.ctypes.data, len(recs), x.ctypes.data, None, y.ctypes.data, rb, rows)
         else:
             k.rows_gemm(table.ctypes.data, len(recs), x.ctypes.data, y.ctypes.data, rb, rows, batch, n, rows)
         assert np.isnan(y[:, :rb]).all()  # rows outside the range are not written

@@ -44,7 +44,7 @@ _stats = {"codegen": 0, "disk_hits": 0, "memory_hits": 0, "disk_writes": 0}
 GEMV_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5), *([ctypes.c_int64] * 3))
 GEMM_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 5), *([ctypes.c_int64] * 5))
 ROWS_GEMV_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                   *([ctypes.c_int64] * 2))
+                                   ctypes.c_void_p, *([ctypes.c_int64] * 2))
 ROWS_GEMM_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                    *([ctypes.c_int64] * 5))
 

@@ -26,12 +26,14 @@ Two code formats, chosen per record by fewer bytes (`record_kind`):
 
 Functions::
 
-    void xbitc_rows_gemv(const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin,
-                         int64_t rows_end)
+    void xbitc_rows_gemv(const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y,
+                         int64_t rows_begin, int64_t rows_end)
     void xbitc_rows_gemm(const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin,
                          int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy)
 
-y = W x (written, never read): y[r] (gemv) / y[t*ldy + r] (gemm), rows in [rows_begin, rows_end), rows_begin a
+gemv reads x through the matrix's column permutation (x[perm[j]], perm NULL = identity) while it copies x once
+per call; gemm reads an x already gathered by it. y = W x (written, never read): y[r] (gemv) / y[t*ldy + r] (gemm),
+rows in [rows_begin, rows_end), rows_begin a
 multiple of 16, so disjoint row ranges run on different threads. gemm decodes each block's codes once per 8
 columns and applies them to every token (partial sums per token in a stack buffer), so prefill does not re-extract
 codes per token. Padding columns carry code 0; their x index is clamped to a valid column, so nothing past a
@@ -44,10 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 
-from .codegen import F32, I1, I8, I16, I32, I64, P, V, VOID, Emitter, ci, cvec, emit_extract
+from .codegen import F32, I1, I8, I16, I32, I64, P, V, VOID, Emitter, ci, cvec, emit_extract, extraction_plan
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 2  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 5  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
@@ -195,13 +197,14 @@ class _Gen:
         (v,) = e.loop(ci(0), n, ci(LANES), [self.zero], body, name="xs")
         return e.hsum(v)
 
-    def packed_codes(self, crow, blk, bits, k0, k1):
-        """Float code vectors of columns k0..k1-1 of block blk (16 rows each)."""
+    def packed_codes(self, crow, blk, bits, k0, k1, scaled=False):
+        """Float code vectors of columns k0..k1-1 of block blk (16 rows each); `scaled`: code k as q * 2**o
+        (mask-only extraction, see codegen.extraction_plan), for an x pre-scaled by 2**-o."""
         e, b = self.e, self.e.b
         wt = V(I32, LANES)
         base = b.mul(blk, ci(bits * LANES * 4))
         words = [e.load(crow, b.add(base, ci(w * LANES * 4)), wt, 4) for w in range(bits)]
-        return [b.sitofp(emit_extract(e, words, bits, 32, k, scaled=False), self.vf) for k in range(k0, k1)]
+        return [b.sitofp(emit_extract(e, words, bits, 32, k, scaled), self.vf) for k in range(k0, k1)]
 
     def byte_code(self, crow, j):
         e, b = self.e, self.e.b
@@ -235,15 +238,66 @@ class _Gen:
         b.position_at_end(done)
 
 
+def _x_scale_table(e: Emitter):
+    """[kind][k] = 2**-o where code k of a `kind`-bit block is extracted as q * 2**o (mask only, no shift), else 1."""
+    rows = [[1.0] * BLOCK_COLS]
+    for bits in range(1, BYTES_KIND + 1):
+        rows.append([2.0 ** extraction_plan(bits, 32, k, True)[3] if bits <= 8 else 1.0 for k in range(BLOCK_COLS)])
+    ty = ir.ArrayType(ir.ArrayType(F32, BLOCK_COLS), len(rows))
+    tab = ir.GlobalVariable(e.m, ty, name="xbitc_rows_xscale")
+    tab.global_constant = True
+    tab.linkage = "internal"
+    tab.initializer = ir.Constant(ty, [ir.Constant(ty.element, r) for r in rows])
+    return tab
+
+
 def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
+    """Prologue once per call: every record's x, zero padded to its code width and pre-scaled for mask-only code
+    extraction, into one stack buffer, and its sum. Then per 16-row block: the records' code blocks against it."""
     g = _Gen(e, spec)
     A = spec.unroll_accs
-    fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(F32), I64, I64]), name=spec.gemv_name)
-    rec, nrec, x, y, rb, re = fn.args
+    fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(I32), P(F32), I64, I64]), name=spec.gemv_name)
+    rec, nrec, x, perm, y, rb, re = fn.args
     y.add_attribute("noalias")
     b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
     acc_slot = b.alloca(g.vf, name="acc")  # the record's sum, carried out of the kind switch
     acc_slot.align = 64
+    tab = _x_scale_table(e)
+
+    def width(kind, n):  # columns the record's codes cover
+        padded = b.mul(b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS)), ci(BLOCK_COLS))
+        return b.select(b.icmp_signed("==", kind, ci(BYTES_KIND)), n, padded)
+
+    (total,) = e.loop(ci(0), nrec, ci(1), [ci(0)],
+                      lambda s, t: [b.add(t[0], width(g.field(rec, s, 0), g.field(rec, s, 1)))], name="tot")
+    xsc = b.alloca(F32, size=b.add(total, ci(LANES)), name="xsc")
+    xsc.align = 64
+    xsums = b.alloca(F32, size=b.add(nrec, ci(1)), name="xsums")
+    xbase = b.alloca(I64, size=b.add(nrec, ci(1)), name="xbase")
+
+    permuted = b.icmp_unsigned("!=", b.ptrtoint(perm, I64), ci(0))
+
+    def prologue(s, base):
+        kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
+        off = g.field(rec, s, 5)
+        w = width(kind, n)
+
+        def col(j, acc):
+            jj = b.add(off, b.select(b.icmp_signed("<", j, n), j, b.sub(n, ci(1))))
+            (src,) = e.if_then_values(permuted, [jj], lambda v: [b.sext(b.load(b.gep(perm, [v[0]], inbounds=True),
+                                                                                align=4), I64)], name="perm")
+            xj = b.load(b.gep(x, [src], inbounds=True), align=4)
+            xj = b.select(b.icmp_signed("<", j, n), xj, ir.Constant(F32, 0.0))
+            sc = b.load(b.gep(tab, [ci(0), kind, b.srem(j, ci(BLOCK_COLS))], inbounds=True), align=4)
+            e.store(b.fmul(xj, sc), xsc, b.add(base[0], j), 4)
+            return [b.fadd(acc[0], xj)]
+
+        (xs,) = e.loop(ci(0), w, ci(1), [ir.Constant(F32, 0.0)], col, name="pro")
+        e.store(xs, xsums, s, 4)
+        e.store(base[0], xbase, s, 8)
+        return [b.add(base[0], w)]
+
+    e.loop(ci(0), nrec, ci(1), [ci(0)], prologue, name="pros")
 
     def rowblock(r, _):
         blk_row = b.sdiv(r, ci(LANES))
@@ -251,20 +305,22 @@ def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
         def record(s, yv):
             kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
             crow = g.at_block(rec, s, 2, blk_row)
-            xrow = b.gep(x, [g.field(rec, s, 5)], inbounds=True)
+            xs = b.gep(xsc, [b.load(b.gep(xbase, [s], inbounds=True), align=8)], inbounds=True)
+
+            def xat(j):
+                return e.bcast(b.load(b.gep(xs, [j], inbounds=True), align=4), LANES)
 
             def emit_kind(k):
                 if k == BYTES_KIND:
                     nu = b.mul(b.sdiv(n, ci(A)), ci(A))
 
                     def cols(j, accs):
-                        return [e.fmuladd(g.byte_code(crow, b.add(j, ci(u))),
-                                          e.bcast(g.x_at(xrow, b.add(j, ci(u)), n), LANES), accs[u]) for u in range(A)]
+                        return [e.fmuladd(g.byte_code(crow, b.add(j, ci(u))), xat(b.add(j, ci(u))), accs[u])
+                                for u in range(A)]
 
                     accs = e.loop(ci(0), nu, ci(A), [g.zero] * A, cols, name="bcol")
                     (a0,) = e.loop(nu, n, ci(1), [accs[0]],
-                                   lambda j, a: [e.fmuladd(g.byte_code(crow, j), e.bcast(g.x_at(xrow, j, n), LANES), a[0])],
-                                   name="bcolr")
+                                   lambda j, a: [e.fmuladd(g.byte_code(crow, j), xat(j), a[0])], name="bcolr")
                     accs[0] = a0
                 else:
                     nb = b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS))
@@ -272,9 +328,8 @@ def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                     def block(blk, accs):
                         accs = list(accs)
                         c0 = b.mul(blk, ci(BLOCK_COLS))
-                        for kk, q in enumerate(g.packed_codes(crow, blk, k, 0, BLOCK_COLS)):
-                            xj = g.x_at(xrow, b.add(c0, ci(kk)), n)
-                            accs[kk % A] = e.fmuladd(q, e.bcast(xj, LANES), accs[kk % A])
+                        for kk, q in enumerate(g.packed_codes(crow, blk, k, 0, BLOCK_COLS, scaled=True)):
+                            accs[kk % A] = e.fmuladd(q, xat(b.add(c0, ci(kk))), accs[kk % A])
                         return accs
 
                     accs = e.loop(ci(0), nb, ci(1), [g.zero] * A, block, name="blk")
@@ -286,7 +341,8 @@ def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
             g.switch_kind(kind, emit_kind)
             sv, szv = g.scale_zero(rec, s, blk_row)
             yv = e.fmuladd(sv, b.load(acc_slot), yv[0])
-            return [e.fmuladd(b.fneg(szv), e.bcast(g.xsum(xrow, n), LANES), yv)]
+            xsum = b.load(b.gep(xsums, [s], inbounds=True), align=4)
+            return [e.fmuladd(b.fneg(szv), e.bcast(xsum, LANES), yv)]
 
         (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
         left = b.sub(re, r)
