@@ -5,6 +5,7 @@
     python bench/kernels.py --act q8   # the int8-activation strategy (layout il32w8)
     python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
     python bench/kernels.py --compute  # cache-resident compute ceiling of every strategy (Gweights/s)
+    python bench/kernels.py --layout rows   # the row-lane kernel the runtime uses (one call per matrix)
 
 Every run appends what it printed to BENCHMARKS.md (bench/common.py `append`); --no-append only prints.
 
@@ -37,7 +38,9 @@ import numpy as np
 
 try:
     from xbitc.backends.llvm import KernelSpec, compile_kernel, default_spec, get_layout, host_target
+    from xbitc.backends.llvm import rowlane as rl
     from xbitc.backends.llvm.jit import cache_line_flusher
+    from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec
 except ImportError as exc:  # pragma: no cover
     sys.exit(f"cannot import xbitc.backends.llvm ({exc}); install the package (pip install -e .) first")
 
@@ -126,7 +129,7 @@ def reduce_bandwidth(a: np.ndarray, fn, nthreads: int, pool: ThreadPoolExecutor,
     return a.nbytes / statistics.median(ts) / 1e9
 
 
-def split_rows(rows: int, n: int, align: int = 8) -> list[tuple[int, int]]:
+def split_rows(rows: int, n: int, align: int = 16) -> list[tuple[int, int]]:
     per = -(-rows // n)
     per = -(-per // align) * align
     return [(b, min(rows, b + per)) for b in range(0, rows, per)]
@@ -221,7 +224,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--act", choices=["f32", "q8"], default="f32")
-    ap.add_argument("--layout", default=None, help="default: il32w8 for q8; for f32 il16w32 with AVX-512, else il8w32")
+    ap.add_argument("--layout", default=None, help="default: il32w8 for q8; for f32 il16w32 with AVX-512, else "
+                    "il8w32; 'rows': the row-lane kernel (backends/llvm/rowlane.py), one record per group")
     ap.add_argument("--spec", default=None, help="extra integer KernelSpec fields, e.g. prefetch=8192,accs=4")
     ap.add_argument("--avx2", action="store_true", help="compile without the host's AVX-512 / AVX-VNNI features")
     ap.add_argument("--reps", type=int, default=9)
@@ -273,7 +277,12 @@ def main(argv=None) -> None:
     kernels = {}
     compile_ms = []
     compile_kernel(KernelSpec(4, 32, col_tile=1024), target, use_disk_cache=False)  # warm up LLVM
-    for bits in depths:
+    rows_kernel = None
+    if layout == "rows":
+        rows_kernel = compile_kernel(RowLaneSpec(), target, kinds=(ROWS_KIND,), use_disk_cache=not args.fresh_compile)
+        compile_ms.append(("all", rows_kernel.compile_ms[ROWS_KIND], rows_kernel.compile_cpu_ms[ROWS_KIND],
+                           rows_kernel.from_cache[ROWS_KIND]))
+    for bits in depths if rows_kernel is None else []:
         kw = {"layout": layout, "act": args.act}
         for item in filter(None, (args.spec or "").split(",")):
             key, val = item.split("=")
@@ -292,7 +301,7 @@ def main(argv=None) -> None:
                 torch_t[(rows, cols, n)] = time_torch(rows, cols, n, flush, args.reps)
 
     rng = np.random.default_rng(0)
-    lay = get_layout(layout)
+    lay = get_layout(layout) if rows_kernel is None else None
     local_bws = []
     say()
     say("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW | % of local BW "
@@ -303,12 +312,24 @@ def main(argv=None) -> None:
         y = np.zeros(rows, dtype=np.float32)
         ng = -(-cols // args.group)
         for bits in depths:
-            codes = rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8)
-            scales = (rng.uniform(0.001, 0.1, (rows, ng))).astype(np.float16).view(np.uint16)
-            zeros = rng.integers(0, 1 << bits, (rows, ng), dtype=np.uint8)
-            ptrs = (codes.ctypes.data, scales.ctypes.data, zeros.ctypes.data, x.ctypes.data, y.ctypes.data)
+            if rows_kernel is not None:  # one record per group; random bytes (scales made finite below)
+                shapes_ = [(bits, min(args.group, cols - c0), c0) for c0 in range(0, cols, args.group)]
+                nrb = -(-rows // rl.LANES)
+                codes = rng.integers(0, 256, nrb * sum(rl.record_bytes(*sh[:2]) for sh in shapes_), dtype=np.uint8)
+                table = rl.record_table(codes.ctypes.data, shapes_)
+                for t in table:  # float16 1/16 .. 1: finite scales
+                    codes[t[3] - codes.ctypes.data + np.arange(nrb)[:, None] * t[6] + np.arange(1, 32, 2)] = 0x2C
+                scales = zeros = np.zeros(0, np.uint8)
+                ptrs = (table.ctypes.data, len(table), x.ctypes.data, None, y.ctypes.data)
+                gemv_rows = rows_kernel.rows_gemv
+                fn = lambda *a: gemv_rows(*a[:-1])  # noqa: E731 - drop the in_features argument
+            else:
+                codes = rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8)
+                scales = (rng.uniform(0.001, 0.1, (rows, ng))).astype(np.float16).view(np.uint16)
+                zeros = rng.integers(0, 1 << bits, (rows, ng), dtype=np.uint8)
+                ptrs = (codes.ctypes.data, scales.ctypes.data, zeros.ctypes.data, x.ctypes.data, y.ctypes.data)
+                fn = kernels[bits].gemv
             nbytes = codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes
-            fn = kernels[bits].gemv
             fn(*ptrs, 0, rows, cols)  # warm-up
             for n in threads:
                 t, tb = time_gemv(fn, ptrs, (codes, scales, zeros), rows, cols, n, pool, flush, args.reps)

@@ -121,28 +121,41 @@ def layout_codes(codes: np.ndarray, kind: int) -> np.ndarray:
     return np.ascontiguousarray(out).reshape(-1)
 
 
+def record_bytes(kind: int, ncols: int) -> int:
+    """Bytes of one record in one row block: codes, 16 float16 scales, 16 zero points."""
+    codes = ncols * LANES if kind == BYTES_KIND else -(-ncols // BLOCK_COLS) * kind * LANES * 4
+    return codes + 3 * LANES
+
+
+def record_table(base: int, shapes: list[tuple[int, int, int]]) -> np.ndarray:
+    """The int64 record table for records (kind, ncols, x_offset) laid out from byte address `base` by `pack`."""
+    stride = sum(record_bytes(kind, n) for kind, n, _ in shapes)
+    table, pos = [], base
+    for kind, n, off in shapes:
+        codes = record_bytes(kind, n) - 3 * LANES
+        table.append([kind, n, pos, pos + codes, pos + codes + 2 * LANES, off, stride])
+        pos += record_bytes(kind, n)
+    return np.asarray(table, dtype=np.int64).reshape(-1, REC_FIELDS)
+
+
 def pack(records, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """records = [(codes [rows, n] uint8, scales [rows] float16, zeros [rows] uint8, x_offset, bits)] -> (one
     uint8 buffer with every record's row blocks interleaved, the int64 record table pointing into it). The buffer
     must outlive every call."""
     rp = rows_padded(rows)
     nrb = rp // LANES
-    parts, meta, width = [], [], 0
+    parts, shapes = [], []
     for codes, scales, zeros, off, bits in records:
         kind = record_kind(bits, codes.shape[1])
-        c = layout_codes(codes, kind).reshape(nrb, -1)
         sc = np.zeros(rp, dtype=np.float16)
         sc[:rows] = scales
         zp = np.zeros(rp, dtype=np.uint8)
         zp[:rows] = zeros
-        block = np.concatenate([c, sc.view(np.uint8).reshape(nrb, 2 * LANES), zp.reshape(nrb, LANES)], axis=1)
-        parts.append(block)
-        meta.append((kind, codes.shape[1], width, width + c.shape[1], width + c.shape[1] + 2 * LANES, off))
-        width += block.shape[1]
+        parts += [layout_codes(codes, kind).reshape(nrb, -1), sc.view(np.uint8).reshape(nrb, 2 * LANES),
+                  zp.reshape(nrb, LANES)]
+        shapes.append((kind, codes.shape[1], off))
     buf = np.ascontiguousarray(np.concatenate(parts, axis=1)).reshape(-1) if parts else np.zeros(0, np.uint8)
-    base = buf.ctypes.data
-    table = [[kind, n, base + c0, base + s0, base + z0, off, width] for kind, n, c0, s0, z0, off in meta]
-    return buf, np.asarray(table, dtype=np.int64).reshape(-1, REC_FIELDS)
+    return buf, record_table(buf.ctypes.data, shapes)
 
 
 def reference_rows(records, x: np.ndarray, rows: int) -> np.ndarray:
