@@ -339,9 +339,9 @@ class _RowLane:
         self.gemv(_ptr(self.table), self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
 
     def gemm_run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
-        """Several tokens, xp the permuted input."""
+        """Several tokens, xp the permuted input [T, in]; y [..., out] contiguous."""
         T, inp = xp.shape
-        self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[1])
+        self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[-1])
 
     @property
     def nbytes(self) -> int:
@@ -368,25 +368,28 @@ class _Linear:
         self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(ps.seg.ncols for ps in live)
 
-    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2: contiguous float32 [T, in] -> new float32 [T, out]."""
-        T = x2.shape[0]
+    def __call__(self, x: torch.Tensor, lead: tuple = ()) -> torch.Tensor:
+        """x: contiguous float32 [*lead, in] -> new float32 [*lead, out] (lead defaults to x's leading dims)."""
+        lead = tuple(lead) or tuple(x.shape[:-1])
+        T = math.prod(lead)
         segs, rows = self.segs, self.rows
         if (not segs and rows is None) or T == 0:
-            return torch.zeros(T, self.out, dtype=torch.float32)
-        y = torch.empty(T, self.out, dtype=torch.float32)
+            return torch.zeros(*lead, self.out, dtype=torch.float32)
+        y = torch.empty(*lead, self.out, dtype=torch.float32)
         if rows is not None and T == 1:
-            work = partial(rows.gemv_run, x2, y)
+            work = partial(rows.gemv_run, x, y)
         elif rows is not None:
+            x2 = x.view(T, self.inp)
             work = partial(rows.gemm_run, x2 if self.perm is None else x2.index_select(1, self.perm), y)
         else:
+            x2, y2 = x.view(T, self.inp), y.view(T, self.out)
             # one gather by the permutation; segments read contiguous column ranges of it
             xp = x2 if self.perm is None else x2.index_select(1, self.perm)
             xs = [s.gather(xp, self.whole) for s in segs]
 
             def work(rb: int, re: int) -> None:
                 for i, (s, xi) in enumerate(zip(segs, xs)):
-                    s.run(xi, y, rb, re, i > 0)
+                    s.run(xi, y2, rb, re, i > 0)
 
         ranges = row_ranges(self.out, self.out * self.active_cols * T) if _num_threads > 1 else None
         if ranges is None or len(ranges) == 1:
@@ -436,15 +439,17 @@ class X86Linears:
         lin = self.linears.get(name)
         if lin is None:  # a weight that was not in the graph at lower time (e.g. replaced since)
             lin = self.linears[name] = _Linear(packed, self.target)
-        if x.shape[-1] != lin.inp:
-            raise ValueError(f"{name}: input has {x.shape[-1]} features, the weight {lin.inp}")
-        x2 = x.reshape(-1, lin.inp)
-        if x2.dtype != torch.float32 or not x2.is_contiguous() or x2.device.type != "cpu":
-            x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
-        y = lin(x2)
+        shape = x.shape
+        if shape[-1] != lin.inp:
+            raise ValueError(f"{name}: input has {shape[-1]} features, the weight {lin.inp}")
+        xf = x
+        if xf.dtype != torch.float32 or not xf.is_contiguous() or xf.device.type != "cpu":
+            xf = xf.to(device="cpu", dtype=torch.float32).contiguous()
+        # a decode step makes ~200 of these calls: y is allocated in its final shape and x is passed as it is
+        # (contiguous [..., in] is [T, in] in memory), no reshape / view round trips
+        y = lin(xf, shape[:-1])
         if bias is not None:
             y += bias
-        y = y.view(*x.shape[:-1], lin.out)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
