@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from xbitc.ir.fuse import simplify
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter, LinearImpl
 from xbitc.ir.pycode import compile_interpreter
@@ -30,8 +31,9 @@ class Program:
     """Runs a lowered graph: the reference interpreter with the backend's packed-linear implementation."""
 
     def __init__(self, graph: Graph, linear_impl: LinearImpl | None = None, weights: dict | None = None):
-        self.graph = graph
-        self.interp = Interpreter(graph, linear_impl, weights=weights)
+        # inference-only rewrites (ir/fuse.py): fewer ops, same results; `graph` itself is left as traced
+        self.graph = simplify(graph)
+        self.interp = Interpreter(self.graph, linear_impl, weights=weights)
         self._compiled = None
 
     def __call__(self, *inputs: Any) -> Any:

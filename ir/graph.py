@@ -36,6 +36,7 @@ class Op(str, enum.Enum):
     RESHAPE = "reshape"
     PERMUTE = "permute"
     TORCH_OP = "torch_op"  # any other aten / python operator, executed by name
+    FUSED = "fused"  # made when a Program is built (ir/fuse.py): attrs["kernel"] names a function in ir.fuse.KERNELS
 
 
 LINEAR_OPS = frozenset({Op.LINEAR, Op.QLINEAR, Op.PACKED_LINEAR})

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .fuse import KERNELS
 from .graph import LINEAR_OPS, TARGET_OPS, Graph, Node, Op, Ref
 from .targets import resolve
 
@@ -33,7 +34,8 @@ class Interpreter:
         # float forms of parameters, filled on first use; another graph over the same parameters may share it
         self._weights: dict[str, torch.Tensor] = {} if weights is None else weights
         self._by_name = graph.by_name()
-        self._fns = {n.name: resolve(n.attrs["target"]) for n in graph.nodes if n.op in TARGET_OPS}
+        self._fns = {n.name: resolve(n.attrs["target"]) if n.op in TARGET_OPS else KERNELS[n.attrs["kernel"]]
+                     for n in graph.nodes if n.op in TARGET_OPS or n.op is Op.FUSED}
         last_use: dict[str, int] = {}
         for i, n in enumerate(graph.nodes):
             for r in n.refs():
@@ -126,6 +128,8 @@ class Interpreter:
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype is torch.float32:  # .float() and .to(float32) would return the tensor itself: skip two dispatches
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 

@@ -68,7 +68,7 @@ def compile_interpreter(interp: Any) -> Callable[..., Any]:
             single = n.attrs.get("single", len(outs) == 1)
             lines.append(f"    return {outs[0]}" if single else f"    return ({', '.join(outs)},)")
             break
-        elif n.op in TARGET_OPS:
+        elif n.op in TARGET_OPS or n.op is Op.FUSED:
             args = ", ".join(expr(a) for a in n.args)
             # keyword names come from the artifact: only plain identifiers are written into the source
             kwargs = ", ".join(f"{k}={expr(x)}" if k.isidentifier() and not keyword.iskeyword(k)

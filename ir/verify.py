@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .fuse import KERNELS
 from .graph import LINEAR_OPS, TARGET_OPS, Graph, Node, Op, Ref
 from .targets import is_resolvable
 
@@ -74,6 +75,7 @@ RULES: dict[Op, Callable[[Node, Graph], list[str]]] = {
     Op.PACKED_LINEAR: _weight_rule("PackedMatrix"),
     Op.EMBED: _embed_rule,
     Op.RMSNORM: lambda n, g: [] if len(n.args) == 2 and "eps" in n.attrs else ["needs (x, weight) and attrs.eps"],
+    Op.FUSED: lambda n, g: [] if n.attrs.get("kernel") in KERNELS else [f"unknown kernel {n.attrs.get('kernel')!r}"],
 }
 for _op in TARGET_OPS:
     RULES[_op] = _target_rule
