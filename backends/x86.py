@@ -55,7 +55,7 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
 from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
-from .llvm.rowlane import ROWS_KIND, RowLaneSpec
+from .llvm.rowlane import ROWS_KIND, RowLaneSpec, q8_scratch_bytes
 from .llvm.rowlane import pack as rowlane_pack
 
 log = logging.getLogger("xbitc.backends.x86")
@@ -63,7 +63,6 @@ log = logging.getLogger("xbitc.backends.x86")
 ABI_VERSION = 1  # of the emitted kernels' C interface (argument list and meaning); bump on any change
 MIN_TASK_MACS = 1 << 20  # multiply-adds per thread task at least (~50 us of gemv work)
 ROW_ALIGN = 16  # row ranges start on multiples of this (gemv rows go in pairs, the column kernel's in 16s)
-ROWS_SPEC = RowLaneSpec()
 EMIT_TRIPLE = "x86_64-unknown-linux-gnu"
 _V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
 _V4 = _V3 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd"
@@ -136,6 +135,19 @@ def linear_kernels() -> str:
     choice = os.environ.get("XBITC_X86_LINEAR", "rows").strip() or "rows"
     if choice not in LINEAR_KERNELS:
         raise ValueError(f"XBITC_X86_LINEAR={choice!r}: expected one of {', '.join(LINEAR_KERNELS)}")
+    return choice
+
+
+ACTIVATIONS = ("f32", "q8")
+
+
+def activations() -> str:
+    """Activations of the row-lane kernel: "f32" (default, exact: equals the reference within float32 rounding) or
+    "q8" (each record's x rounded to int8, integer dot products: ~1.6-2.5x the arithmetic throughput, llama.cpp's
+    trade); `$XBITC_X86_ACT` picks, read when a model is lowered."""
+    choice = os.environ.get("XBITC_X86_ACT", "f32").strip() or "f32"
+    if choice not in ACTIVATIONS:
+        raise ValueError(f"XBITC_X86_ACT={choice!r}: expected one of {', '.join(ACTIVATIONS)}")
     return choice
 
 
@@ -317,7 +329,8 @@ class _RowLane:
     """The whole matrix as row-lane records (backends/llvm/rowlane.py): one kernel call per matrix and token batch,
     vectorised over rows, every segment and depth inside it."""
 
-    def __init__(self, pss: list[PackedSegment], out: int, perm: np.ndarray | None, kernel: Any):
+    def __init__(self, pss: list[PackedSegment], out: int, inp: int, perm: np.ndarray | None, kernel: Any,
+                 act: str):
         records = []
         for ps in pss:
             seg = ps.seg
@@ -328,11 +341,33 @@ class _RowLane:
             for g in range(seg.ngroups):
                 c0, c1 = g * seg.group_size, min(seg.ncols, (g + 1) * seg.group_size)
                 records.append((codes[:, c0:c1], scales[:, g], zeros[:, g], seg.start + c0, seg.bits))
-        self.buf, self.table = rowlane_pack(records, out)
-        self.nrec = len(records)
-        self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
+        self.act = act
+        self.buf, self.table = rowlane_pack(records, out, act)
+        self.nrec, self.out, self.inp = len(records), out, inp
+        if act == "q8":
+            self.q8 = kernel.rows_q8
+            self.scratch_per_token = q8_scratch_bytes([r[0].shape[1] for r in records], 1) - 64
+        else:
+            self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
         self.perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int32)
         self.perm_ptr = None if perm is None else _ptr(self.perm)
+        self.perm_t = None if perm is None else torch.from_numpy(self.perm.astype(np.int64))
+
+    def prepare(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """What the kernel reads: x itself, or for the f32 gemm x [T, in] gathered by the permutation."""
+        if T == 1 or self.act == "q8" or self.perm_t is None:
+            return x
+        return x.view(T, self.inp).index_select(1, self.perm_t)
+
+    def run(self, xin: torch.Tensor, y: torch.Tensor, T: int, rb: int, re: int) -> None:
+        if self.act == "q8":  # any batch; per-call scratch (int8 x) so row ranges can run on several threads
+            scratch = torch.empty(T * self.scratch_per_token + 64, dtype=torch.uint8)
+            self.q8(_ptr(self.table), self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T, self.inp,
+                    self.out, scratch.data_ptr())
+        elif T == 1:
+            self.gemv_run(xin, y, rb, re)
+        else:
+            self.gemm_run(xin.view(T, self.inp), y, rb, re)
 
     def gemv_run(self, x2: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
         """One token, x2 the unpermuted input (the kernel gathers by the permutation as it copies x)."""
@@ -348,9 +383,9 @@ class _RowLane:
         return int(self.buf.nbytes + self.table.nbytes)
 
 
-def _rows_kernel(target: Target) -> Any:
+def _rows_kernel(target: Target, act: str) -> Any:
     try:
-        return compile_kernel(ROWS_SPEC, target, kinds=(ROWS_KIND,))
+        return compile_kernel(RowLaneSpec(act=act), target, kinds=(ROWS_KIND,))
     except Exception as err:  # then every segment runs on its own lane-interleaved kernel
         _log_once(("rows",), logging.WARNING, f"x86: no row-lane kernel ({type(err).__name__}: {err}); "
                   "segments run one lane-interleaved kernel call each")
@@ -362,8 +397,9 @@ class _Linear:
         self.out, self.inp = pm.shape
         self.perm = None if pm.perm is None else torch.from_numpy(np.asarray(pm.perm, dtype=np.int64))
         live = [ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
-        kernel = _rows_kernel(target) if live and linear_kernels() == "rows" else None
-        self.rows = _RowLane(live, self.out, pm.perm, kernel) if kernel is not None else None
+        act = activations()
+        kernel = _rows_kernel(target, act) if live and linear_kernels() == "rows" else None
+        self.rows = _RowLane(live, self.out, self.inp, pm.perm, kernel, act) if kernel is not None else None
         self.segs = [] if self.rows is not None else [_Segment(ps, self.out, target) for ps in live]
         self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(ps.seg.ncols for ps in live)
@@ -376,11 +412,8 @@ class _Linear:
         if (not segs and rows is None) or T == 0:
             return torch.zeros(*lead, self.out, dtype=torch.float32)
         y = torch.empty(*lead, self.out, dtype=torch.float32)
-        if rows is not None and T == 1:
-            work = partial(rows.gemv_run, x, y)
-        elif rows is not None:
-            x2 = x.view(T, self.inp)
-            work = partial(rows.gemm_run, x2 if self.perm is None else x2.index_select(1, self.perm), y)
+        if rows is not None:
+            work = partial(rows.run, rows.prepare(x, T), y, T)
         else:
             x2, y2 = x.view(T, self.inp), y.view(T, self.out)
             # one gather by the permutation; segments read contiguous column ranges of it

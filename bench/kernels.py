@@ -279,7 +279,8 @@ def main(argv=None) -> None:
     compile_kernel(KernelSpec(4, 32, col_tile=1024), target, use_disk_cache=False)  # warm up LLVM
     rows_kernel = None
     if layout == "rows":
-        rows_kernel = compile_kernel(RowLaneSpec(), target, kinds=(ROWS_KIND,), use_disk_cache=not args.fresh_compile)
+        rows_kernel = compile_kernel(RowLaneSpec(act=args.act), target, kinds=(ROWS_KIND,),
+                                     use_disk_cache=not args.fresh_compile)
         compile_ms.append(("all", rows_kernel.compile_ms[ROWS_KIND], rows_kernel.compile_cpu_ms[ROWS_KIND],
                            rows_kernel.from_cache[ROWS_KIND]))
     for bits in depths if rows_kernel is None else []:
@@ -321,8 +322,13 @@ def main(argv=None) -> None:
                     codes[t[3] - codes.ctypes.data + np.arange(nrb)[:, None] * t[6] + np.arange(1, 32, 2)] = 0x2C
                 scales = zeros = np.zeros(0, np.uint8)
                 ptrs = (table.ctypes.data, len(table), x.ctypes.data, None, y.ctypes.data)
-                gemv_rows = rows_kernel.rows_gemv
-                fn = lambda *a: gemv_rows(*a[:-1])  # noqa: E731 - drop the in_features argument
+                if args.act == "q8":
+                    scratch = np.zeros(rl.q8_scratch_bytes([sh[1] for sh in shapes_], 1), np.uint8)
+                    q8 = rows_kernel.rows_q8
+                    fn = lambda *a, sp=scratch.ctypes.data: q8(*a[:-1], 1, a[-1], rows, sp)  # noqa: E731
+                else:
+                    gemv_rows = rows_kernel.rows_gemv
+                    fn = lambda *a: gemv_rows(*a[:-1])  # noqa: E731 - drop the in_features argument
             else:
                 codes = rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8)
                 scales = (rng.uniform(0.001, 0.1, (rows, ng))).astype(np.float16).view(np.uint16)

@@ -360,7 +360,7 @@ def test_float16_conversion_without_f16c():
 # ---------------------------------------------------------------------------------------- row-lane kernel
 
 
-def _rowlane_case(seed: int, rows: int, specs: list[tuple[int, int]], extreme: bool = False):
+def _rowlane_case(seed: int, rows: int, specs: list[tuple[int, int]], extreme: bool = False, act: str = "f32"):
     """Records of (bits, ncols) at consecutive x offsets, random (or extreme) codes / zeros, float16 scales."""
     from xbitc.backends.llvm.rowlane import pack as rl_pack
 
@@ -372,39 +372,55 @@ def _rowlane_case(seed: int, rows: int, specs: list[tuple[int, int]], extreme: b
             (lambda shape: rng.integers(0, hi, shape, dtype=np.uint8))
         recs.append((pick((rows, n)), (rng.standard_normal(rows) * 0.05).astype(np.float16), pick(rows), off, bits))
         off += n
-    buf, table = rl_pack(recs, rows)
+    buf, table = rl_pack(recs, rows, act)
     return recs, buf, table, off
 
 
-def _rowlane_bound(recs, x):
+def _rowlane_bound(recs, x, act="f32"):
     """(2n + 64) u sum_j |s| (q + z) |x_j| per row: the same rigorous float32 bound as the other kernels (products
-    s*(q - z)*x formed as s*(sum q x) - (s z)(sum x), a few roundings each, summed in another order)."""
+    s*(q - z)*x formed as s*(sum q x) - (s z)(sum x), a few roundings each, summed in another order). For q8, x_j is
+    the int8-rounded activation xq_j * d the kernel multiplies (its integer dot products are exact)."""
+    from xbitc.backends.llvm.rowlane import quantize_record_x
+
     acc = np.zeros((x.shape[0], recs[0][0].shape[0])) if recs else np.zeros((x.shape[0], 0))
     n = x.shape[1]
     for q, s, z, off, _ in recs:
         coef = np.abs(s.astype(np.float64))[:, None] * (q.astype(np.float64) + z.astype(np.float64)[:, None])
-        acc += np.abs(x[:, off:off + q.shape[1]]).astype(np.float64) @ coef.T
+        xr = x[:, off:off + q.shape[1]].astype(np.float64)
+        if act == "q8":
+            xr = np.stack([(lambda xq, d: xq.astype(np.float64) * np.float64(d))(*quantize_record_x(row))
+                           for row in x[:, off:off + q.shape[1]]])
+        acc += np.abs(xr) @ coef.T
     return (2 * n + 64) * U * acc
 
 
+@pytest.mark.parametrize("act", ["f32", "q8"])
 @settings(max_examples=40, **SETTINGS)
 @given(seed=st.integers(0, 2**31), rows=st.integers(1, 50),
        specs=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 90)), min_size=1, max_size=6),
        batch=st.sampled_from([1, 2, 5]), extreme=st.booleans())
-def test_rowlane_kernel_matches_reference(seed, rows, specs, batch, extreme):
+def test_rowlane_kernel_matches_reference(act, seed, rows, specs, batch, extreme):
     """Every depth, packed and byte records, widths that are not multiples of 32, row counts that are not
-    multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block."""
-    from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec, reference_rows
+    multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block. q8: equals W
+    applied to each record's int8-rounded activations (reference_rows_q8)."""
+    from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec, q8_scratch_bytes, reference_rows, reference_rows_q8
 
-    k = compile_kernel(RowLaneSpec(), kinds=(ROWS_KIND,))
-    recs, buf, table, n = _rowlane_case(seed, rows, specs, extreme)
+    k = compile_kernel(RowLaneSpec(act=act), kinds=(ROWS_KIND,))
+    recs, buf, table, n = _rowlane_case(seed, rows, specs, extreme, act)
     x = np.random.default_rng(seed + 1).standard_normal((batch, n)).astype(np.float32)
-    exact = reference_rows([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
-    tol = _rowlane_bound(recs, x)
+    oracle = reference_rows_q8 if act == "q8" else reference_rows
+    exact = oracle([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
+    tol = _rowlane_bound(recs, x, act)
+    perm = np.arange(n, dtype=np.int32)  # the identity, given explicitly: the gather path must agree too
     for rb in sorted({0, 16 * (rows // 32)}):
         y = np.full((batch, rows), np.nan, dtype=np.float32)
-        if batch == 1:
-            k.rows_gemv(table.ctypes.data, len(recs), x.ctypes.data, None, y.ctypes.data, rb, rows)
+        if act == "q8":
+            scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], batch), np.uint8)
+            k.rows_q8(table.ctypes.data, len(recs), x.ctypes.data, perm.ctypes.data if rb else None, y.ctypes.data,
+                      rb, rows, batch, n, rows, scratch.ctypes.data)
+        elif batch == 1:
+            k.rows_gemv(table.ctypes.data, len(recs), x.ctypes.data, perm.ctypes.data if rb else None,
+                        y.ctypes.data, rb, rows)
         else:
             k.rows_gemm(table.ctypes.data, len(recs), x.ctypes.data, y.ctypes.data, rb, rows, batch, n, rows)
         assert np.isnan(y[:, :rb]).all()  # rows outside the range are not written

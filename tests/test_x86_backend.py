@@ -371,3 +371,35 @@ def test_portable_artifacts_run_on_the_x86_kernels_by_default(tmp_path, monkeypa
     monkeypatch.setattr(x86.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("XBITC_BACKEND")
     assert runtime.load(out).backend_name == "reference"
+
+
+def test_q8_activations_equal_their_oracle(monkeypatch):
+    """XBITC_X86_ACT=q8: every record's activations rounded to int8 (absmax/127), integer dot products; the result
+    equals W applied to those rounded activations (float64 oracle) within the float32 bound of the exact path, for
+    one token and several, through the permutation."""
+    from xbitc.backends.llvm.rowlane import quantize_record_x
+
+    monkeypatch.setenv("XBITC_X86_ACT", "q8")
+    q, pm = _random_matrix(32, {5: 70, 3: 100, 8: 3, 0: 10, 2: 40}, out=40, seed=7)
+    prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
+    assert prog.interp.linear_impl.linears["w"].rows.act == "q8"
+    rng = np.random.default_rng(2)
+    for T in (1, 4):
+        x = rng.standard_normal((T, q.shape[1])).astype(np.float32)
+        xp = x[:, q.perm]
+        want = np.zeros((T, q.shape[0]))
+        bound = np.zeros((T, q.shape[0]))
+        for seg, c, s, z in zip(q.segments, q.codes, q.scales, q.zeros):
+            for g in range(seg.ngroups if seg.bits else 0):
+                cols = slice(g * seg.group_size, min(seg.ncols, (g + 1) * seg.group_size))
+                sg, zg = s[:, g].astype(np.float64)[:, None], z[:, g].astype(np.float64)[:, None]
+                w = sg * (c[:, cols].astype(np.float64) - zg)
+                for t in range(T):
+                    xq, d = quantize_record_x(xp[t, seg.start:seg.stop][cols])
+                    xr = xq.astype(np.float64) * np.float64(d)
+                    want[t] += w @ xr
+                    bound[t] += (np.abs(sg) * (c[:, cols] + zg)) @ np.abs(xr)
+        y = prog(torch.from_numpy(x)).double().numpy()
+        assert np.all(np.abs(y - want) <= (2 * q.shape[1] + 64) * U * bound + 1e-30)
+        exact = x.astype(np.float64) @ q.dequantize().double().numpy().T
+        assert np.abs(y - exact).max() > 0  # it is the rounded activations, not the float ones, that it multiplies

@@ -47,6 +47,8 @@ ROWS_GEMV_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes
                                    ctypes.c_void_p, *([ctypes.c_int64] * 2))
 ROWS_GEMM_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                    *([ctypes.c_int64] * 5))
+ROWS_Q8_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, *([ctypes.c_int64] * 5), ctypes.c_void_p)
 
 
 def _init() -> None:
@@ -246,6 +248,11 @@ class CompiledKernel:
     def rows_gemm(self):
         return self._part(ROWS_KIND)[1]
 
+    @property
+    def rows_q8(self):
+        """The int8-activation row-lane kernel of a RowLaneSpec(act="q8"): any batch."""
+        return self._part(ROWS_KIND)[0]
+
     def _load(self, kind: str) -> tuple:
         spec, target = self.spec, self.target
         fp = fingerprint(spec, target, kind)
@@ -272,7 +279,7 @@ class CompiledKernel:
         engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         engine.finalize_object()
         if kind == ROWS_KIND:
-            protos = dict(zip(spec.names(), (ROWS_GEMV_PROTO, ROWS_GEMM_PROTO)))
+            protos = dict(zip(spec.names(), (ROWS_Q8_PROTO,) if spec.act == "q8" else (ROWS_GEMV_PROTO, ROWS_GEMM_PROTO)))
         else:
             protos = dict.fromkeys(symbol_names(spec, kind), GEMV_PROTO if kind == "gemv" else GEMM_PROTO)
         fns = []

@@ -46,10 +46,11 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 
-from .codegen import F32, I1, I8, I16, I32, I64, P, V, VOID, Emitter, ci, cvec, emit_extract, extraction_plan
+from .codegen import (F32, I1, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, ci, cvec, emit_extract,
+                      extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 5  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 7  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
@@ -60,11 +61,14 @@ CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers
 @dataclass(frozen=True)
 class RowLaneSpec:
     unroll_accs: int = 4  # independent accumulators in gemv (hide the FMA latency)
+    act: str = "f32"  # "f32": exact float activations; "q8": int8 activations per record, integer dot products
     symbol_suffix: str = ""
 
     def __post_init__(self) -> None:
         if self.unroll_accs < 1:
             raise ValueError("unroll_accs must be >= 1")
+        if self.act not in ("f32", "q8"):
+            raise ValueError(f"act must be 'f32' or 'q8', got {self.act!r}")
         if self.symbol_suffix and not (self.symbol_suffix.isascii() and self.symbol_suffix.replace("_", "").isalnum()):
             raise ValueError(f"symbol_suffix must be [A-Za-z0-9_], got {self.symbol_suffix!r}")
 
@@ -80,18 +84,26 @@ class RowLaneSpec:
     def gemm_name(self) -> str:
         return "xbitc_rows_gemm" + self._sfx
 
-    def names(self) -> tuple[str, str]:
-        return self.gemv_name, self.gemm_name
+    @property
+    def q8_name(self) -> str:
+        return "xbitc_rows_q8" + self._sfx
+
+    def names(self) -> tuple[str, ...]:
+        return (self.q8_name,) if self.act == "q8" else (self.gemv_name, self.gemm_name)
 
     def key(self) -> str:
-        return f"rows{ROWS_VERSION}_l{LANES}_w{BLOCK_COLS}_a{self.unroll_accs}" + (f"_s{self.symbol_suffix}" if self.symbol_suffix else "")
+        return (f"rows{ROWS_VERSION}_l{LANES}_w{BLOCK_COLS}_a{self.unroll_accs}_{self.act}"
+                + (f"_s{self.symbol_suffix}" if self.symbol_suffix else ""))
 
 
 # ------------------------------------------------------------------------------------------------ host-side layout
 
 
-def record_kind(bits: int, ncols: int) -> int:
-    """Packed at `bits` unless one byte per code is smaller than padding the record to whole 32-column blocks."""
+def record_kind(bits: int, ncols: int, act: str = "f32") -> int:
+    """Packed at `bits` unless one byte per code is smaller than padding the record to whole 32-column blocks
+    (f32 only: the q8 kernel always reads packed planes)."""
+    if act == "q8":
+        return bits
     padded = -(-ncols // BLOCK_COLS) * BLOCK_COLS
     return BYTES_KIND if ncols * 8 < padded * bits else bits
 
@@ -100,11 +112,36 @@ def rows_padded(rows: int) -> int:
     return -(-rows // LANES) * LANES
 
 
-def layout_codes(codes: np.ndarray, kind: int) -> np.ndarray:
-    """[rows, ncols] uint8 codes -> the record's flat uint8 code array (rows zero padded to 16)."""
+def q8_planes(bits: int) -> list[tuple[int, int]]:
+    """(width, shift) of the bit planes a `bits`-bit code is split into for the q8 kernel: planes of 1, 2 or 4 bits
+    keep every byte lane a whole number of codes, and codes <= 15 keep AVX2's pmaddubsw pair sums from saturating."""
+    return {1: [(1, 0)], 2: [(2, 0)], 3: [(2, 0), (1, 2)], 4: [(4, 0)], 5: [(4, 0), (1, 4)], 6: [(4, 0), (2, 4)],
+            7: [(4, 0), (2, 4), (1, 6)], 8: [(4, 0), (4, 4)]}[bits]
+
+
+def layout_codes(codes: np.ndarray, kind: int, act: str = "f32") -> np.ndarray:
+    """[rows, ncols] uint8 codes -> the record's flat uint8 code array (rows zero padded to 16).
+
+    q8: per 32-column block the planes of `q8_planes(kind)` in order, a plane of width p as p words per lane in
+    which byte i, bits p*s .. p*s+p-1 hold column w*32/p + 4s + i of the plane's word w: one shift and one mask give
+    four consecutive columns' codes in the four bytes of every lane, what vpdpbusd / pmaddubsw multiply with four
+    consecutive int8 activations."""
     codes = np.asarray(codes, dtype=np.uint8)
     rows, ncols = codes.shape
     rp = rows_padded(rows)
+    if act == "q8":
+        ncb = -(-ncols // BLOCK_COLS)
+        buf = np.zeros((rp, ncb * BLOCK_COLS), dtype=np.uint32)
+        buf[:rows, :ncols] = codes
+        blocks = buf.reshape(rp, ncb, BLOCK_COLS)
+        words = []
+        for p, shift in q8_planes(kind):
+            vals = ((blocks >> shift) & ((1 << p) - 1)).reshape(rp, ncb, p, 8 // p, 4)  # [.., w, s, i]
+            sh = (np.arange(8 // p, dtype=np.uint32)[:, None] * p + 8 * np.arange(4, dtype=np.uint32)[None, :])
+            words.append((vals << sh).sum(axis=(3, 4), dtype=np.uint32))  # [rp, ncb, p]
+        w = np.concatenate(words, axis=2).astype("<u4")  # [rp, ncb, bits]
+        out = w.reshape(rp // LANES, LANES, ncb, kind).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
     if kind == BYTES_KIND:
         buf = np.zeros((rp, ncols), dtype=np.uint8)
         buf[:rows] = codes
@@ -138,7 +175,7 @@ def record_table(base: int, shapes: list[tuple[int, int, int]]) -> np.ndarray:
     return np.asarray(table, dtype=np.int64).reshape(-1, REC_FIELDS)
 
 
-def pack(records, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def pack(records, rows: int, act: str = "f32") -> tuple[np.ndarray, np.ndarray]:
     """records = [(codes [rows, n] uint8, scales [rows] float16, zeros [rows] uint8, x_offset, bits)] -> (one
     uint8 buffer with every record's row blocks interleaved, the int64 record table pointing into it). The buffer
     must outlive every call."""
@@ -146,12 +183,12 @@ def pack(records, rows: int) -> tuple[np.ndarray, np.ndarray]:
     nrb = rp // LANES
     parts, shapes = [], []
     for codes, scales, zeros, off, bits in records:
-        kind = record_kind(bits, codes.shape[1])
+        kind = record_kind(bits, codes.shape[1], act)
         sc = np.zeros(rp, dtype=np.float16)
         sc[:rows] = scales
         zp = np.zeros(rp, dtype=np.uint8)
         zp[:rows] = zeros
-        parts += [layout_codes(codes, kind).reshape(nrb, -1), sc.view(np.uint8).reshape(nrb, 2 * LANES),
+        parts += [layout_codes(codes, kind, act).reshape(nrb, -1), sc.view(np.uint8).reshape(nrb, 2 * LANES),
                   zp.reshape(nrb, LANES)]
         shapes.append((kind, codes.shape[1], off))
     buf = np.ascontiguousarray(np.concatenate(parts, axis=1)).reshape(-1) if parts else np.zeros(0, np.uint8)
@@ -166,6 +203,34 @@ def reference_rows(records, x: np.ndarray, rows: int) -> np.ndarray:
         n = codes.shape[1]
         w = np.asarray(s, np.float64)[:, None] * (codes.astype(np.float64) - np.asarray(z, np.float64)[:, None])
         y += x[:, off:off + n] @ w.T
+    return y
+
+
+def q8_scratch_bytes(shapes, batch: int) -> int:
+    """Scratch the q8 kernel needs for `batch` tokens: int8 x per record (padded to 32 columns) + 2 floats each."""
+    return batch * (sum(-(-n // BLOCK_COLS) * BLOCK_COLS for n in shapes) + 8 * len(shapes)) + 64
+
+
+def quantize_record_x(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """A record's activations as the q8 kernel quantizes them (float32 arithmetic): d = max|x| / 127,
+    xq = round_half_even(x * (127 / max|x|)) (all zero when max|x| = 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.float32(np.abs(x).max()) if x.size else np.float32(0)
+    d = np.float32(amax / np.float32(127.0))
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0)
+    return np.clip(np.rint(x * inv), -127, 127).astype(np.int8), d
+
+
+def reference_rows_q8(records, x: np.ndarray, rows: int) -> np.ndarray:
+    """numpy oracle of the q8 kernel (float64 after quantizing each record's x like the kernel)."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    y = np.zeros((x.shape[0], rows))
+    for codes, s, z, off in records:
+        n = codes.shape[1]
+        w = np.asarray(s, np.float64)[:, None] * (codes.astype(np.float64) - np.asarray(z, np.float64)[:, None])
+        for t in range(x.shape[0]):
+            xq, d = quantize_record_x(x[t, off:off + n])
+            y[t] += w @ (xq.astype(np.float64) * np.float64(d))
     return y
 
 
@@ -236,13 +301,13 @@ class _Gen:
         zv = b.uitofp(e.load(self.at_block(rec, s, 4, blk_row), ci(0), V(I8, LANES), 1), self.vf)
         return sv, b.fmul(sv, zv)
 
-    def switch_kind(self, kind, emit_kind):
-        """switch (kind) { case 1..9: emit_kind(k) }"""
+    def switch_kind(self, kind, emit_kind, kinds=tuple(range(1, 9)) + (BYTES_KIND,)):
+        """switch (kind) { case k in kinds: emit_kind(k) }"""
         b = self.e.b
         fn = b.block.function
         done = fn.append_basic_block("kind.done")
         sw = b.switch(kind, done)
-        for k in list(range(1, 9)) + [BYTES_KIND]:
+        for k in kinds:
             bb = fn.append_basic_block(f"kind{k}")
             sw.add_case(ci(k), bb)
             b.position_at_end(bb)
@@ -443,10 +508,198 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     return fn
 
 
+def _hmax16(e: Emitter, v):
+    b = e.b
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        v = e.vmax(b.shuffle_vector(v, v, cvec(I32, h, list(range(h)))),
+                   b.shuffle_vector(v, v, cvec(I32, h, list(range(h, n)))))
+        n = h
+    return b.extract_element(v, ci(0, I32))
+
+
+class _Dot16:
+    """acc (<16 x i32>, one lane per row) += dot of each lane's 4 code bytes with 4 int8 activations: one 512-bit
+    vpdpbusd with AVX-512 VNNI, else two 256-bit halves through codegen.DotU8S8 (AVX-VNNI, AVX2 pmaddubsw, generic).
+    Codes are at most 15 (q8_planes), so AVX2's i16 pair sums cannot saturate."""
+
+    def __init__(self, e: Emitter, acc):
+        self.e, self.acc = e, acc
+        self.wide = e.t.is_x86 and e.t.has("avx512vnni") and e.t.has("avx512f")
+        if not self.wide:
+            b = e.b
+            self.halves = [DotU8S8(e, b.shuffle_vector(acc, acc, cvec(I32, 8, list(range(h, h + 8)))), 4)
+                           for h in (0, 8)]
+
+    def add(self, codes, x4):
+        e, b = self.e, self.e.b
+        if self.wide:
+            v = V(I32, LANES)
+            fn = e.intrinsic("llvm.x86.avx512.vpdpbusd.512", v, [v, v, v])
+            self.acc = b.call(fn, [self.acc, codes, x4])
+            return
+        for h, d in zip((0, 8), self.halves):
+            idx = cvec(I32, 8, list(range(h, h + 8)))
+            d.add(b.bitcast(b.shuffle_vector(codes, codes, idx), V(I8, 32)),
+                  b.bitcast(b.shuffle_vector(x4, x4, idx), V(I8, 32)))
+
+    def value(self):
+        if self.wide:
+            return self.acc
+        lo, hi = (d.value() for d in self.halves)
+        return self.e.b.shuffle_vector(lo, hi, cvec(I32, LANES, list(range(LANES))))
+
+
+def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
+    """Any batch. Prologue per token and record: x gathered through the permutation, zero padded to whole
+    32-column blocks, quantized to int8 (d = max|x|/127) into the caller's scratch, with d and d * sum(xq). Then per
+    16-row block, token and record: integer dot products of the code planes with four int8 activations at a time
+    (codegen.DotU8S8: vpdpbusd, or pmaddubsw + pmaddwd on AVX2), planes recombined by shifts, and
+    y += s*d*dot - s*z*d*sum(xq)."""
+    g = _Gen(e, spec)
+    fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(I32), P(F32), I64, I64, I64, I64, I64, P(I8)]),
+                     name=spec.q8_name)
+    rec, nrec, x, perm, y, rb, re, batch, ldx, ldy, scratch = fn.args
+    y.add_attribute("noalias")
+    b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    acc_slot = b.alloca(V(I32, LANES), name="acc")
+    acc_slot.align = 64
+    f0 = ir.Constant(F32, 0.0)
+
+    def width(n):
+        return b.mul(b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS)), ci(BLOCK_COLS))
+
+    xbase = b.alloca(I64, size=b.add(nrec, ci(1)), name="xbase")
+
+    def bases(s, t):
+        e.store(t[0], xbase, s, 8)
+        return [b.add(t[0], width(g.field(rec, s, 1)))]
+
+    (total,) = e.loop(ci(0), nrec, ci(1), [ci(0)], bases, name="tot")
+    fbase = b.bitcast(b.gep(scratch, [b.mul(batch, total)], inbounds=True), P(F32))  # d, then d*sum(xq)
+    ntok_rec = b.mul(batch, nrec)
+    permuted = b.icmp_unsigned("!=", b.ptrtoint(perm, I64), ci(0))
+
+    stage = b.alloca(F32, size=b.add(total, ci(LANES)), name="stage")  # one record's x, gathered and padded
+    stage.align = 64
+    v16 = V(F32, LANES)
+
+    def prologue_token(t, _):
+        xrow = b.gep(x, [b.mul(t, ldx)], inbounds=True)
+
+        def prologue(s, _):
+            n, off = g.field(rec, s, 1), g.field(rec, s, 5)
+            w = width(n)
+
+            def gather(permute):
+                def col(j, _):
+                    jj = b.add(off, j)
+                    src = b.sext(b.load(b.gep(perm, [jj], inbounds=True), align=4), I64) if permute else jj
+                    b.store(b.load(b.gep(xrow, [src], inbounds=True), align=4), b.gep(stage, [j], inbounds=True),
+                            align=4)
+                    return []
+
+                e.loop(ci(0), n, ci(1), [], col, name="gat")
+                e.loop(n, w, ci(1), [], lambda j, _: (b.store(f0, b.gep(stage, [j], inbounds=True), align=4), [])[1],
+                       name="pad")
+                return []
+
+            e.if_then_values(permuted, [], lambda _: gather(True), name="gp")
+            e.if_then_values(b.not_(permuted), [], lambda _: gather(False), name="gi")
+            (vmax,) = e.loop(ci(0), w, ci(LANES), [g.zero],
+                             lambda j, a: [e.vmax(a[0], e.fabs(e.load(stage, j, v16, 64)))], name="amax")
+            amax = _hmax16(e, vmax)
+            pos = b.fcmp_ordered(">", amax, f0)
+            inv = e.bcast(b.select(pos, b.fdiv(ir.Constant(F32, 127.0), b.select(pos, amax, ir.Constant(F32, 1.0))),
+                                   f0), LANES)
+            xq = b.gep(scratch, [b.add(b.mul(t, total), b.load(b.gep(xbase, [s], inbounds=True), align=8))],
+                       inbounds=True)
+
+            def quant(j, acc):
+                q = b.fptosi(e.rint(b.fmul(e.load(stage, j, v16, 64), inv)), V(I32, LANES))
+                e.store(b.trunc(q, V(I8, LANES)), xq, j, 1)
+                return [b.add(acc[0], q)]
+
+            (isum,) = e.loop(ci(0), w, ci(LANES), [cvec(I32, LANES, 0)], quant, name="quant")
+            d = b.fdiv(amax, ir.Constant(F32, 127.0))
+            k = b.add(b.mul(t, nrec), s)
+            b.store(d, b.gep(fbase, [k], inbounds=True), align=4)
+            b.store(b.fmul(d, b.sitofp(e.hsum_i32(isum), F32)), b.gep(fbase, [b.add(ntok_rec, k)], inbounds=True),
+                    align=4)
+            return []
+
+        e.loop(ci(0), nrec, ci(1), [], prologue, name="pro")
+        return []
+
+    e.loop(ci(0), batch, ci(1), [], prologue_token, name="prot")
+
+    def rowblock(r, _):
+        blk_row = b.sdiv(r, ci(LANES))
+        mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r), LANES))
+
+        def token(t, _):
+            def record(s, yv):
+                kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
+                crow = g.at_block(rec, s, 2, blk_row)
+                xq = b.gep(scratch, [b.add(b.mul(t, total), b.load(b.gep(xbase, [s], inbounds=True), align=8))],
+                           inbounds=True)
+                nb = b.sdiv(width(n), ci(BLOCK_COLS))
+
+                def emit_kind(k):
+                    planes = q8_planes(k)
+
+                    def block(blk, accs):
+                        dots = [_Dot16(e, accs[i]) for i in range(len(planes))]
+                        wi = 0
+                        for pi, (p, _) in enumerate(planes):
+                            bmask = cvec(I32, LANES, int.from_bytes(bytes([(1 << p) - 1] * 4), "little"))
+                            for w in range(p):
+                                word = e.load(crow, b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)),
+                                              V(I32, LANES), 4)
+                                wi += 1
+                                for sub in range(8 // p):
+                                    c = b.and_(b.lshr(word, cvec(I32, LANES, p * sub)), bmask) if sub else \
+                                        b.and_(word, bmask)
+                                    col = b.add(b.mul(blk, ci(BLOCK_COLS)), ci(w * (BLOCK_COLS // p) + 4 * sub))
+                                    x4 = b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(I32)), align=1)
+                                    dots[pi].add(c, e.bcast(x4, LANES))
+                        return [d.value() for d in dots]
+
+                    accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * len(planes), block, name="blk")
+                    tot = None
+                    for a, (_, shift) in zip(accs, planes):
+                        a = b.shl(a, cvec(I32, LANES, shift)) if shift else a
+                        tot = a if tot is None else b.add(tot, a)
+                    b.store(tot, acc_slot)
+
+                g.switch_kind(kind, emit_kind, kinds=range(1, 9))
+                sv, szv = g.scale_zero(rec, s, blk_row)
+                k_ = b.add(b.mul(t, nrec), s)
+                d = b.load(b.gep(fbase, [k_], inbounds=True), align=4)
+                dsum = b.load(b.gep(fbase, [b.add(ntok_rec, k_)], inbounds=True), align=4)
+                yv = e.fmuladd(b.fmul(sv, e.bcast(d, LANES)), b.sitofp(b.load(acc_slot), g.vf), yv[0])
+                return [e.fmuladd(b.fneg(szv), e.bcast(dsum, LANES), yv)]
+
+            (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
+            _masked_store(e, yv, b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
+            return []
+
+        e.loop(ci(0), batch, ci(1), [], token, name="tok")
+        return []
+
+    e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
+    b.ret_void()
+    return fn
+
+
 def generate_rows_module(spec: RowLaneSpec, target) -> ir.Module:
     m = ir.Module(name=f"xbitc_{spec.key()}")
     m.triple = target.triple
     e = Emitter(m, target)
-    _gen_gemv(e, spec)
-    _gen_gemm(e, spec)
+    if spec.act == "q8":
+        _gen_q8(e, spec)
+    else:
+        _gen_gemv(e, spec)
+        _gen_gemm(e, spec)
     return m
