@@ -1,7 +1,10 @@
 """x86: packed linears run through the generated LLVM kernels (backends/llvm) on x86-64 hosts.
 
 Lowering (`X86Backend.lower`) keeps the reference interpreter for every op except PACKED_LINEAR, whose
-`linear_impl` is an `X86Linears`:
+`linear_impl` is an `X86Linears`. By default (`$XBITC_X86_LINEAR=rows`) every packed matrix is laid out once for
+the row-lane kernel (llvm/rowlane.py: all segments and scale groups as records of one buffer) and each call is one
+kernel call over the whole matrix (lanes over rows, the permutation gathered inside, `$XBITC_X86_ACT=q8` for int8
+activations). `XBITC_X86_LINEAR=segments` runs the per-segment lane-interleaved kernels instead, as follows:
 
 * at lower time, every PackedMatrix read by a PACKED_LINEAR node is prepared once (cached per weight name): each
   segment of nonzero depth gets its codes repacked from the canonical "lsb-rows" stream into the kernel layout,
@@ -27,7 +30,9 @@ kernel (scalar, ~30x slower); failing that (LLVM could not build the kernel) by 
 
 `emit` writes `kernels/` into the artifact: one relocatable ELF object per distinct kernel and x86-64 level
 (baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with layout and level
-so all of them link into one binary, plus the C header `kernels/xbitc_kernels.h` (see `header_text`). Objects come
+so all of them link into one binary, the row-lane objects (f32 and q8, each level: what the runtime calls, any
+depth, whole matrices; records built by `llvm.rowlane.pack`), plus the C header `kernels/xbitc_kernels.h` (see
+`header_text`). Objects come
 from the kernel disk cache when they were emitted before. About 15-25 KB per object, ~50 KB per distinct kernel
 over the three levels: negligible for real models (SmolLM2-135M: 74 KB of 99 MB), but they are counted in the
 artifact's bits per weight and dominate it for toy models.
@@ -55,7 +60,7 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
 from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
-from .llvm.rowlane import ROWS_KIND, RowLaneSpec, q8_scratch_bytes
+from .llvm.rowlane import ROWS_KIND, ROWS_VERSION, RowLaneSpec, q8_scratch_bytes
 from .llvm.rowlane import pack as rowlane_pack
 
 log = logging.getLogger("xbitc.backends.x86")
@@ -502,8 +507,8 @@ def packed_linear_configs(graph: Graph) -> list[tuple[int, int, int]]:
     return sorted(found)
 
 
-def header_text(kernels: list[dict]) -> str:
-    """The C header declaring every emitted kernel (list of the manifest note entries)."""
+def header_text(kernels: list[dict], rows: list[dict] = ()) -> str:
+    """The C header declaring every emitted kernel (lists of the manifest note entries)."""
     lines = [
         "/* xbitc generated kernels: packed b-bit matrix-vector / matrix-matrix products. Generated file. */",
         "#ifndef XBITC_KERNELS_H",
@@ -558,6 +563,40 @@ def header_text(kernels: list[dict]) -> str:
                           (k["gemm"], gemm_args), (k["gemm"] + "_acc", gemm_args)):
             lines.append(f"void {sym}({args});")
         lines.append("")
+    if rows:
+        lines += [
+            "/*",
+            " * Row-lane kernels (what the xbitc Python runtime runs): a whole matrix, every segment and depth, per call,",
+            f" * record format version {ROWS_VERSION}. y[r] = sum over records of s[r]*(sum_j q[r][j]*x[j]) - s[r]*z[r]*(sum_j x[j])",
+            " * for rows r in [rows_begin, rows_end), rows_begin a multiple of 16; y is written, never read.",
+            " *   rec   nrec records of 7 int64: kind (1..8 bits packed, 9 one byte per code), ncols, address of the",
+            " *         codes, the 16 float16 scales and the 16 uint8 zero points of row block 0, x_offset, stride (bytes",
+            " *         between consecutive 16-row blocks). A record is one scale group of one segment.",
+            " *   x     float32 input; perm int32 [in] column permutation (NULL = identity): column x_offset + j of a",
+            " *         record reads x[perm[x_offset + j]]. gemm reads x already permuted, token t at x + t*ldx.",
+            " * Codes of a 16-row block, kind b in 1..8, f32: per 32-column block b uint32 words per row (lane l = row l),",
+            " * word w holding bits 32w..32w+31 of the row's LSB-first stream of 32 codes; kind 9: [ncols][16] bytes.",
+            " * q8 (int8 activations, any batch, scratch >= batch*(sum of records' ncols rounded up to 32) + 8*batch*nrec",
+            " * + 64 bytes): codes as bit planes of 1/2/4 bits (3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, 8 = 4+4; plane of",
+            " * width p: p words per row in which byte i, bits p*s.. hold column w*32/p + 4s + i of word w).",
+            " * The Python packer (xbitc.backends.llvm.rowlane.pack) builds rec and the buffer from the artifact's segments.",
+            " */",
+        ]
+        for r in rows:
+            lines.append(f"/* row-lane, {r['act']} activations, target {r['target']} ({r['cpu']}), in {r['file']} */")
+            for fn in r["functions"]:
+                if "_q8" in fn:
+                    args = ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
+                            "int64_t rows_begin, int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy, "
+                            "int8_t* scratch")
+                elif "_gemv" in fn:
+                    args = ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
+                            "int64_t rows_begin, int64_t rows_end")
+                else:
+                    args = ("const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin, "
+                            "int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy")
+                lines.append(f"void {fn}({args});")
+            lines.append("")
     lines += ["#ifdef __cplusplus", "}", "#endif", "", "#endif /* XBITC_KERNELS_H */", ""]
     return "\n".join(lines)
 
@@ -590,16 +629,27 @@ def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
                 "gemv": spec.gemv_name, "gemm": spec.gemm_name,
             }
     kernels = list(objects.values())
-    header = header_text(kernels)
+    rows = []  # the row-lane kernels the Python runtime uses: any depth, whole matrices (backends/llvm/rowlane.py)
+    for suffix, cpu, features in EMIT_TARGETS:
+        for act in ACTIVATIONS:
+            spec = RowLaneSpec(act=act, symbol_suffix=suffix)
+            obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
+            base = f"xbitc_rows_{act}_{suffix}"
+            (kdir / f"{base}.o").write_bytes(obj)
+            rows.append({"name": base, "act": act, "target": suffix, "cpu": cpu, "file": f"kernels/{base}.o",
+                         "bytes": len(obj), "functions": list(spec.names())})
+    header = header_text(kernels, rows)
     (kdir / HEADER).write_text(header)
     return {
         "kernels": {
             "abi_version": ABI_VERSION,
             "generator": GENERATOR_VERSION,
+            "rows_format": ROWS_VERSION,
             "triple": EMIT_TRIPLE,
             "header": f"kernels/{HEADER}",
-            "bytes": sum(k["bytes"] for k in kernels) + len(header.encode()),
+            "bytes": sum(k["bytes"] for k in kernels + rows) + len(header.encode()),
             "list": kernels,
+            "rows": rows,
         }
     }
 

@@ -283,7 +283,7 @@ def test_emitted_objects_link_and_match_the_jit(artifact_4b, tmp_path):
     if cxx:
         subprocess.run([cxx, "-fsyntax-only", "-Wall", "-Werror", "-x", "c++", str(hdr)], check=True)
     lib = tmp_path / "libk.so"
-    objs = [str(out / k["file"]) for k in manifest.notes["kernels"]["list"]]
+    objs = [str(out / k["file"]) for k in manifest.notes["kernels"]["list"] + manifest.notes["kernels"]["rows"]]
     subprocess.run([cc, "-shared", "-o", str(lib), *objs], check=True)
     so = ctypes.CDLL(str(lib))
 
@@ -320,6 +320,36 @@ def test_emitted_objects_link_and_match_the_jit(artifact_4b, tmp_path):
         assert np.abs(y3 - exact).max() <= 1e-5 * scale, k["name"]
         ran += 1
     assert ran >= 1
+    # the row-lane objects: records packed by the Python packer from the artifact's segments, called from C
+    from xbitc.backends.llvm.rowlane import pack as rows_pack
+    from xbitc.backends.llvm.rowlane import q8_scratch_bytes, reference_rows_q8
+
+    codes = unpack(ps.codes, 4, cols).reshape(rows, cols)
+    recs = [(codes[:, g * 32:(g + 1) * 32], scales.view(np.float16)[:, g], zeros[:, g], g * 32, 4)
+            for g in range(ps.seg.ngroups)]
+    x1 = np.ascontiguousarray(x[:1])
+    for r in manifest.notes["kernels"]["rows"]:
+        if not runnable[r["target"]]:
+            continue
+        buf, table = rows_pack(recs, rows, r["act"])
+        y = np.full((3, rows), np.nan, dtype=np.float32)
+        p = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+        i64 = ctypes.c_int64
+        if r["act"] == "q8":
+            scratch = np.zeros(q8_scratch_bytes([32] * len(recs), 3), np.uint8)
+            getattr(so, f"xbitc_rows_q8_{r['target']}")(p(table), i64(len(recs)), p(x), None, p(y), i64(0),
+                                                        i64(rows), i64(3), i64(cols), i64(rows), p(scratch))
+            want = reference_rows_q8([(c, s.astype(np.float32), z, o) for c, s, z, o, _ in recs], x, rows)
+        else:
+            getattr(so, f"xbitc_rows_gemv_{r['target']}")(p(table), i64(len(recs)), p(x1), None, p(y), i64(0),
+                                                          i64(rows))
+            getattr(so, f"xbitc_rows_gemm_{r['target']}")(p(table), i64(len(recs)), p(x), p(y[1:]), i64(0),
+                                                          i64(rows), i64(2), i64(cols), i64(rows))
+            want = exact[[0, 0, 1]]  # gemv: token 0 into y[0]; gemm: tokens 0 and 1 into y[1], y[2]
+        scale = np.abs(want).max()
+        assert np.abs(y - want).max() <= 1e-5 * scale, r["name"]
+        ran += 1
+    assert ran >= 3
 
 
 def test_second_lower_compiles_nothing(tmp_path, monkeypatch):
