@@ -30,8 +30,8 @@ kernel (scalar, ~30x slower); failing that (LLVM could not build the kernel) by 
 
 `emit` writes `kernels/` into the artifact: one relocatable ELF object per distinct kernel and x86-64 level
 (baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with layout and level
-so all of them link into one binary, the row-lane objects (f32 and q8, each level: what the runtime calls, any
-depth, whole matrices; records built by `llvm.rowlane.pack`), plus the C header `kernels/xbitc_kernels.h` (see
+so all of them link into one binary, the row-lane objects (f32 and q8, AVX2 and AVX-512 levels: what the runtime
+calls, any depth, whole matrices; records built by `llvm.rowlane.pack`), plus the C header `kernels/xbitc_kernels.h` (see
 `header_text`). Objects come
 from the kernel disk cache when they were emitted before. About 15-25 KB per object, ~50 KB per distinct kernel
 over the three levels: negligible for real models (SmolLM2-135M: 74 KB of 99 MB), but they are counted in the
@@ -630,7 +630,9 @@ def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
             }
     kernels = list(objects.values())
     rows = []  # the row-lane kernels the Python runtime uses: any depth, whole matrices (backends/llvm/rowlane.py)
-    for suffix, cpu, features in EMIT_TARGETS:
+    # AVX2 and AVX-512 levels only: the SSE2 baseline object is the largest (~170 KB with q8) and hosts without AVX2
+    # keep the per-segment baseline kernels above
+    for suffix, cpu, features in EMIT_TARGETS[1:]:
         for act in ACTIVATIONS:
             spec = RowLaneSpec(act=act, symbol_suffix=suffix)
             obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
