@@ -5,6 +5,7 @@ packed graph into a `Program` (`lower`) and may add files to the artifact (`emit
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -64,4 +65,13 @@ class Backend:
     def emit(self, graph: Graph, folder: Path) -> dict[str, Any]:
         """Write backend files into the artifact folder being built; return manifest notes."""
         return {}
+
+    def emitted(self, graph: Graph) -> tuple[dict[str, int], dict[str, Any]]:
+        """The files (artifact-relative path -> bytes) and manifest notes `emit` adds for `graph`, measured by
+        emitting into a scratch folder. The size planners count them before choosing depths; that is exact when what
+        `emit` writes does not depend on the quantization plan, as for the built-in backends."""
+        with tempfile.TemporaryDirectory(prefix="xbitc-emit-") as d:
+            notes = self.emit(graph, Path(d)) or {}
+            files = {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
+        return files, notes
 

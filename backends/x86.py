@@ -28,14 +28,13 @@ G/G' times in memory: same arithmetic, more scale reads); failing that by the ll
 kernel (scalar, ~30x slower); failing that (LLVM could not build the kernel) by the reference float path
 (dequantize once, matmul). Each fallback is logged once per (bits, group) on the `xbitc.backends.x86` logger.
 
-`emit` writes `kernels/` into the artifact: one relocatable ELF object per distinct kernel and x86-64 level
-(baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with layout and level
-so all of them link into one binary, the row-lane objects (f32 and q8, AVX2 and AVX-512 levels: what the runtime
-calls, any depth, whole matrices; records built by `llvm.rowlane.pack`), plus the C header `kernels/xbitc_kernels.h` (see
-`header_text`). Objects come
-from the kernel disk cache when they were emitted before. About 15-25 KB per object, ~50 KB per distinct kernel
-over the three levels: negligible for real models (SmolLM2-135M: 74 KB of 99 MB), but they are counted in the
-artifact's bits per weight and dominate it for toy models.
+`emit` writes `kernels/` into the artifact: the row-lane kernels (what the runtime calls: any depth, whole
+matrices; records built by `llvm.rowlane.pack`) as one relocatable ELF object per activation strategy (f32, q8)
+and x86-64 level (baseline x86-64 / SSE2, x86-64-v3 / AVX2+FMA+F16C, x86-64-v4 / AVX-512), symbols suffixed with
+the level so all of them link into one binary, plus the C header `kernels/xbitc_kernels.h` (see `header_text`).
+Objects come from the kernel disk cache when they were emitted before. ~280 KB in all, whatever the model: 0.017
+bits per weight of SmolLM2-135M, counted (the planners reserve them before choosing depths, see
+`Backend.emitted`), and dominant for toy models.
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xbitc.ir.graph import Graph, Op
+from xbitc.ir.graph import LINEAR_OPS, Graph, Op
 from xbitc.quant.pack import row_bytes as canonical_row_bytes
 from xbitc.quant.packed import PackedMatrix, PackedSegment
 
@@ -494,21 +493,8 @@ class X86Linears:
 # ------------------------------------------------------------------------------------------------ emission
 
 
-def packed_linear_configs(graph: Graph) -> list[tuple[int, int, int]]:
-    """Distinct (bits, group, ncols) of the nonzero-depth segments of every PACKED_LINEAR weight."""
-    by_name = graph.by_name()
-    found = set()
-    for n in graph.nodes:
-        if n.op is Op.PACKED_LINEAR:
-            pm = graph.params.get(by_name[n.args[1].name].attrs["name"])
-            if isinstance(pm, PackedMatrix):
-                found |= {(ps.seg.bits, ps.seg.group_size, ps.seg.ncols) for ps in pm.segments
-                          if ps.seg.bits and ps.seg.ncols}
-    return sorted(found)
-
-
-def header_text(kernels: list[dict], rows: list[dict] = ()) -> str:
-    """The C header declaring every emitted kernel (lists of the manifest note entries)."""
+def header_text(rows: list[dict]) -> str:
+    """The C header declaring every emitted row-lane kernel (the manifest note's entries)."""
     lines = [
         "/* xbitc generated kernels: packed b-bit matrix-vector / matrix-matrix products. Generated file. */",
         "#ifndef XBITC_KERNELS_H",
@@ -518,31 +504,29 @@ def header_text(kernels: list[dict], rows: list[dict] = ()) -> str:
         "",
         f"#define XBITC_KERNELS_ABI_VERSION {ABI_VERSION}",
         f'#define XBITC_KERNELS_GENERATOR "{GENERATOR_VERSION}"',
+        f"#define XBITC_ROWS_FORMAT {ROWS_VERSION}",
         "",
         "/*",
-        " * Every kernel computes y[r] (=, or += for the _acc variants) sum_j s[r][j/G] * (q[r][j] - z[r][j/G]) * x[j]",
-        " * for rows r in [rows_begin, rows_end), j in [0, in_features):",
-        " *   codes       the [rows, in_features] codes of one segment, repacked into the kernel's layout (below);",
-        " *   scales_f16  [rows, ngroups] IEEE float16 bits, ngroups = ceil(in_features / G), row-major;",
-        " *   zeros       [rows, ngroups] uint8 zero points, one byte each (the artifact stores them bit-packed at",
-        " *               the segment's depth: unpack them first);",
-        " *   x           float32 [in_features] (gemv) or [batch, in_features] row-major (gemm);",
-        " *   y           float32: y[r] (gemv); y[t * ldy + r] for token t (gemm). The plain variants never read y.",
-        " * Row ranges are independent: run disjoint ranges on different threads. A segment of a permuted matrix",
-        " * reads x already gathered by the matrix's permutation (x[j] = x_original[perm[start + j]]).",
-        " *",
-        " * Layouts (codes):",
-        " *   ilLwW: per row, blocks of L*W columns (zero padded); in a block lane l holds the W codes of columns",
-        " *          k*L + l (k = 0..W-1) as an LSB-first stream of `bits` W-bit little-endian words; the block stores",
-        " *          word 0 of lanes 0..L-1, then word 1, ... Row r starts at r * ceil(in/(L*W)) * bits*L*W/8 bytes.",
-        " *   canonical: the artifact's lsb-rows stream (code j at bits j*b .. j*b+b-1 of the row), ceil(in*b/8) bytes",
-        " *          per row.",
-        " * Symbols: xbitc_{gemv,gemm}_b<bits>_g<group>_<layout>_<level>[_acc]. Objects: ELF x86-64 (" + EMIT_TRIPLE + "),",
-        " * position independent, no external references; level x86_64 = baseline (SSE2), avx2 = x86-64-v3 (AVX2,",
-        " * FMA, F16C), avx512 = x86-64-v4 (AVX-512 F/BW/VL/DQ/CD). Pick a level at run time, e.g. with",
-        " * __builtin_cpu_supports(\"avx512f\") / (\"avx2\") && (\"fma\"), and repack codes for its kernels' layout.",
-        " * A segment whose group size G_artifact is listed as served by a kernel of group G repeats each scale and",
-        " * zero point G_artifact / G times (same arithmetic).",
+        " * Row-lane kernels, what the xbitc Python runtime runs: one call computes a whole packed matrix, every",
+        " * segment and depth. y[r] = sum over records of s[r]*(sum_j q[r][j]*x[j]) - s[r]*z[r]*(sum_j x[j]) for rows r",
+        " * in [rows_begin, rows_end), rows_begin a multiple of 16; y is written, never read. Disjoint row ranges may run",
+        " * on different threads.",
+        " *   rec   nrec records of 7 int64: kind (1..8 bits packed, 9 one byte per code), ncols, address of the",
+        " *         codes, the 16 float16 scales and the 16 uint8 zero points of row block 0, x_offset, stride (bytes",
+        " *         between consecutive 16-row blocks). A record is one scale group of one segment.",
+        " *   x     float32 input; perm int32 [in] column permutation (NULL = identity): column x_offset + j of a",
+        " *         record reads x[perm[x_offset + j]]. gemm reads x already permuted, token t at x + t*ldx, and writes",
+        " *         y + t*ldy.",
+        " * Codes of a 16-row block, kind b in 1..8, f32: per 32-column block b uint32 words per row (lane l = row l),",
+        " * word w holding bits 32w..32w+31 of the row's LSB-first stream of 32 codes; kind 9: [ncols][16] bytes.",
+        " * q8 (int8 activations rounded per record as absmax/127, any batch; scratch >= batch*(sum of the records'",
+        " * ncols rounded up to 32) + 8*batch*nrec + 64 bytes): codes as bit planes of 1/2/4 bits (3 = 2+1, 5 = 4+1,",
+        " * 6 = 4+2, 7 = 4+2+1, 8 = 4+4; a plane of width p is p words per row in which byte i, bits p*s.. hold",
+        " * column w*32/p + 4s + i of word w); kinds 1..8 only.",
+        " * xbitc.backends.llvm.rowlane.pack builds rec and the buffer from an artifact's segments (weights.safetensors).",
+        " * Objects: ELF x86-64 (" + EMIT_TRIPLE + "), position independent, no external references; suffix x86_64 =",
+        " * baseline (SSE2), avx2 = x86-64-v3 (AVX2, FMA, F16C), avx512 = x86-64-v4 (AVX-512 F/BW/VL/DQ/CD). Pick one at",
+        " * run time, e.g. with __builtin_cpu_supports(\"avx512f\") / (\"avx2\") && (\"fma\").",
         " */",
         "",
         "#ifdef __cplusplus",
@@ -552,87 +536,33 @@ def header_text(kernels: list[dict], rows: list[dict] = ()) -> str:
         "static inline int xbitc_kernels_abi_version(void) { return XBITC_KERNELS_ABI_VERSION; }",
         "",
     ]
-    gemv_args = ("const uint8_t* codes, const uint16_t* scales_f16, const uint8_t* zeros, const float* x, "
-                 "float* y, int64_t rows_begin, int64_t rows_end, int64_t in_features")
-    gemm_args = gemv_args + ", int64_t batch, int64_t ldy"
-    for k in kernels:
-        served = ", ".join(str(g) for g in k["serves_groups"])
-        lines.append(f"/* {k['bits']}-bit, group {k['group']} (serves artifact groups {served}), layout {k['layout']}, "
-                     f"target {k['target']} ({k['cpu']}), in {k['file']} */")
-        for sym, args in ((k["gemv"], gemv_args), (k["gemv"] + "_acc", gemv_args),
-                          (k["gemm"], gemm_args), (k["gemm"] + "_acc", gemm_args)):
-            lines.append(f"void {sym}({args});")
+    args = {
+        "q8": ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, int64_t rows_begin, "
+               "int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy, int8_t* scratch"),
+        "gemv": ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
+                 "int64_t rows_begin, int64_t rows_end"),
+        "gemm": ("const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin, int64_t rows_end, "
+                 "int64_t batch, int64_t ldx, int64_t ldy"),
+    }
+    for r in rows:
+        lines.append(f"/* {r['act']} activations, target {r['target']} ({r['cpu']}), in {r['file']} */")
+        for fn in r["functions"]:
+            lines.append(f"void {fn}({args[fn.split('_')[2]]});")
         lines.append("")
-    if rows:
-        lines += [
-            "/*",
-            " * Row-lane kernels (what the xbitc Python runtime runs): a whole matrix, every segment and depth, per call,",
-            f" * record format version {ROWS_VERSION}. y[r] = sum over records of s[r]*(sum_j q[r][j]*x[j]) - s[r]*z[r]*(sum_j x[j])",
-            " * for rows r in [rows_begin, rows_end), rows_begin a multiple of 16; y is written, never read.",
-            " *   rec   nrec records of 7 int64: kind (1..8 bits packed, 9 one byte per code), ncols, address of the",
-            " *         codes, the 16 float16 scales and the 16 uint8 zero points of row block 0, x_offset, stride (bytes",
-            " *         between consecutive 16-row blocks). A record is one scale group of one segment.",
-            " *   x     float32 input; perm int32 [in] column permutation (NULL = identity): column x_offset + j of a",
-            " *         record reads x[perm[x_offset + j]]. gemm reads x already permuted, token t at x + t*ldx.",
-            " * Codes of a 16-row block, kind b in 1..8, f32: per 32-column block b uint32 words per row (lane l = row l),",
-            " * word w holding bits 32w..32w+31 of the row's LSB-first stream of 32 codes; kind 9: [ncols][16] bytes.",
-            " * q8 (int8 activations, any batch, scratch >= batch*(sum of records' ncols rounded up to 32) + 8*batch*nrec",
-            " * + 64 bytes): codes as bit planes of 1/2/4 bits (3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, 8 = 4+4; plane of",
-            " * width p: p words per row in which byte i, bits p*s.. hold column w*32/p + 4s + i of word w).",
-            " * The Python packer (xbitc.backends.llvm.rowlane.pack) builds rec and the buffer from the artifact's segments.",
-            " */",
-        ]
-        for r in rows:
-            lines.append(f"/* row-lane, {r['act']} activations, target {r['target']} ({r['cpu']}), in {r['file']} */")
-            for fn in r["functions"]:
-                if "_q8" in fn:
-                    args = ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
-                            "int64_t rows_begin, int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy, "
-                            "int8_t* scratch")
-                elif "_gemv" in fn:
-                    args = ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
-                            "int64_t rows_begin, int64_t rows_end")
-                else:
-                    args = ("const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin, "
-                            "int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy")
-                lines.append(f"void {fn}({args});")
-            lines.append("")
     lines += ["#ifdef __cplusplus", "}", "#endif", "", "#endif /* XBITC_KERNELS_H */", ""]
     return "\n".join(lines)
 
 
 def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
-    """Write kernels/ (objects + header) for the graph's packed linears; return the manifest note."""
-    configs = packed_linear_configs(graph)
-    if not configs:
+    """Write kernels/ (the row-lane objects for every x86-64 level and activation strategy + the C header) when
+    the graph has linears; return the manifest note. What is written does not depend on the quantization plan (the
+    row-lane kernels take any depth and group), so the size planners count it exactly before they choose depths."""
+    if not any(n.op in LINEAR_OPS for n in graph.nodes):
         return {}
     kdir = Path(folder) / "kernels"
     kdir.mkdir(parents=True, exist_ok=True)
-    objects: dict[tuple, dict] = {}
+    rows = []
     for suffix, cpu, features in EMIT_TARGETS:
-        target = Target(EMIT_TRIPLE, cpu, features)
-        for bits, group, ncols in configs:
-            plan = kernel_plan(bits, group, target, ncols)
-            key = (suffix, plan.spec.key())
-            if key in objects:
-                if group not in objects[key]["serves_groups"]:
-                    objects[key]["serves_groups"].append(group)
-                continue
-            # the layout is part of the symbols: one target may need both il16w32 and il8w32 kernels of a depth
-            spec = replace(plan.spec, symbol_suffix=f"{plan.spec.layout}_{suffix}")
-            obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
-            base = f"xbitc_b{bits}_g{plan.kernel_group}_{spec.layout}_{suffix}"
-            (kdir / f"{base}.o").write_bytes(obj)
-            objects[key] = {
-                "name": base, "bits": bits, "group": plan.kernel_group, "serves_groups": [group],
-                "layout": spec.layout, "target": suffix, "cpu": cpu, "file": f"kernels/{base}.o", "bytes": len(obj),
-                "gemv": spec.gemv_name, "gemm": spec.gemm_name,
-            }
-    kernels = list(objects.values())
-    rows = []  # the row-lane kernels the Python runtime uses: any depth, whole matrices (backends/llvm/rowlane.py)
-    # AVX2 and AVX-512 levels only: the SSE2 baseline object is the largest (~170 KB with q8) and hosts without AVX2
-    # keep the per-segment baseline kernels above
-    for suffix, cpu, features in EMIT_TARGETS[1:]:
         for act in ACTIVATIONS:
             spec = RowLaneSpec(act=act, symbol_suffix=suffix)
             obj = emit_object(EMIT_TRIPLE, cpu, features, spec=spec, use_disk_cache=True)
@@ -640,7 +570,7 @@ def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
             (kdir / f"{base}.o").write_bytes(obj)
             rows.append({"name": base, "act": act, "target": suffix, "cpu": cpu, "file": f"kernels/{base}.o",
                          "bytes": len(obj), "functions": list(spec.names())})
-    header = header_text(kernels, rows)
+    header = header_text(rows)
     (kdir / HEADER).write_text(header)
     return {
         "kernels": {
@@ -649,8 +579,7 @@ def emit_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
             "rows_format": ROWS_VERSION,
             "triple": EMIT_TRIPLE,
             "header": f"kernels/{HEADER}",
-            "bytes": sum(k["bytes"] for k in kernels + rows) + len(header.encode()),
-            "list": kernels,
+            "bytes": sum(r["bytes"] for r in rows) + len(header.encode()),
             "rows": rows,
         }
     }

@@ -110,6 +110,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     needs_calib = any(p.name in ("calibrate", "allocate") or getattr(p, "method", None) == "gptq" for p in passes)
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress
+    ctx.stats["emitted"] = backend.emitted(graph)  # e.g. kernel objects: the size planners count them too
     if needs_calib:
         ctx.calib_inputs = calibration_inputs(model, opts)
     if not isinstance(source, frontend.LoadedModel):

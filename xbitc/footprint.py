@@ -61,8 +61,11 @@ def safetensors_bytes(arrays: dict[str, tuple[str, list[int]]]) -> int:
     return 8 + len(text) + (-len(text)) % 8 + offset
 
 
-def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_uniform: bool = False, passes: int = 4) -> int:
-    """Counted bytes of the artifact `plan` (name -> {"bits", "group"}) will produce from `graph`."""
+def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_uniform: bool = False, passes: int = 4,
+                   emitted: tuple[dict[str, int], dict] | None = None) -> int:
+    """Counted bytes of the artifact `plan` (name -> {"bits", "group"}) will produce from `graph`; `emitted`: the
+    backend's files and manifest notes (`Backend.emitted`)."""
+    extra_files, extra_notes = emitted or ({}, {})
     float_code = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[graph.meta.get("float_dtype", "float16")]
     kinds = graph.meta.get("param_kinds", {})
     arrays: dict[str, tuple[str, list[int]]] = {}
@@ -90,17 +93,17 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
     weights = safetensors_bytes(arrays)
     # graph.json, and step.json for the cached decode step: both have their planned linears renamed by packing
     graph_json = sum(_json_bytes(g, plan) for g in (graph, graph.step) if g is not None)
-    listed = ["graph.json", "weights.safetensors"] + (["step.json"] if graph.step is not None else [])
+    listed = ["graph.json", "weights.safetensors"] + (["step.json"] if graph.step is not None else []) + sorted(extra_files)
     size = Size(target_bpw=0.0, bits_per_weight=0.0, linear_bits_per_weight=0.0, counted_bytes=10**9,
                 files={**{f: 10**6 for f in listed}, "manifest.json": 10**5}, uncounted={})
     manifest = Manifest(
         xbitc_version="0.0.0", created="2026-01-01T00:00:00+00:00", kind=graph.meta.get("kind", "generic"),
         backend="reference", source=Source(path=str(graph.meta.get("source", "")), sha256="0" * 64, param_count=10**8),
         pipeline="x" * 120, passes=[], inputs=[n.name for n in graph.inputs()], size=size, tensors=entries,
-        files={f: "0" * 64 for f in listed}, notes={"plan": {"summary": "x" * 200}},
+        files={f: "0" * 64 for f in listed}, notes={"plan": {"summary": "x" * 200}, **extra_notes},
     )
     meta = len(manifest.model_dump_json(indent=1)) + PASS_RECORD_BYTES * passes
-    return weights + graph_json + meta
+    return weights + graph_json + meta + sum(extra_files.values())
 
 
 def _json_bytes(graph: Graph, plan: dict) -> int:
