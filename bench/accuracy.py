@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rows", help="comma-separated subset of row names")
     ap.add_argument("--keep", help="folder to keep the compiled artifacts in")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: evaluate an artifact already there instead of "
+                    "compiling it again (compile s = the manifest's pass times; peak memory unknown)")
     a = ap.parse_args()
     test = require_shared("wikitext2-test.raw")
     calib = require_shared("wikitext2-valid.tokens")
@@ -88,8 +90,12 @@ def main() -> None:
     try:
         for name in names:
             art = out_dir / (name.replace(" ", "_") + ".xbitc")
-            seconds, peak, _ = run_cli_measured(["compile", gguf, "-o", str(art), *ROWS[name], *calib_args])
-            compiled = load(art)
+            if a.reuse and (art / "manifest.json").exists():
+                compiled = load(art)
+                seconds, peak = sum(p.get("seconds", 0) for p in compiled.manifest.passes), float("nan")
+            else:
+                seconds, peak, _ = run_cli_measured(["compile", gguf, "-o", str(art), *ROWS[name], *calib_args])
+                compiled = load(art)
             s = compiled.manifest.size
             r = evaluate(compiled, wins, ref_logp)
             rows.append({
