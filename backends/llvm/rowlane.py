@@ -50,7 +50,7 @@ from .codegen import (F32, I1, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, 
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 7  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 8  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
@@ -444,6 +444,16 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     ybuf.align = 64
     abuf = b.alloca(g.vf, size=batch, name="abuf")  # per token: the current record's sum
     abuf.align = 64
+    ntr = b.mul(batch, nrec)
+    xsums = b.alloca(F32, size=b.add(ntr, ci(1)), name="xsums")  # [record][token] sums of x, once per call
+
+    def sums(i, _):
+        s, t = b.sdiv(i, batch), b.srem(i, batch)
+        xrow = b.gep(x, [b.add(b.mul(t, ldx), g.field(rec, s, 5))], inbounds=True)
+        e.store(g.xsum(xrow, g.field(rec, s, 1)), xsums, i, 4)
+        return []
+
+    e.loop(ci(0), ntr, ci(1), [], sums, name="sums")
 
     def rowblock(r, _):
         blk_row = b.sdiv(r, ci(LANES))
@@ -455,14 +465,16 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
             off = g.field(rec, s, 5)
             e.loop(ci(0), batch, ci(1), [], lambda t, _: (e.store(g.zero, abuf, t, 64), [])[1], name="az")
 
-            def apply(qs, c0):
-                """abuf[t] += sum_i qs[i] * x[t, c0 + i] for every token."""
+            def apply(qs, c0, clamp=True):
+                """abuf[t] += sum_i qs[i] * x[t, c0 + i] for every token (x index clamped in a partial block)."""
 
                 def tok(t, _):
                     xrow = b.gep(x, [b.add(b.mul(t, ldx), off)], inbounds=True)
                     a = e.load(abuf, t, g.vf, 64)
                     for i, q in enumerate(qs):
-                        a = e.fmuladd(q, e.bcast(g.x_at(xrow, b.add(c0, ci(i)), n), LANES), a)
+                        j = b.add(c0, ci(i))
+                        xj = g.x_at(xrow, j, n) if clamp else b.load(b.gep(xrow, [j], inbounds=True), align=4)
+                        a = e.fmuladd(q, e.bcast(xj, LANES), a)
                     e.store(a, abuf, t, 64)
                     return []
 
@@ -470,22 +482,26 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
             def emit_kind(k):
                 if k == BYTES_KIND:
-                    e.loop(ci(0), n, ci(1), [], lambda j, _: (apply([g.byte_code(crow, j)], j), [])[1], name="bcol")
+                    e.loop(ci(0), n, ci(1), [], lambda j, _: (apply([g.byte_code(crow, j)], j, False), [])[1],
+                           name="bcol")
                 else:
-                    nb = b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS))
+                    nfull = b.sdiv(n, ci(BLOCK_COLS))
 
-                    def block(blk, _):
+                    def block(blk, clamp):
                         for k0 in range(0, BLOCK_COLS, CHUNK):
-                            apply(g.packed_codes(crow, blk, k, k0, k0 + CHUNK), b.add(b.mul(blk, ci(BLOCK_COLS)), ci(k0)))
+                            apply(g.packed_codes(crow, blk, k, k0, k0 + CHUNK), b.add(b.mul(blk, ci(BLOCK_COLS)), ci(k0)),
+                                  clamp)
                         return []
 
-                    e.loop(ci(0), nb, ci(1), [], block, name="blk")
+                    e.loop(ci(0), nfull, ci(1), [], lambda blk, _: block(blk, False), name="blk")
+                    e.if_then_values(b.icmp_signed("<", b.mul(nfull, ci(BLOCK_COLS)), n), [],
+                                     lambda _: block(nfull, True), name="tailblk")
 
             g.switch_kind(kind, emit_kind)
             sv, szv = g.scale_zero(rec, s, blk_row)
 
             def flush(t, _):
-                xs = g.xsum(b.gep(x, [b.add(b.mul(t, ldx), off)], inbounds=True), n)
+                xs = b.load(b.gep(xsums, [b.add(b.mul(s, batch), t)], inbounds=True), align=4)
                 yv = e.fmuladd(sv, e.load(abuf, t, g.vf, 64), e.load(ybuf, t, g.vf, 64))
                 e.store(e.fmuladd(b.fneg(szv), e.bcast(xs, LANES), yv), ybuf, t, 64)
                 return []
