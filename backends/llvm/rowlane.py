@@ -50,7 +50,7 @@ from .codegen import (F32, I1, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, 
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 8  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 9  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
@@ -540,9 +540,13 @@ class _Dot16:
     vpdpbusd with AVX-512 VNNI, else two 256-bit halves through codegen.DotU8S8 (AVX-VNNI, AVX2 pmaddubsw, generic).
     Codes are at most 15 (q8_planes), so AVX2's i16 pair sums cannot saturate."""
 
+    @staticmethod
+    def is_wide(e: Emitter) -> bool:
+        return e.t.is_x86 and e.t.has("avx512vnni") and e.t.has("avx512f")
+
     def __init__(self, e: Emitter, acc):
         self.e, self.acc = e, acc
-        self.wide = e.t.is_x86 and e.t.has("avx512vnni") and e.t.has("avx512f")
+        self.wide = self.is_wide(e)
         if not self.wide:
             b = e.b
             self.halves = [DotU8S8(e, b.shuffle_vector(acc, acc, cvec(I32, 8, list(range(h, h + 8)))), 4)
@@ -664,27 +668,37 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
                 def emit_kind(k):
                     planes = q8_planes(k)
+                    # With 512-bit VNNI every (plane, sub-position) keeps its own accumulator and its codes are masked
+                    # in place, q << p*s (at most 240 per byte: vpdpbusd sums in i32, nothing saturates), so a step
+                    # is an AND and a vpdpbusd; the sums are shifted back (exactly: multiples of 2^(p*s)) at the end.
+                    # Elsewhere (AVX2's i16 pair sums, 16 ymm registers) codes are shifted down to <= 15 first.
+                    in_place = _Dot16.is_wide(e)
+                    slots = [(pi, sub) for pi, (p, _) in enumerate(planes) for sub in range(8 // p)] if in_place \
+                        else [(pi, 0) for pi in range(len(planes))]
 
                     def block(blk, accs):
-                        dots = [_Dot16(e, accs[i]) for i in range(len(planes))]
+                        dots = {slot: _Dot16(e, a) for slot, a in zip(slots, accs)}
                         wi = 0
                         for pi, (p, _) in enumerate(planes):
-                            bmask = cvec(I32, LANES, int.from_bytes(bytes([(1 << p) - 1] * 4), "little"))
                             for w in range(p):
                                 word = e.load(crow, b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)),
                                               V(I32, LANES), 4)
                                 wi += 1
                                 for sub in range(8 // p):
-                                    c = b.and_(b.lshr(word, cvec(I32, LANES, p * sub)), bmask) if sub else \
-                                        b.and_(word, bmask)
+                                    byte_mask = int.from_bytes(bytes([((1 << p) - 1) << (p * sub if in_place else 0)]
+                                                                     * 4), "little")
+                                    src = word if in_place or not sub else b.lshr(word, cvec(I32, LANES, p * sub))
+                                    c = b.and_(src, cvec(I32, LANES, byte_mask))
                                     col = b.add(b.mul(blk, ci(BLOCK_COLS)), ci(w * (BLOCK_COLS // p) + 4 * sub))
                                     x4 = b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(I32)), align=1)
-                                    dots[pi].add(c, e.bcast(x4, LANES))
-                        return [d.value() for d in dots]
+                                    dots[(pi, sub if in_place else 0)].add(c, e.bcast(x4, LANES))
+                        return [dots[slot].value() for slot in slots]
 
-                    accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * len(planes), block, name="blk")
+                    accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * len(slots), block, name="blk")
                     tot = None
-                    for a, (_, shift) in zip(accs, planes):
+                    for a, (pi, sub) in zip(accs, slots):
+                        p, shift = planes[pi]
+                        a = b.ashr(a, cvec(I32, LANES, p * sub)) if sub else a
                         a = b.shl(a, cvec(I32, LANES, shift)) if shift else a
                         tot = a if tot is None else b.add(tot, a)
                     b.store(tot, acc_slot)
