@@ -15,6 +15,7 @@ from the data and the cost, not from rules about layer types:
 from __future__ import annotations
 
 import importlib
+from functools import partial
 from typing import Callable
 
 import torch
@@ -71,12 +72,21 @@ def fisher_diagonal(
         interp.set_weight(name, leaves[name])
     reference = Interpreter(graph)
     fisher = {name: torch.zeros_like(leaves[name]) for name in names}
-    for batch in tqdm(batches, desc="sensitivity", leave=False, disable=not progress):
-        ref = reference.run(*batch)
-        out = interp.run(*batch)
-        loss = _sampled_loss(objective, out, ref, batch, gen)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-        for name, g in zip(names, grads):
-            if g is not None:
-                fisher[name] += g.detach() ** 2
+    # Square each weight's gradient into its sum as soon as backward has produced it and drop it: holding every
+    # gradient until backward ends (autograd.grad) kept a second copy of all weights alive, the compile's peak.
+    hooks = [leaves[name].register_post_accumulate_grad_hook(partial(_square_into, fisher[name])) for name in names]
+    try:
+        for batch in tqdm(batches, desc="sensitivity", leave=False, disable=not progress):
+            out = interp.run(*batch)
+            loss = _sampled_loss(objective, out, reference.run(*batch), batch, gen)  # the reference dies here
+            del out
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
     return {name: f / max(len(batches), 1) for name, f in fisher.items()}
+
+
+def _square_into(acc: torch.Tensor, leaf: torch.Tensor) -> None:
+    acc += leaf.grad ** 2
+    leaf.grad = None
