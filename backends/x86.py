@@ -45,7 +45,7 @@ import platform
 import threading
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,7 @@ def linear_kernels() -> str:
 
 
 ACTIVATIONS = ("f32", "q8")
+GEMM_STACK_BYTES = 256 << 10  # stack the row-lane gemm may use per call (threads have 8 MiB here; see gemm_run)
 
 
 def activations() -> str:
@@ -378,9 +379,16 @@ class _RowLane:
         self.gemv(_ptr(self.table), self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
 
     def gemm_run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
-        """Several tokens, xp the permuted input [T, in]; y [..., out] contiguous."""
+        """Several tokens, xp the permuted input [T, in]; y [..., out] contiguous. The kernel keeps per-token sums
+        on the stack (~4*nrec + 128 bytes a token), so long batches go in chunks that stay well inside a thread's
+        stack."""
         T, inp = xp.shape
-        self.gemm(_ptr(self.table), self.nrec, xp.data_ptr(), y.data_ptr(), rb, re, T, inp, y.shape[-1])
+        out = y.shape[-1]
+        chunk = max(1, GEMM_STACK_BYTES // (4 * self.nrec + 128))
+        xa, ya = xp.data_ptr(), y.data_ptr()
+        for t0 in range(0, T, chunk):
+            n = min(chunk, T - t0)
+            self.gemm(_ptr(self.table), self.nrec, xa + 4 * t0 * inp, ya + 4 * t0 * out, rb, re, n, inp, out)
 
     @property
     def nbytes(self) -> int:

@@ -414,3 +414,32 @@ def test_q8_activations_equal_their_oracle(monkeypatch):
         assert np.all(np.abs(y - want) <= (2 * q.shape[1] + 64) * U * bound + 1e-30)
         exact = x.astype(np.float64) @ q.dequantize().double().numpy().T
         assert np.abs(y - exact).max() > 0  # it is the rounded activations, not the float ones, that it multiplies
+
+
+def test_long_batches_run_in_chunks_with_the_same_result(monkeypatch):
+    """The row-lane gemm keeps per-token sums on the stack: a long batch is cut into chunks (here forced tiny) and
+    gives exactly what one call gives."""
+    q, pm = _random_matrix(8, {4: 64, 2: 40, 8: 9}, out=37, seed=11)  # group 8: many records per row block
+    prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
+    x = torch.randn(23, q.shape[1])
+    whole = prog(x)
+    monkeypatch.setattr(x86, "GEMM_STACK_BYTES", 1)  # one token per call
+    assert torch.equal(prog(x), whole)
+
+
+@pytest.mark.parametrize("tamper", ["perm", "segments", "codes"])
+def test_corrupt_packed_tensors_are_refused_at_load(tamper):
+    """Kernels index by the permutation, segment bounds and array sizes: a file whose values would make them read
+    outside their buffers is refused when it is loaded (the artifact loader turns this into an ArtifactError)."""
+    q, pm = _random_matrix(32, {4: 64, 2: 40}, out=16, seed=3)
+    desc, arrays = pm.describe(), dict(pm.tensors("w"))
+    if tamper == "perm":
+        arrays["w.perm"] = arrays["w.perm"].copy()
+        arrays["w.perm"][3] = 60000
+    elif tamper == "segments":
+        desc["segments"][1][3] += 7  # the last segment runs past the matrix
+    else:
+        arrays["w.s0.codes"] = arrays["w.s0.codes"][:-1]
+    with pytest.raises(ValueError, match="corrupt artifact"):
+        PackedMatrix.from_tensors("w", desc, arrays)
+    PackedMatrix.from_tensors("w", pm.describe(), dict(pm.tensors("w")))  # the untouched file loads

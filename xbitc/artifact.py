@@ -197,7 +197,10 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
     for name, entry in manifest.tensors.items():
         if entry.storage == "packed":
             desc = {"shape": entry.shape, "layout": entry.layout, "permuted": entry.permuted, "segments": entry.segments}
-            params[name] = PackedMatrix.from_tensors(name, desc, arrays)
+            try:
+                params[name] = PackedMatrix.from_tensors(name, desc, arrays)
+            except (KeyError, ValueError) as err:
+                raise ArtifactError(f"{path}: tensor {err} (the file does not describe a valid packed matrix)") from None
         else:
             t = torch.from_numpy(arrays[name].copy())
             if entry.dtype == "bfloat16":

@@ -75,12 +75,13 @@ def fisher_diagonal(
     # Square each weight's gradient into its sum as soon as backward has produced it and drop it: holding every
     # gradient until backward ends (autograd.grad) kept a second copy of all weights alive, the compile's peak.
     hooks = [leaves[name].register_post_accumulate_grad_hook(partial(_square_into, fisher[name])) for name in names]
+    inputs = list(leaves.values())  # nothing else gets a .grad (e.g. parameters of a user objective)
     try:
         for batch in tqdm(batches, desc="sensitivity", leave=False, disable=not progress):
             out = interp.run(*batch)
             loss = _sampled_loss(objective, out, reference.run(*batch), batch, gen)  # the reference dies here
             del out
-            loss.backward()
+            loss.backward(inputs=inputs)
     finally:
         for h in hooks:
             h.remove()

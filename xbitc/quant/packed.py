@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .format import QuantizedMatrix, Segment
-from .pack import pack, unpack
+from .pack import pack, row_bytes, unpack
 
 LAYOUT = "lsb-rows"
 
@@ -102,11 +102,36 @@ class PackedMatrix:
                 empty = np.zeros((out_features, 0), np.uint8)
                 segs.append(PackedSegment(seg, empty, np.zeros((out_features, 0), np.float16), empty))
         perm = tensors[f"{prefix}.perm"] if desc["permuted"] else None
+        _check(prefix, tuple(desc["shape"]), segs, perm)
         return cls(tuple(desc["shape"]), segs, perm, desc["layout"])
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.tensors("_").values())
+
+
+def _check(name: str, shape: tuple[int, int], segs: list[PackedSegment], perm: np.ndarray | None) -> None:
+    """What kernels index by must be in range: a file that says otherwise is refused, not read out of bounds."""
+    out, inp = shape
+    pos = 0
+    for ps in segs:
+        seg = ps.seg
+        if seg.start != pos or seg.stop < seg.start or not 0 <= seg.bits <= 8 or seg.group_size < 1:
+            raise ValueError(f"{name}: segment {seg} does not continue the columns at {pos} (corrupt artifact)")
+        pos = seg.stop
+        if seg.bits:
+            want = {"codes": out * row_bytes(seg.ncols, seg.bits), "scales": out * seg.ngroups,
+                    "zeros": out * row_bytes(seg.ngroups, seg.bits)}
+            for part, n in want.items():
+                if getattr(ps, part).size != n:
+                    raise ValueError(f"{name}: {part} of segment {seg} hold {getattr(ps, part).size} values, "
+                                     f"expected {n} (corrupt artifact)")
+    if pos != inp:
+        raise ValueError(f"{name}: segments cover {pos} of {inp} columns (corrupt artifact)")
+    if perm is not None:
+        p = np.asarray(perm).reshape(-1).astype(np.int64)
+        if p.size != inp or p.min(initial=0) < 0 or p.max(initial=0) >= inp or np.bincount(p, minlength=inp).max() > 1:
+            raise ValueError(f"{name}: its column permutation is not a permutation of {inp} columns (corrupt artifact)")
 
     def column_bits(self) -> np.ndarray:
         return self.to_quantized().column_bits()
