@@ -1,6 +1,8 @@
 """`xbitc compile` as a function: load, trace, run the pass pipeline, write the artifact."""
 from __future__ import annotations
 
+import gc
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,6 +117,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
         ctx.calib_inputs = calibration_inputs(model, opts)
     if not isinstance(source, frontend.LoadedModel):
         model.module = None  # the graph holds its own copy of the weights: free the source model's (peak memory)
+        gc.collect()  # the traced module sits in reference cycles: free it before the first pass, not whenever
     manager = PassManager(passes, dump_dir=opts.dump_ir)
     graph = manager.run(graph, ctx)
     try:
