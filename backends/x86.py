@@ -518,7 +518,7 @@ def header_text(rows: list[dict]) -> str:
         " * Row-lane kernels, what the xbitc Python runtime runs: one call computes a whole packed matrix, every",
         " * segment and depth. y[r] = sum over records of s[r]*(sum_j q[r][j]*x[j]) - s[r]*z[r]*(sum_j x[j]) for rows r",
         " * in [rows_begin, rows_end), rows_begin a multiple of 16; y is written, never read. Disjoint row ranges may run",
-        " * on different threads.",
+        " * on different threads (q8: each with its own scratch).",
         " *   rec   nrec records of 7 int64: kind (1..8 bits packed, 9 one byte per code), ncols, address of the",
         " *         codes, the 16 float16 scales and the 16 uint8 zero points of row block 0, x_offset, stride (bytes",
         " *         between consecutive 16-row blocks). A record is one scale group of one segment.",
