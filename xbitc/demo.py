@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-from xbitc import frontend, models
-from xbitc.calibration import PACKAGE_TEXT, token_stream
-from xbitc.driver import CompileOptions, compile_model
-from xbitc.evaluate import score
-from xbitc.runtime import load
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see xbitc/cli.py
+
+from xbitc import frontend, models  # noqa: E402
+from xbitc.calibration import PACKAGE_TEXT, token_stream  # noqa: E402
+from xbitc.driver import CompileOptions, compile_model  # noqa: E402
+from xbitc.evaluate import score  # noqa: E402
+from xbitc.runtime import load  # noqa: E402
 
 
 def main() -> None:
