@@ -136,9 +136,14 @@ LINEAR_KERNELS = ("rows", "segments")
 def linear_kernels() -> str:
     """How packed linears run: "rows" (default: the row-lane kernel, one call per matrix) or "segments" (one
     lane-interleaved kernel call per segment); `$XBITC_X86_LINEAR` picks, read when a model is lowered."""
-    choice = os.environ.get("XBITC_X86_LINEAR", "rows").strip() or "rows"
-    if choice not in LINEAR_KERNELS:
-        raise ValueError(f"XBITC_X86_LINEAR={choice!r}: expected one of {', '.join(LINEAR_KERNELS)}")
+    return _env_choice("XBITC_X86_LINEAR", LINEAR_KERNELS)
+
+
+def _env_choice(var: str, choices: tuple[str, ...]) -> str:
+    """$var if set (one of `choices`), else the first choice."""
+    choice = os.environ.get(var, "").strip() or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{var}={choice!r}: expected one of {', '.join(choices)}")
     return choice
 
 
@@ -150,10 +155,7 @@ def activations() -> str:
     """Activations of the row-lane kernel: "f32" (default, exact: equals the reference within float32 rounding) or
     "q8" (each record's x rounded to int8, integer dot products: ~1.6-2.5x the arithmetic throughput, llama.cpp's
     trade); `$XBITC_X86_ACT` picks, read when a model is lowered."""
-    choice = os.environ.get("XBITC_X86_ACT", "f32").strip() or "f32"
-    if choice not in ACTIVATIONS:
-        raise ValueError(f"XBITC_X86_ACT={choice!r}: expected one of {', '.join(ACTIVATIONS)}")
-    return choice
+    return _env_choice("XBITC_X86_ACT", ACTIVATIONS)
 
 
 def row_ranges(rows: int, macs: int, threads: int | None = None) -> list[tuple[int, int]]:
@@ -334,7 +336,7 @@ class _RowLane:
     """The whole matrix as row-lane records (backends/llvm/rowlane.py): one kernel call per matrix and token batch,
     vectorised over rows, every segment and depth inside it."""
 
-    def __init__(self, pss: list[PackedSegment], out: int, inp: int, perm: np.ndarray | None, kernel: Any,
+    def __init__(self, pss: list[PackedSegment], out: int, inp: int, perm: torch.Tensor | None, kernel: Any,
                  act: str):
         records = []
         for ps in pss:
@@ -348,15 +350,17 @@ class _RowLane:
                 records.append((codes[:, c0:c1], scales[:, g], zeros[:, g], seg.start + c0, seg.bits))
         self.act = act
         self.buf, self.table = rowlane_pack(records, out, act)
+        self.table_ptr = _ptr(self.table)  # ~1 us per .ctypes lookup: taken once, not on every call
         self.nrec, self.out, self.inp = len(records), out, inp
         if act == "q8":
             self.q8 = kernel.rows_q8
             self.scratch_per_token = q8_scratch_bytes([r[0].shape[1] for r in records], 1) - 64
         else:
             self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
-        self.perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int32)
-        self.perm_ptr = None if perm is None else _ptr(self.perm)
-        self.perm_t = None if perm is None else torch.from_numpy(self.perm.astype(np.int64))
+        # the kernels read int32 indices; gemm's gather (index_select) takes the matrix's int64 tensor
+        self.perm32 = None if perm is None else perm.numpy().astype(np.int32)
+        self.perm_ptr = None if perm is None else _ptr(self.perm32)
+        self.perm_t = perm
 
     def prepare(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """What the kernel reads: x itself, or for the f32 gemm x [T, in] gathered by the permutation."""
@@ -367,7 +371,7 @@ class _RowLane:
     def run(self, xin: torch.Tensor, y: torch.Tensor, T: int, rb: int, re: int) -> None:
         if self.act == "q8":  # any batch; per-call scratch (int8 x) so row ranges can run on several threads
             scratch = torch.empty(T * self.scratch_per_token + 64, dtype=torch.uint8)
-            self.q8(_ptr(self.table), self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T, self.inp,
+            self.q8(self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T, self.inp,
                     self.out, scratch.data_ptr())
         elif T == 1:
             self.gemv_run(xin, y, rb, re)
@@ -376,7 +380,7 @@ class _RowLane:
 
     def gemv_run(self, x2: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
         """One token, x2 the unpermuted input (the kernel gathers by the permutation as it copies x)."""
-        self.gemv(_ptr(self.table), self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
+        self.gemv(self.table_ptr, self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
 
     def gemm_run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
         """Several tokens, xp the permuted input [T, in]; y [..., out] contiguous. The kernel keeps per-token sums
@@ -388,7 +392,7 @@ class _RowLane:
         xa, ya = xp.data_ptr(), y.data_ptr()
         for t0 in range(0, T, chunk):
             n = min(chunk, T - t0)
-            self.gemm(_ptr(self.table), self.nrec, xa + 4 * t0 * inp, ya + 4 * t0 * out, rb, re, n, inp, out)
+            self.gemm(self.table_ptr, self.nrec, xa + 4 * t0 * inp, ya + 4 * t0 * out, rb, re, n, inp, out)
 
     @property
     def nbytes(self) -> int:
@@ -411,7 +415,7 @@ class _Linear:
         live = [ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols]
         act = activations()
         kernel = _rows_kernel(target, act) if live and linear_kernels() == "rows" else None
-        self.rows = _RowLane(live, self.out, self.inp, pm.perm, kernel, act) if kernel is not None else None
+        self.rows = _RowLane(live, self.out, self.inp, self.perm, kernel, act) if kernel is not None else None
         self.segs = [] if self.rows is not None else [_Segment(ps, self.out, target) for ps in live]
         self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(ps.seg.ncols for ps in live)

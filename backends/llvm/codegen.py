@@ -215,6 +215,12 @@ class Emitter:
         fn = self.intrinsic(f"llvm.masked.load.v{n}f32.p0", vt, [P(vt), I32, V(I1, n), vt])
         return self.b.call(fn, [self.b.bitcast(ptr, P(vt)), ci(4, I32), mask, cvec(F32, n, 0.0)])
 
+    def masked_store_f32(self, val, ptr, mask):
+        n = val.type.count
+        vt = V(F32, n)
+        fn = self.intrinsic(f"llvm.masked.store.v{n}f32.p0", VOID, [vt, P(vt), I32, V(I1, n)])
+        self.b.call(fn, [val, self.b.bitcast(ptr, P(vt)), ci(4, I32), mask])
+
     def prefetch(self, ptr, locality=3):
         """Read prefetch (never faults, so it may run past the end of the array)."""
         fn = self.intrinsic("llvm.prefetch.p0", VOID, [P(I8), I32, I32, I32])

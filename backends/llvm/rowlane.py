@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 
-from .codegen import (F32, I1, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, ci, cvec, emit_extract,
+from .codegen import (F32, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, _hmax, ci, cvec, emit_extract,
                       extraction_plan)
 
 ROWS_KIND = "rows"
@@ -237,13 +237,6 @@ def reference_rows_q8(records, x: np.ndarray, rows: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ code generation
 
 
-def _masked_store(e: Emitter, val, ptr, mask):
-    n = val.type.count
-    vt = V(F32, n)
-    fn = e.intrinsic(f"llvm.masked.store.v{n}f32.p0", VOID, [vt, P(vt), I32, V(I1, n)])
-    e.b.call(fn, [val, e.b.bitcast(ptr, P(vt)), ci(4, I32), mask])
-
-
 class _Gen:
     """Shared pieces of the gemv and gemm functions."""
 
@@ -425,7 +418,7 @@ def _gen_gemv(e: Emitter, spec: RowLaneSpec) -> ir.Function:
         (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
         left = b.sub(re, r)
         mask = b.icmp_signed("<", g.lane, e.bcast(left, LANES))
-        _masked_store(e, yv, b.gep(y, [r], inbounds=True), mask)
+        e.masked_store_f32(yv, b.gep(y, [r], inbounds=True), mask)
         return []
 
     e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
@@ -513,7 +506,7 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
         mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r), LANES))
 
         def store(t, _):
-            _masked_store(e, e.load(ybuf, t, g.vf, 64), b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
+            e.masked_store_f32(e.load(ybuf, t, g.vf, 64), b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
             return []
 
         e.loop(ci(0), batch, ci(1), [], store, name="ys")
@@ -522,17 +515,6 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
     b.ret_void()
     return fn
-
-
-def _hmax16(e: Emitter, v):
-    b = e.b
-    n = v.type.count
-    while n > 1:
-        h = n // 2
-        v = e.vmax(b.shuffle_vector(v, v, cvec(I32, h, list(range(h)))),
-                   b.shuffle_vector(v, v, cvec(I32, h, list(range(h, n)))))
-        n = h
-    return b.extract_element(v, ci(0, I32))
 
 
 class _Dot16:
@@ -629,7 +611,7 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
             e.if_then_values(b.not_(permuted), [], lambda _: gather(False), name="gi")
             (vmax,) = e.loop(ci(0), w, ci(LANES), [g.zero],
                              lambda j, a: [e.vmax(a[0], e.fabs(e.load(stage, j, v16, 64)))], name="amax")
-            amax = _hmax16(e, vmax)
+            amax = _hmax(e, vmax)
             pos = b.fcmp_ordered(">", amax, f0)
             inv = e.bcast(b.select(pos, b.fdiv(ir.Constant(F32, 127.0), b.select(pos, amax, ir.Constant(F32, 1.0))),
                                    f0), LANES)
@@ -712,7 +694,7 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                 return [e.fmuladd(b.fneg(szv), e.bcast(dsum, LANES), yv)]
 
             (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
-            _masked_store(e, yv, b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
+            e.masked_store_f32(yv, b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
             return []
 
         e.loop(ci(0), batch, ci(1), [], token, name="tok")
