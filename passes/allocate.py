@@ -17,6 +17,7 @@ from xbitc.alloc.sensitivity import fisher_diagonal
 from xbitc.alloc.solve import allocate, column_costs
 from xbitc.ir.graph import Graph
 from xbitc.footprint import artifact_bytes
+from xbitc.objectives import default_objective
 from xbitc.quant.format import Segment
 from xbitc.size import packed_bytes
 from xbitc.size import bits_per_weight
@@ -40,15 +41,15 @@ class Allocate(Pass):
     batches: int = 8  # calibration batches used for sensitivities
     act_order: bool = True  # must match quantize's: decides whether uniform tensors store a permutation
 
+    needs_calibration = True
+
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if not ctx.calib_inputs:
             raise PassError("allocate needs calibration inputs (--calib FILE or --calib self)")
         targets = quantizable(graph, self.embeddings)
         names = sorted(targets)
         count = graph.source_param_count() or sum(t.numel() for t in graph.params.values())
-        objective = self.objective
-        if objective == "auto":
-            objective = "kl" if graph.meta.get("kind") == "causal-lm" else "mse"
+        objective = default_objective(self.objective, graph.meta.get("kind"))
         fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
                                  progress=ctx.stats.get("progress", True))
         groups = [int(g) for g in self.groups.split("-")]

@@ -44,6 +44,11 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> Graph:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether run() reads ctx.calib_inputs (the driver only builds them when some pass does)."""
+        return False
+
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

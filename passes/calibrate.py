@@ -22,6 +22,8 @@ class Calibrate(Pass):
     name = "calibrate"
     provides = frozenset({"calibrated"})
 
+    needs_calibration = True
+
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if not ctx.calib_inputs:
             raise PassError("calibrate needs calibration inputs (--calib FILE or --calib self)")

@@ -14,6 +14,7 @@ from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
 
 from .base import Pass, PassContext
+from .tune import FLOAT_PARAMS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -24,6 +25,7 @@ class Pack(Pass):
     provides = frozenset({"packed"})
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        ctx.stats.pop(FLOAT_PARAMS, None)  # nothing after packing compares to the float weights
         dtype = DTYPES[graph.meta.get("float_dtype", "float16")]
         kinds = graph.meta.get("param_kinds", {})
         for name, value in list(graph.params.items()):

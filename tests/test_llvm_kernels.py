@@ -394,25 +394,34 @@ def _rowlane_bound(recs, x, act="f32"):
     return (2 * n + 64) * U * acc
 
 
-@pytest.mark.parametrize("act", ["f32", "q8"])
+def _rowlane_targets():
+    out = [pytest.param("f32", (), id="f32"), pytest.param("q8", (), id="q8")]
+    host = host_target()
+    if host.has("avx2") and (host.has("avx512vnni") or host.has("avxvnni")):  # q8's AVX2 pmaddubsw path too
+        out.append(pytest.param("q8", ("avx512", "avxvnni"), id="q8-avx2"))
+    return out
+
+
+@pytest.mark.parametrize("act,without", _rowlane_targets())
 @settings(max_examples=40, **SETTINGS)
-@given(seed=st.integers(0, 2**31), rows=st.integers(1, 50),
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 70),
        specs=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 90)), min_size=1, max_size=6),
        batch=st.sampled_from([1, 2, 5]), extreme=st.booleans())
-def test_rowlane_kernel_matches_reference(act, seed, rows, specs, batch, extreme):
+def test_rowlane_kernel_matches_reference(act, without, seed, rows, specs, batch, extreme):
     """Every depth, packed and byte records, widths that are not multiples of 32, row counts that are not
-    multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block. q8: equals W
+    multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block, q8's pairs of row
+    blocks and single tail blocks. q8: equals W
     applied to each record's int8-rounded activations (reference_rows_q8)."""
     from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec, q8_scratch_bytes, reference_rows, reference_rows_q8
 
-    k = compile_kernel(RowLaneSpec(act=act), kinds=(ROWS_KIND,))
+    k = compile_kernel(RowLaneSpec(act=act), target=host_target(without), kinds=(ROWS_KIND,))
     recs, buf, table, n = _rowlane_case(seed, rows, specs, extreme, act)
     x = np.random.default_rng(seed + 1).standard_normal((batch, n)).astype(np.float32)
     oracle = reference_rows_q8 if act == "q8" else reference_rows
     exact = oracle([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
     tol = _rowlane_bound(recs, x, act)
     perm = np.arange(n, dtype=np.int32)  # the identity, given explicitly: the gather path must agree too
-    for rb in sorted({0, 16 * (rows // 32)}):
+    for rb in sorted({0, 16 * (rows // 32), 16 * (rows // 48)}):
         y = np.full((batch, rows), np.nan, dtype=np.float32)
         if act == "q8":
             scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], batch), np.uint8)

@@ -32,7 +32,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
         quantize_embeddings=a.quantize_embeddings, allocator=a.allocator, objective=a.objective, float_dtype=a.float_dtype, calib=a.calib,
         calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle,
-        clip=not a.no_clip, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
+        clip=not a.no_clip, tune_steps=a.tune_steps, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
     )
     m = compile_model(a.model, Path(a.output), opts)
     s = m.size
@@ -100,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     c.add_argument("--no-clip", action="store_true",
                    help="keep each group's full range (plain GPTQ/RTN grids) instead of searching the clipping range")
+    c.add_argument("--tune-steps", type=int, metavar="N",
+                   help="after quantizing, train the group scales and norm weights on the objective for N calibration "
+                        "batches (default: 32 with the learned allocator, 0 otherwise; 0 turns it off)")
     c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
     c.add_argument("--allocator", default="learned", choices=["learned", "uniform"],
                    help="with --bpw: learned per-column depths (default) or the best uniform depth that fits")

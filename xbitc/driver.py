@@ -28,6 +28,7 @@ class CompileOptions:
     clip: bool = True  # search each group's clipping range (quantize{clip})
     allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
     objective: str = "auto"  # kl for language models, mse for encoders and vision models
+    tune_steps: int | None = None  # tune pass steps; None: DEFAULT_TUNE_STEPS with the learned allocator, else 0
     quantize_embeddings: bool = False
     float_dtype: str = "float16"
     calib: str | None = None  # text file, "self", or None for the packaged sample text
@@ -41,11 +42,20 @@ class CompileOptions:
     extra: dict = field(default_factory=dict)
 
 
+DEFAULT_TUNE_STEPS = 32
+
+
 def default_pipeline(opts: CompileOptions) -> str:
-    if opts.bpw is not None and opts.bits is None and opts.allocator == "learned":
+    learned = opts.bpw is not None and opts.bits is None and opts.allocator == "learned"
+    # Uniform pipelines reproduce plain GPTQ/RTN (the published baselines) unless tuning is asked for.
+    steps = opts.tune_steps if opts.tune_steps is not None else (DEFAULT_TUNE_STEPS if learned else 0)
+    quantize = [f"quantize{{method={opts.method},clip={opts.clip}}}"]
+    if steps:
+        quantize.append(f"tune{{steps={steps},objective={opts.objective}}}")
+    if learned:
         act = "true" if opts.method == "gptq" else "false"
         alloc = f"allocate{{bpw={opts.bpw},objective={opts.objective},embeddings={opts.quantize_embeddings},act_order={act}}}"
-        return ",".join(["canonicalize", alloc, f"quantize{{method={opts.method},clip={opts.clip}}}", "pack"])
+        return ",".join(["canonicalize", alloc, *quantize, "pack"])
     plan = [f"embeddings={opts.quantize_embeddings}", f"act_order={'true' if opts.method == 'gptq' else 'false'}"]
     if opts.bits is not None:
         plan.append(f"bits={opts.bits}")
@@ -53,7 +63,7 @@ def default_pipeline(opts: CompileOptions) -> str:
         plan.append(f"group={opts.group}")
     if opts.bpw is not None:
         plan.append(f"bpw={opts.bpw}")
-    stages = ["canonicalize", "plan{" + ",".join(plan) + "}", f"quantize{{method={opts.method},clip={opts.clip}}}", "pack"]
+    stages = ["canonicalize", "plan{" + ",".join(plan) + "}", *quantize, "pack"]
     return ",".join(stages)
 
 
@@ -72,6 +82,8 @@ def check_options(opts: CompileOptions) -> None:
         raise PassError(f"--bits {opts.bits} must be 1..8")
     if opts.group is not None and opts.group < 0:
         raise PassError(f"--group {opts.group} must be positive (0 = per-channel)")
+    if opts.tune_steps is not None and opts.tune_steps < 0:
+        raise PassError(f"--tune-steps {opts.tune_steps} must be 0 (off) or more")
     if opts.allocator not in ("learned", "uniform"):
         raise PassError(f"--allocator {opts.allocator!r}: choose learned or uniform")
     if opts.bpw is None and opts.bits is None and not opts.passes:
@@ -109,7 +121,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     graph = frontend.trace(model, log=opts.log)
     graph.meta["float_dtype"] = opts.float_dtype
-    needs_calib = any(p.name in ("calibrate", "allocate") or getattr(p, "method", None) == "gptq" for p in passes)
+    needs_calib = any(p.needs_calibration for p in passes)
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress
     ctx.stats["emitted"] = backend.emitted(graph)  # e.g. kernel objects: the size planners count them too

@@ -50,11 +50,12 @@ from .codegen import (F32, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, _hma
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 9  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 10  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
 BLOCK_COLS = 32
+Q8_ROW_BLOCKS = 2  # 16-row blocks one record visit serves in the q8 kernel (while that many whole blocks remain)
 CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers while tokens stream by)
 
 
@@ -565,8 +566,9 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     rec, nrec, x, perm, y, rb, re, batch, ldx, ldy, scratch = fn.args
     y.add_attribute("noalias")
     b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
-    acc_slot = b.alloca(V(I32, LANES), name="acc")
-    acc_slot.align = 64
+    acc_slots = [b.alloca(V(I32, LANES), name=f"acc{i}") for i in range(Q8_ROW_BLOCKS)]
+    for a in acc_slots:
+        a.align = 64
     f0 = ir.Constant(F32, 0.0)
 
     def width(n):
@@ -636,14 +638,17 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
     e.loop(ci(0), batch, ci(1), [], prologue_token, name="prot")
 
-    def rowblock(r, _):
-        blk_row = b.sdiv(r, ci(LANES))
-        mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r), LANES))
+    def rowblocks(r, nblk):
+        """nblk consecutive 16-row blocks from row r: one visit of each record serves them all, so its fields, the
+        depth dispatch and the activation loads are shared (a 1-bit record of one group is only 4 x 32 columns per
+        row block: alone, that per-visit work costs as much as its dot products)."""
+        blk0 = b.sdiv(r, ci(LANES))
+        rows = [(b.add(blk0, ci(i)), b.add(r, ci(i * LANES))) for i in range(nblk)]
 
         def token(t, _):
             def record(s, yv):
                 kind, n = g.field(rec, s, 0), g.field(rec, s, 1)
-                crow = g.at_block(rec, s, 2, blk_row)
+                crows = [g.at_block(rec, s, 2, blk) for blk, _ in rows]
                 xq = b.gep(scratch, [b.add(b.mul(t, total), b.load(b.gep(xbase, [s], inbounds=True), align=8))],
                            inbounds=True)
                 nb = b.sdiv(width(n), ci(BLOCK_COLS))
@@ -657,50 +662,68 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                     in_place = _Dot16.is_wide(e)
                     slots = [(pi, sub) for pi, (p, _) in enumerate(planes) for sub in range(8 // p)] if in_place \
                         else [(pi, 0) for pi in range(len(planes))]
+                    # row blocks sharing one pass over the columns: as many as the accumulators leave registers for
+                    # (512-bit: 32 zmm, ~20 for accumulators; else each accumulator is two ymm halves of 16 ymm)
+                    share = max(1, min(nblk, (20 if in_place else 4) // len(slots)))
 
-                    def block(blk, accs):
-                        dots = {slot: _Dot16(e, a) for slot, a in zip(slots, accs)}
+                    def block(blk, accs, part):
+                        dots = [{slot: _Dot16(e, a) for slot, a in zip(slots, accs[i * len(slots):])}
+                                for i in range(len(part))]
                         wi = 0
                         for pi, (p, _) in enumerate(planes):
                             for w in range(p):
-                                word = e.load(crow, b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)),
-                                              V(I32, LANES), 4)
+                                words = [e.load(crows[i], b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)),
+                                                V(I32, LANES), 4) for i in part]
                                 wi += 1
                                 for sub in range(8 // p):
                                     byte_mask = int.from_bytes(bytes([((1 << p) - 1) << (p * sub if in_place else 0)]
                                                                      * 4), "little")
-                                    src = word if in_place or not sub else b.lshr(word, cvec(I32, LANES, p * sub))
-                                    c = b.and_(src, cvec(I32, LANES, byte_mask))
                                     col = b.add(b.mul(blk, ci(BLOCK_COLS)), ci(w * (BLOCK_COLS // p) + 4 * sub))
-                                    x4 = b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(I32)), align=1)
-                                    dots[(pi, sub if in_place else 0)].add(c, e.bcast(x4, LANES))
-                        return [dots[slot].value() for slot in slots]
+                                    x4 = e.bcast(b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(I32)), align=1),
+                                                 LANES)
+                                    for d, word in zip(dots, words):
+                                        src = word if in_place or not sub else b.lshr(word, cvec(I32, LANES, p * sub))
+                                        d[(pi, sub if in_place else 0)].add(b.and_(src, cvec(I32, LANES, byte_mask)),
+                                                                            x4)
+                        return [d[slot].value() for d in dots for slot in slots]
 
-                    accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * len(slots), block, name="blk")
-                    tot = None
-                    for a, (pi, sub) in zip(accs, slots):
-                        p, shift = planes[pi]
-                        a = b.ashr(a, cvec(I32, LANES, p * sub)) if sub else a
-                        a = b.shl(a, cvec(I32, LANES, shift)) if shift else a
-                        tot = a if tot is None else b.add(tot, a)
-                    b.store(tot, acc_slot)
+                    for p0 in range(0, nblk, share):
+                        part = list(range(p0, min(nblk, p0 + share)))
+                        accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * (len(slots) * len(part)),
+                                      lambda blk, a: block(blk, a, part), name="blk")
+                        for i in part:
+                            tot = None
+                            for a, (pi, sub) in zip(accs[(i - p0) * len(slots):], slots):
+                                p, shift = planes[pi]
+                                a = b.ashr(a, cvec(I32, LANES, p * sub)) if sub else a
+                                a = b.shl(a, cvec(I32, LANES, shift)) if shift else a
+                                tot = a if tot is None else b.add(tot, a)
+                            b.store(tot, acc_slots[i])
 
                 g.switch_kind(kind, emit_kind, kinds=range(1, 9))
-                sv, szv = g.scale_zero(rec, s, blk_row)
                 k_ = b.add(b.mul(t, nrec), s)
-                d = b.load(b.gep(fbase, [k_], inbounds=True), align=4)
-                dsum = b.load(b.gep(fbase, [b.add(ntok_rec, k_)], inbounds=True), align=4)
-                yv = e.fmuladd(b.fmul(sv, e.bcast(d, LANES)), b.sitofp(b.load(acc_slot), g.vf), yv[0])
-                return [e.fmuladd(b.fneg(szv), e.bcast(dsum, LANES), yv)]
+                d = e.bcast(b.load(b.gep(fbase, [k_], inbounds=True), align=4), LANES)
+                dsum = e.bcast(b.load(b.gep(fbase, [b.add(ntok_rec, k_)], inbounds=True), align=4), LANES)
+                out = []
+                for i, (blk, _) in enumerate(rows):
+                    sv, szv = g.scale_zero(rec, s, blk)
+                    yi = e.fmuladd(b.fmul(sv, d), b.sitofp(b.load(acc_slots[i]), g.vf), yv[i])
+                    out.append(e.fmuladd(b.fneg(szv), dsum, yi))
+                return out
 
-            (yv,) = e.loop(ci(0), nrec, ci(1), [g.zero], record, name="rec")
-            e.masked_store_f32(yv, b.gep(y, [b.add(b.mul(t, ldy), r)], inbounds=True), mask)
+            yv = e.loop(ci(0), nrec, ci(1), [g.zero] * nblk, record, name="rec")
+            for v, (_, r_i) in zip(yv, rows):
+                mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r_i), LANES))
+                e.masked_store_f32(v, b.gep(y, [b.add(b.mul(t, ldy), r_i)], inbounds=True), mask)
             return []
 
         e.loop(ci(0), batch, ci(1), [], token, name="tok")
         return []
 
-    e.loop(rb, re, ci(LANES), [], rowblock, name="rows")
+    # pairs of row blocks while two whole blocks remain, then single (possibly partial) blocks
+    pair_end = b.add(rb, b.mul(b.sdiv(b.sub(re, rb), ci(Q8_ROW_BLOCKS * LANES)), ci(Q8_ROW_BLOCKS * LANES)))
+    e.loop(rb, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS), name="rowsn")
+    e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
     b.ret_void()
     return fn
 

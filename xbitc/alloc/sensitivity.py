@@ -14,7 +14,6 @@ from the data and the cost, not from rules about layer types:
 """
 from __future__ import annotations
 
-import importlib
 from functools import partial
 from typing import Callable
 
@@ -24,20 +23,7 @@ from tqdm import tqdm
 
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
-
-OBJECTIVES = ("kl", "ce", "mse")
-
-
-def resolve_objective(objective: str) -> str | Callable:
-    if objective in OBJECTIVES:
-        return objective
-    module, _, fn = objective.partition(":")
-    if not fn:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)} nor package.module:function")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import objective {objective!r}: {err}") from None
+from xbitc.objectives import OBJECTIVES, resolve_objective  # noqa: F401 (re-exported)
 
 
 def _sampled_loss(objective: str | Callable, out: torch.Tensor, ref: torch.Tensor, batch: tuple, gen: torch.Generator) -> torch.Tensor:

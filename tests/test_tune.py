@@ -1,0 +1,167 @@
+"""The tune pass: trains group scales and norm weights on the task cost without changing a stored bit."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from conftest import tiny_lm
+from xbitc import frontend
+from xbitc.driver import CompileOptions, build_passes, compile_model, default_pipeline
+from xbitc.ir.interp import Interpreter
+from xbitc.passes.base import PassContext, PassError, PassManager
+from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.rtn import rtn_any
+from xbitc.quant.tune import TunableScales
+
+CALLS = {"n": 0}
+
+
+def counted_mse(outputs, reference_outputs, batch):
+    CALLS["n"] += 1
+    return ((outputs - reference_outputs) ** 2).mean()
+
+
+def batches(n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 96, (2, 24), generator=g),) for _ in range(n)]
+
+
+def run(spec, calib=None):
+    model, x = tiny_lm()
+    graph = frontend.trace(frontend._from_module(model, x, "tiny", "0"))
+    float_graph = frontend.trace(frontend._from_module(model, x, "tiny", "0"))
+    ctx = PassContext(log=lambda s: None, calib_inputs=calib if calib is not None else batches())
+    ctx.stats["progress"] = False
+    graph = PassManager(build_passes(spec)).run(graph, ctx)
+    return graph, float_graph, ctx
+
+
+def kl_to_float(graph, float_graph, data):
+    q, f = Interpreter(graph), Interpreter(float_graph)
+    total = 0.0
+    with torch.no_grad():
+        for b in data:
+            ref = F.log_softmax(f.run(*b), -1)
+            total += float(F.kl_div(F.log_softmax(q.run(*b), -1), ref, log_target=True, reduction="batchmean"))
+    return total / len(data)
+
+
+PLAN = "canonicalize,plan{bits=2,group=16},quantize{method=rtn}"
+
+
+def test_tune_lowers_the_cost_and_changes_only_scales_and_norms():
+    plain, float_graph, _ = run(PLAN)
+    tuned, _, ctx = run(PLAN + ",tune{steps=40,objective=kl,lr=0.01}")
+    stats = ctx.stats["tune"]
+    assert stats["kept"] and stats["loss_after"] < stats["loss_before"]
+    # measured independently, on batches the pass never saw
+    held = batches(4, seed=7)
+    assert kl_to_float(tuned, float_graph, held) < 0.9 * kl_to_float(plain, float_graph, held)
+    moved = 0
+    for name, q in plain.params.items():
+        if not isinstance(q, QuantizedMatrix):
+            continue
+        t = tuned.params[name]
+        for a, b in zip(q.codes, t.codes):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(q.zeros, t.zeros):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(q.scales, t.scales):
+            assert b.dtype == np.float16 and b.shape == a.shape and (b > 0).all()
+            moved += int((a != b).sum())
+    assert moved > 0
+    assert not torch.equal(plain.params["norm.weight"], tuned.params["norm.weight"])
+
+
+def test_tune_keeps_the_untuned_model_when_tuning_makes_it_worse():
+    plain, _, _ = run(PLAN)
+    tuned, _, ctx = run(PLAN + ",tune{steps=6,objective=kl,lr=20}")  # a step size that can only diverge
+    assert not ctx.stats["tune"]["kept"]
+    for name, q in plain.params.items():
+        if isinstance(q, QuantizedMatrix):
+            for a, b in zip(q.scales, tuned.params[name].scales):
+                np.testing.assert_array_equal(a, b)
+    assert torch.equal(plain.params["norm.weight"], tuned.params["norm.weight"])
+
+
+def test_tune_calls_a_custom_objective():
+    before = CALLS["n"]
+    run(PLAN + ",tune{steps=5,objective=test_tune:counted_mse}")
+    assert CALLS["n"] - before == 5 + 2 * 2  # every step, and the before/after check on two held batches
+
+
+def test_tune_needs_quantized_weights():
+    with pytest.raises(PassError, match="requires"):
+        run("canonicalize,tune{steps=2}")
+
+
+def test_tune_does_not_change_the_artifact_size(tmp_path):
+    model, x = tiny_lm()
+    sizes = []
+    for steps in (0, 8):
+        out = tmp_path / f"t{steps}.xbitc"
+        opts = CompileOptions(bits=3, group=16, tune_steps=steps, objective="kl", calib_windows=6, calib_len=16,
+                              log=lambda s: None, progress=False)
+        compile_model(frontend._from_module(model, x, "tiny", "0"), out, opts)
+        sizes.append((out / "weights.safetensors").stat().st_size)
+    assert sizes[0] == sizes[1]
+
+
+def test_default_pipelines():
+    assert "tune{steps=32" in default_pipeline(CompileOptions(bpw=3.0))
+    assert "tune" not in default_pipeline(CompileOptions(bpw=3.0, tune_steps=0))
+    assert "tune" not in default_pipeline(CompileOptions(bits=3))  # uniform: plain GPTQ/RTN, the baselines
+    assert "tune{steps=5" in default_pipeline(CompileOptions(bits=3, tune_steps=5))
+    with pytest.raises(PassError, match="tune-steps"):
+        compile_model("x", None, CompileOptions(bpw=3.0, tune_steps=-1))
+
+
+@given(st.integers(1, 12), st.integers(1, 60), st.sampled_from([4, 16, 128]), st.integers(0, 50))
+def test_tunable_scales_reproduce_the_matrix_and_commit_in_float16(rows, cols, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    depths = torch.randint(0, 9, (cols,), generator=g).numpy()  # mixed depths, drops, a permutation
+    q = rtn_any(w, depths, group)
+    t = TunableScales(q)
+    assert torch.equal(t.weight(), q.dequantize())  # codes minus zeros are exact in float16: same arithmetic
+    with torch.no_grad():
+        for p in t.parameters():
+            p.fill_(math.log(2.0))  # every scale doubled
+    expect = 2 * q.dequantize()
+    t.commit()
+    assert all(s.dtype == np.float16 for s in q.scales)
+    torch.testing.assert_close(q.dequantize(), expect, rtol=0, atol=0)  # doubling a float16 is exact
+    assert torch.equal(t.weight(), q.dequantize())  # and tuning restarts from the committed scales
+
+
+@given(st.integers(1, 8), st.integers(1, 40), st.sampled_from([4, 16]), st.integers(0, 50))
+def test_scale_gradients_match_autograd_of_the_plain_formula(rows, cols, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    depths = torch.randint(0, 9, (cols,), generator=g).numpy()
+    q = rtn_any(torch.randn(rows, cols, generator=g), depths, group)
+    t = TunableScales(q)
+    assume(t.parameters())  # not every column dropped
+    with torch.no_grad():
+        for p in t.parameters():
+            p.uniform_(-0.3, 0.3, generator=g)
+    probe = torch.randn(rows, cols, generator=g)
+    (t.weight() * probe).sum().backward()
+    # the same matrix written with ordinary differentiable ops
+    stored = []
+    for seg in t.segments:
+        s = (seg.base * torch.exp(seg.log_scale)).repeat_interleave(seg.group, 1)[:, : seg.ncols]
+        stored.append((seg.start, seg.centred.float().reshape(rows, -1)[:, : seg.ncols] * s))
+    plain = torch.zeros(rows, cols)
+    for start, piece in stored:
+        plain = plain.index_copy(1, t.columns[start : start + piece.shape[1]], piece)
+    mine = [p.grad.clone() for p in t.parameters()]
+    for p in t.parameters():
+        p.grad = None
+    (plain * probe).sum().backward()
+    for a, p in zip(mine, t.parameters()):
+        # both sum the same float32 products, in a different order: a few ulps of the largest term
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)

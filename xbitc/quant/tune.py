@@ -1,0 +1,89 @@
+"""Scales as trainable parameters: a QuantizedMatrix whose integer codes and zero points stay fixed while each
+group's scale moves, so the task cost can be descended after quantization without changing a single stored bit.
+
+The scale is parametrised multiplicatively, s = s0 * exp(t) with t starting at 0: a step of the optimiser then means
+the same relative change for a 1e-4 scale as for a 1e-1 one, and s can never change sign. `commit` rounds the result
+to float16, the format the artifact stores.
+
+The float matrix is built by a custom autograd function that saves nothing: its backward recomputes the per-group
+sums from the codes the tuner holds anyway. Letting autograd record the product instead would keep a float32 copy of
+every code (and a full-size copy of the repeated scales) per step, the largest memory of the whole compile.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .format import QuantizedMatrix
+
+FP16_TINY = 2.0**-24  # the smallest positive float16: a tuned scale never rounds to 0
+
+
+class _Segment:
+    """One stored segment: codes minus zero points as float16 (exact: |q - z| < 256), padded to whole groups."""
+
+    def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
+        self.index, self.start, self.ncols, self.group = index, start, ncols, group
+        ngroups = scales.shape[1]
+        z = np.repeat(zeros.astype(np.int16), group, axis=1)[:, :ncols]
+        centred = np.zeros((codes.shape[0], ngroups * group), np.float16)
+        centred[:, :ncols] = codes.astype(np.int16) - z
+        self.centred = torch.from_numpy(centred).view(codes.shape[0], ngroups, group)
+        self.base = torch.from_numpy(scales.astype(np.float32))
+        self.log_scale = torch.zeros(scales.shape, requires_grad=True)
+
+    def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return self.base * torch.exp(log_scale)
+
+
+class _Build(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tuner: "TunableScales", *log_scales: torch.Tensor) -> torch.Tensor:
+        ctx.tuner = tuner
+        out, inp = tuner.q.shape
+        w = torch.zeros(out, inp)  # dropped columns stay 0
+        for seg, t in zip(tuner.segments, log_scales):
+            s = seg.scales(t)
+            ws = (seg.centred.float() * s[:, :, None]).reshape(out, -1)[:, : seg.ncols]
+            w[:, tuner.columns[seg.start : seg.start + seg.ncols]] = ws
+        ctx.save_for_backward(*log_scales)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor):
+        tuner = ctx.tuner
+        grads = []
+        for seg, t in zip(tuner.segments, ctx.saved_tensors):
+            g = grad_w[:, tuner.columns[seg.start : seg.start + seg.ncols]]
+            g = torch.nn.functional.pad(g, (0, seg.centred.shape[1] * seg.group - seg.ncols))
+            grad_s = (g.view_as(seg.centred) * seg.centred.float()).sum(2)  # d loss / d scale, per group
+            grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
+        return (None, *grads)
+
+
+class TunableScales:
+    def __init__(self, q: QuantizedMatrix):
+        self.q = q
+        self.segments = [
+            _Segment(k, seg.start, seg.ncols, seg.group_size, codes, zeros, scales)
+            for k, (seg, codes, scales, zeros) in enumerate(zip(q.segments, q.codes, q.scales, q.zeros))
+            if seg.bits
+        ]
+        # stored column j holds original column columns[j]
+        cols = np.arange(q.shape[1]) if q.perm is None else np.asarray(q.perm, dtype=np.int64)
+        self.columns = torch.from_numpy(cols.astype(np.int64))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [seg.log_scale for seg in self.segments]
+
+    def weight(self) -> torch.Tensor:
+        """The [out, in] float32 matrix at the current scales, differentiable in them."""
+        return _Build.apply(self, *self.parameters())
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write the tuned scales into the matrix as float16 and restart from them."""
+        for seg in self.segments:
+            self.q.scales[seg.index] = seg.scales(seg.log_scale).clamp_min(FP16_TINY).numpy().astype(np.float16)
+            seg.base.copy_(torch.from_numpy(self.q.scales[seg.index].astype(np.float32)))
+            seg.log_scale.zero_()
