@@ -57,7 +57,8 @@ class Allocate(Pass):
         del fisher
         roles = weight_roles(graph)
         emitted = ctx.stats.get("emitted")  # the backend's files (kernels), counted like everything else
-        fixed = artifact_bytes(graph, {}, roles, emitted=emitted)  # all but the quantized tensors' data (and headers)
+        pipeline = ctx.stats.get("pipeline")  # the manifest records every pass
+        fixed = artifact_bytes(graph, {}, roles, emitted=emitted, pipeline=pipeline)  # all but the quantized tensors' data (and headers)
         fixed -= sum(float_bytes(graph, n) for n in names)
         target_bits = (self.bpw - MARGIN_BPW) * count
         alloc_budget = target_bits - 8 * fixed
@@ -71,7 +72,8 @@ class Allocate(Pass):
                 break
             result = allocate(costs, alloc_budget)
             plan = {n: {"bits": result.depths[n].tolist(), "group": result.groups[n]} for n in names}
-            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted)
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted,
+                                   pipeline=pipeline)
             miss = target_bits - 8 * total
             if miss >= 0:
                 fits, best = alloc_budget, (result, plan, total)
@@ -92,7 +94,8 @@ class Allocate(Pass):
                 slack -= spent
                 if spent == 0:
                     break
-            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted)
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted,
+                                   pipeline=pipeline)
         if alloc_budget <= 0:
             floor = bits_per_weight(fixed, count)
             raise PassError(

@@ -134,6 +134,7 @@ class PassManager:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.ir").write_text(print_graph(graph))
         done: list[str] = []
+        ctx.stats["pipeline"] = [p.spec() for p in self.passes]  # size planners count the manifest's pass records
         for i, p in enumerate(self.passes, 1):
             missing = p.requires - ctx.facts
             if missing:

@@ -26,11 +26,11 @@ def float_bytes(graph: Graph, name: str) -> int:
 
 
 def predict_bytes(graph: Graph, config: dict[str, tuple[int, int]], act_order: bool = False,
-                  emitted: tuple[dict, dict] | None = None) -> int:
+                  emitted: tuple[dict, dict] | None = None, pipeline: list[str] | None = None) -> int:
     """Artifact bytes if `config` (param -> (bits, group)) is applied and everything else stays float (plus the
     backend's `emitted` files and notes)."""
     plan = {n: {"bits": b, "group": g} for n, (b, g) in config.items()}
-    return artifact_bytes(graph, plan, weight_roles(graph), permute_uniform=act_order, emitted=emitted)
+    return artifact_bytes(graph, plan, weight_roles(graph), permute_uniform=act_order, emitted=emitted, pipeline=pipeline)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class PlanUniform(Pass):
         for bits in bits_options:
             for group in group_options:
                 config = {n: (bits, group) for n in targets}
-                bpw = bits_per_weight(predict_bytes(graph, config, self.act_order, ctx.stats.get("emitted")), count)
+                bpw = bits_per_weight(predict_bytes(graph, config, self.act_order, ctx.stats.get("emitted"),
+                                                        ctx.stats.get("pipeline")), count)
                 floor = bpw if floor is None else min(floor, bpw)
                 if self.bpw is None or bpw <= self.bpw:
                     return self._choose(graph, ctx, config, bits, group, bpw)

@@ -35,8 +35,8 @@ class Tune(Pass):
     name = "tune"
     requires = frozenset({"quantized"})
     provides = frozenset({"tuned"})
-    steps: int = 32
-    lr: float = 0.002  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
+    steps: int = 24
+    lr: float = 0.003  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
     objective: str = "auto"  # as allocate's: kl for language models, mse otherwise
     norms: bool = True  # also tune 1-D float parameters (norm weights, biases)
 
@@ -63,9 +63,7 @@ class Tune(Pass):
             if self.norms and isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 1
             and kinds.get(n, "parameter") == "parameter"
         }
-        reference = Interpreter(graph)
-        for n in tuners:
-            reference.set_weight(n, originals[n].float())
+        reference = Interpreter(graph, weights=_Widening({n: originals[n] for n in tuners}))
         tuned = Interpreter(graph, grad=True)
         scale_params = [p for t in tuners.values() for p in t.parameters()]
         if not scale_params:  # every column dropped: nothing to tune
@@ -121,3 +119,18 @@ class Tune(Pass):
         ctx.log(f"tune: {self.steps} steps, held-out loss {before:.4f} -> {after:.4f}"
                 + ("" if kept else " (worse: untuned scales kept)"))
         return graph
+
+
+class _Widening(dict):
+    """An interpreter's weight cache over the float weights quantize kept (float16): each is widened to float32 when
+    a layer runs and dropped after, instead of holding a float32 copy of every weight for the whole pass."""
+
+    def __init__(self, narrow: dict[str, torch.Tensor]):
+        super().__init__()
+        self.narrow = narrow
+
+    def __contains__(self, name) -> bool:
+        return name in self.narrow or super().__contains__(name)
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self.narrow[name].float() if name in self.narrow else super().__getitem__(name)

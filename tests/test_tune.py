@@ -112,7 +112,7 @@ def test_tune_does_not_change_the_artifact_size(tmp_path):
 
 
 def test_default_pipelines():
-    assert "tune{steps=32" in default_pipeline(CompileOptions(bpw=3.0))
+    assert "tune{steps=24" in default_pipeline(CompileOptions(bpw=3.0))
     assert "tune" not in default_pipeline(CompileOptions(bpw=3.0, tune_steps=0))
     assert "tune" not in default_pipeline(CompileOptions(bits=3))  # uniform: plain GPTQ/RTN, the baselines
     assert "tune{steps=5" in default_pipeline(CompileOptions(bits=3, tune_steps=5))
@@ -154,7 +154,7 @@ def test_scale_gradients_match_autograd_of_the_plain_formula(rows, cols, group, 
     stored = []
     for seg in t.segments:
         s = (seg.base * torch.exp(seg.log_scale)).repeat_interleave(seg.group, 1)[:, : seg.ncols]
-        stored.append((seg.start, seg.centred.float().reshape(rows, -1)[:, : seg.ncols] * s))
+        stored.append((seg.start, seg.centred().reshape(rows, -1)[:, : seg.ncols] * s))
     plain = torch.zeros(rows, cols)
     for start, piece in stored:
         plain = plain.index_copy(1, t.columns[start : start + piece.shape[1]], piece)

@@ -102,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
                    help="keep each group's full range (plain GPTQ/RTN grids) instead of searching the clipping range")
     c.add_argument("--tune-steps", type=int, metavar="N",
                    help="after quantizing, train the group scales and norm weights on the objective for N calibration "
-                        "batches (default: 32 with the learned allocator, 0 otherwise; 0 turns it off)")
+                        "batches (default: 24 with the learned allocator, 0 otherwise; 0 turns it off)")
     c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
     c.add_argument("--allocator", default="learned", choices=["learned", "uniform"],
                    help="with --bpw: learned per-column depths (default) or the best uniform depth that fits")

@@ -42,7 +42,7 @@ class CompileOptions:
     extra: dict = field(default_factory=dict)
 
 
-DEFAULT_TUNE_STEPS = 32
+DEFAULT_TUNE_STEPS = 24
 
 
 def default_pipeline(opts: CompileOptions) -> str:

@@ -6,7 +6,7 @@ the same relative change for a 1e-4 scale as for a 1e-1 one, and s can never cha
 to float16, the format the artifact stores.
 
 The float matrix is built by a custom autograd function that saves nothing: its backward recomputes the per-group
-sums from the codes the tuner holds anyway. Letting autograd record the product instead would keep a float32 copy of
+sums from the matrix's own codes. Letting autograd record the product instead would keep a float32 copy of
 every code (and a full-size copy of the repeated scales) per step, the largest memory of the whole compile.
 """
 from __future__ import annotations
@@ -20,20 +20,26 @@ FP16_TINY = 2.0**-24  # the smallest positive float16: a tuned scale never round
 
 
 class _Segment:
-    """One stored segment: codes minus zero points as float16 (exact: |q - z| < 256), padded to whole groups."""
+    """One stored segment: its codes (the matrix's own uint8 array, not copied) and zero points, and the scales."""
 
     def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
         self.index, self.start, self.ncols, self.group = index, start, ncols, group
-        ngroups = scales.shape[1]
-        z = np.repeat(zeros.astype(np.int16), group, axis=1)[:, :ncols]
-        centred = np.zeros((codes.shape[0], ngroups * group), np.float16)
-        centred[:, :ncols] = codes.astype(np.int16) - z
-        self.centred = torch.from_numpy(centred).view(codes.shape[0], ngroups, group)
+        self.codes = torch.from_numpy(codes)  # [out, ncols] uint8
+        self.zeros = torch.from_numpy(zeros.astype(np.float32))  # [out, ngroups]
         self.base = torch.from_numpy(scales.astype(np.float32))
         self.log_scale = torch.zeros(scales.shape, requires_grad=True)
 
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
         return self.base * torch.exp(log_scale)
+
+    def centred(self) -> torch.Tensor:
+        """codes - zero as float32 [out, ngroups, group], zero padded to whole groups (exact small integers)."""
+        out, ngroups = self.zeros.shape
+        q = torch.nn.functional.pad(self.codes, (0, ngroups * self.group - self.ncols)).float()
+        q = q.view(out, ngroups, self.group) - self.zeros[:, :, None]
+        if ngroups * self.group != self.ncols:  # padding columns carry no weight
+            q.view(out, -1)[:, self.ncols :] = 0
+        return q
 
 
 class _Build(torch.autograd.Function):
@@ -44,7 +50,7 @@ class _Build(torch.autograd.Function):
         w = torch.zeros(out, inp)  # dropped columns stay 0
         for seg, t in zip(tuner.segments, log_scales):
             s = seg.scales(t)
-            ws = (seg.centred.float() * s[:, :, None]).reshape(out, -1)[:, : seg.ncols]
+            ws = (seg.centred() * s[:, :, None]).reshape(out, -1)[:, : seg.ncols]
             w[:, tuner.columns[seg.start : seg.start + seg.ncols]] = ws
         ctx.save_for_backward(*log_scales)
         return w
@@ -55,8 +61,9 @@ class _Build(torch.autograd.Function):
         grads = []
         for seg, t in zip(tuner.segments, ctx.saved_tensors):
             g = grad_w[:, tuner.columns[seg.start : seg.start + seg.ncols]]
-            g = torch.nn.functional.pad(g, (0, seg.centred.shape[1] * seg.group - seg.ncols))
-            grad_s = (g.view_as(seg.centred) * seg.centred.float()).sum(2)  # d loss / d scale, per group
+            centred = seg.centred()
+            g = torch.nn.functional.pad(g, (0, centred.shape[1] * seg.group - seg.ncols))
+            grad_s = (g.view_as(centred) * centred).sum(2)  # d loss / d scale, per group
             grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
         return (None, *grads)
 
