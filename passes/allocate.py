@@ -57,7 +57,7 @@ class Allocate(Pass):
         del fisher
         roles = weight_roles(graph)
         emitted = ctx.stats.get("emitted")  # the backend's files (kernels), counted like everything else
-        pipeline = ctx.stats.get("pipeline")  # the manifest records every pass
+        pipeline = ctx.pipeline_specs()  # the manifest records every pass
         fixed = artifact_bytes(graph, {}, roles, emitted=emitted, pipeline=pipeline)  # all but the quantized tensors' data (and headers)
         fixed -= sum(float_bytes(graph, n) for n in names)
         target_bits = (self.bpw - MARGIN_BPW) * count

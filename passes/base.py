@@ -32,6 +32,11 @@ class PassContext:
     facts: set[str] = field(default_factory=set)
     log: Callable[[str], None] = print
     records: list[dict] = field(default_factory=list)  # per-pass timings and notes, for the manifest
+    pipeline: list["Pass"] = field(default_factory=list)  # every pass of the run, in order (set by PassManager)
+
+    def pipeline_specs(self) -> list[str] | None:
+        """What the manifest will record for the pipeline (size planners count it); None outside a PassManager."""
+        return [p.spec() for p in self.pipeline] or None
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class PassManager:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.ir").write_text(print_graph(graph))
         done: list[str] = []
-        ctx.stats["pipeline"] = [p.spec() for p in self.passes]  # size planners count the manifest's pass records
+        ctx.pipeline = list(self.passes)
         for i, p in enumerate(self.passes, 1):
             missing = p.requires - ctx.facts
             if missing:

@@ -55,7 +55,7 @@ class PlanUniform(Pass):
             for group in group_options:
                 config = {n: (bits, group) for n in targets}
                 bpw = bits_per_weight(predict_bytes(graph, config, self.act_order, ctx.stats.get("emitted"),
-                                                        ctx.stats.get("pipeline")), count)
+                                                        ctx.pipeline_specs()), count)
                 floor = bpw if floor is None else min(floor, bpw)
                 if self.bpw is None or bpw <= self.bpw:
                     return self._choose(graph, ctx, config, bits, group, bpw)

@@ -16,7 +16,7 @@ from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.rtn import rtn_any
 
 from .base import Pass, PassContext, PassError
-from .tune import FLOAT_PARAMS
+from .tune import FLOAT_PARAMS, Tune
 
 METHODS = ("rtn", "gptq")
 
@@ -39,8 +39,9 @@ class Quantize(Pass):
         if self.method not in METHODS:
             raise PassError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
         plan = ctx.stats.get("plan") or {}
-        # the float weights about to be replaced: `tune` compares against them (pack drops them)
-        ctx.stats[FLOAT_PARAMS] = {name: compact(graph.params[name]) for name in plan}
+        if any(isinstance(p, Tune) and p.steps > 0 for p in ctx.pipeline):
+            # the float weights about to be replaced: `tune` compares against them (and drops them)
+            ctx.stats[FLOAT_PARAMS] = {name: compact(graph.params[name]) for name in plan}
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
@@ -56,11 +57,12 @@ class Quantize(Pass):
 
 def compact(w: torch.Tensor) -> torch.Tensor:
     """`w` as kept for the tuner's reference: float16 unless that loses range (|w| > 65504). Rounding to float16 moves a
-    weight by at most 2^-11 of itself, three orders of magnitude under the quantization error the tuner corrects,
-    and halves what the compile holds (the float32 copies were its memory peak)."""
-    if w.is_floating_point() and w.dtype != torch.float16 and bool(torch.isfinite(w.to(torch.float16)).all()):
-        return w.to(torch.float16)
-    return w
+    normal weight by at most 2^-11 of itself (and one below 2^-14 by less than 2^-24), orders of magnitude under the
+    quantization error the tuner corrects, and halves what the compile holds (float32 copies were its peak)."""
+    if not w.is_floating_point() or w.dtype == torch.float16:
+        return w
+    narrow = w.to(torch.float16)
+    return narrow if bool(torch.isfinite(narrow).all()) else w
 
 
 def mark_quantized_linears(graph: Graph) -> None:

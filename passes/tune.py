@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -22,6 +23,7 @@ from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.objectives import default_objective, resolve_objective, task_loss
 from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.packed import PackedMatrix
 from xbitc.quant.tune import TunableScales
 
 from .base import Pass, PassContext, PassError
@@ -44,15 +46,24 @@ class Tune(Pass):
     def needs_calibration(self) -> bool:
         return self.steps > 0
 
-    def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        if self.steps < 0 or self.lr <= 0:
+    def __post_init__(self) -> None:
+        if self.steps < 0 or not self.lr > 0:
             raise PassError(f"tune needs steps >= 0 and lr > 0 (got steps={self.steps}, lr={self.lr})")
+        if self.objective != "auto":
+            try:  # a misspelt objective fails here, before hours of allocation and GPTQ
+                resolve_objective(self.objective)
+            except ValueError as err:
+                raise PassError(str(err)) from None
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        if any(isinstance(v, PackedMatrix) for v in graph.params.values()):
+            raise PassError("tune must run before pack (it trains the scales of quantized, not yet packed, weights)")
         tuners = {n: TunableScales(v) for n, v in graph.params.items() if isinstance(v, QuantizedMatrix)}
+        originals = ctx.stats.pop(FLOAT_PARAMS, None)  # this pass is their only reader
         if self.steps == 0 or not tuners:
             return graph
         if not ctx.calib_inputs:
             raise PassError("tune needs calibration inputs (--calib FILE or --calib self)")
-        originals = ctx.stats.get(FLOAT_PARAMS)
         if not originals or not set(tuners) <= set(originals):
             raise PassError("tune needs the float weights quantize replaced; run it right after quantize")
         objective = resolve_objective(default_objective(self.objective, graph.meta.get("kind")))
@@ -63,11 +74,11 @@ class Tune(Pass):
             if self.norms and isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 1
             and kinds.get(n, "parameter") == "parameter"
         }
-        reference = Interpreter(graph, weights=_Widening({n: originals[n] for n in tuners}))
-        tuned = Interpreter(graph, grad=True)
         scale_params = [p for t in tuners.values() for p in t.parameters()]
         if not scale_params:  # every column dropped: nothing to tune
             return graph
+        reference = Interpreter(graph, weights=_Widening({n: originals[n] for n in tuners}))
+        tuned = Interpreter(graph, grad=True)
         groups = [{"params": scale_params, "lr": self.lr}]
         if floats:
             groups.append({"params": list(floats.values()), "lr": self.lr / 2})
@@ -75,7 +86,8 @@ class Tune(Pass):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
         batches = ctx.calib_inputs
         check = batches[:CHECK_BATCHES]
-        if len(batches) > 2 * CHECK_BATCHES:
+        held_out = len(batches) > 2 * CHECK_BATCHES
+        if held_out:
             batches = batches[CHECK_BATCHES:]
 
         def install() -> None:
@@ -84,30 +96,39 @@ class Tune(Pass):
             for n, p in floats.items():
                 tuned.set_weight(n, p)
 
-        def held_loss() -> float:
-            with torch.no_grad():
-                install()
-                return sum(float(task_loss(objective, tuned.run(*b), reference.run(*b), b)) for b in check) / len(check)
+        def check_loss() -> float:
+            tuned.grad = False  # the interpreter would otherwise record autograd for the norm leaves
+            try:
+                with torch.no_grad():
+                    install()
+                    return sum(float(task_loss(objective, tuned.run(*b), reference.run(*b), b)) for b in check) / len(check)
+            finally:
+                tuned.grad = True
 
-        before = held_loss()
+        before = check_loss()
         start_scales = {n: [s.copy() for s in graph.params[n].scales] for n in tuners}
-        losses = []
-        for step in tqdm(range(self.steps), desc="tune", leave=False, disable=not ctx.stats.get("progress", True)):
-            batch = batches[step % len(batches)]
-            with torch.no_grad():
-                ref = reference.run(*batch)
-            install()
-            loss = task_loss(objective, tuned.run(*batch), ref, batch)
-            del ref
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+        last = float("nan")
+        with torch.enable_grad():  # whatever the caller's mode: the scales are trained through the weights built here
+            for step in tqdm(range(self.steps), desc="tune", leave=False, disable=not ctx.stats.get("progress", True)):
+                batch = batches[step % len(batches)]
+                with torch.no_grad():
+                    ref = reference.run(*batch)
+                install()
+                loss = task_loss(objective, tuned.run(*batch), ref, batch)
+                del ref
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                last = float(loss.detach())
         for t in tuners.values():
             t.commit()  # float16 scales, as stored
-        after = held_loss()
-        kept = after < before
+        with torch.no_grad():  # judge the norms as they will be stored
+            for n, p in floats.items():
+                p.copy_(p.to(graph.params[n].dtype).float())
+        after = check_loss()
+        finite = all(np.isfinite(s).all() for n in tuners for s in graph.params[n].scales)
+        kept = finite and after < before
         if kept:
             for n, p in floats.items():
                 graph.params[n] = p.detach().to(graph.params[n].dtype)
@@ -115,9 +136,11 @@ class Tune(Pass):
             for n in tuners:
                 graph.params[n].scales[:] = start_scales[n]
         ctx.stats["tune"] = {"objective": objective if isinstance(objective, str) else self.objective,
-                             "steps": self.steps, "loss_before": before, "loss_after": after, "kept": kept}
-        ctx.log(f"tune: {self.steps} steps, held-out loss {before:.4f} -> {after:.4f}"
-                + ("" if kept else " (worse: untuned scales kept)"))
+                             "steps": self.steps, "loss_before": before, "loss_after": after,
+                             "last_step_loss": last, "held_out": held_out, "kept": kept}
+        where = "held-out" if held_out else "calibration (too few batches to hold any out)"
+        ctx.log(f"tune: {self.steps} steps, {where} loss {before:.4f} -> {after:.4f}"
+                + ("" if kept else " (not better: untuned scales kept)"))
         return graph
 
 

@@ -60,8 +60,8 @@ def test_compiled_artifact_decodes_with_the_cache_on_every_backend(tmp_path):
 
 
 def test_allocation_predicts_the_artifact_bytes_with_the_step_graph(tmp_path, monkeypatch):
-    """allocate's exact-size model counts step.json: its last prediction equals the bytes written, up to the pass
-    records and timestamps it estimates (xbitc.footprint), and the budget is never exceeded."""
+    """allocate's exact-size model counts step.json and the pipeline's pass records: its last prediction equals the
+    bytes written up to the digits of the figures it cannot know yet, and the budget is never exceeded."""
     import xbitc.passes.allocate as allocate
 
     predicted = []
@@ -72,5 +72,6 @@ def test_allocation_predicts_the_artifact_bytes_with_the_step_graph(tmp_path, mo
     m = compile_model(loaded, out, CompileOptions(bpw=12.0, quantize_embeddings=True, calib="self", calib_windows=2,
                                                   calib_len=16, log=lambda s: None, progress=False))
     assert (out / "step.json").exists()
-    assert abs(predicted[-1] - m.size.counted_bytes) <= 256  # measured: 42 bytes (pass records, timestamps)
+    # placeholders (durations, sizes, the plan summary) are written at their longest: the prediction errs one way
+    assert 0 <= predicted[-1] - m.size.counted_bytes <= 256  # measured: 84 bytes
     assert m.size.bits_per_weight <= 12.0

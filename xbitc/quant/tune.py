@@ -17,6 +17,7 @@ import torch
 from .format import QuantizedMatrix
 
 FP16_TINY = 2.0**-24  # the smallest positive float16: a tuned scale never rounds to 0
+FP16_MAX = 65504.0  # nor overflows to inf
 
 
 class _Segment:
@@ -91,6 +92,8 @@ class TunableScales:
     def commit(self) -> None:
         """Write the tuned scales into the matrix as float16 and restart from them."""
         for seg in self.segments:
-            self.q.scales[seg.index] = seg.scales(seg.log_scale).clamp_min(FP16_TINY).numpy().astype(np.float16)
+            s = seg.scales(seg.log_scale)
+            s = torch.where(torch.isfinite(s), s, seg.base).clamp(FP16_TINY, FP16_MAX)  # a diverged step keeps its start
+            self.q.scales[seg.index] = s.numpy().astype(np.float16)
             seg.base.copy_(torch.from_numpy(self.q.scales[seg.index].astype(np.float32)))
             seg.log_scale.zero_()
