@@ -57,9 +57,12 @@ def require_shared(name: str) -> Path:
 
 def run_cli_measured(args: list[str]) -> tuple[float, float, str]:
     """Run `xbitc ARGS` in a fresh process; return (wall seconds, peak RSS in GiB, stderr tail)."""
+    # VmHWM, not ru_maxrss: Linux carries the high-water mark across execve, so ru_maxrss of a child spawned by
+    # this (large) process starts at the parent's own resident size.
     code = (
-        "import resource, sys; from xbitc.cli import main; rc = main(sys.argv[1:]); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+        "import sys; from xbitc.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+        "print('PEAK_RSS_KB', hwm, file=sys.stderr); sys.exit(rc)"
     )
     t0 = dt.datetime.now()
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
