@@ -14,7 +14,6 @@ from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
 
 from .base import Pass, PassContext
-from .tune import FLOAT_PARAMS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -25,8 +24,7 @@ class Pack(Pass):
     provides = frozenset({"packed"})
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        ctx.stats.pop(FLOAT_PARAMS, None)  # nothing after packing compares to the float weights
-        dtype = DTYPES[graph.meta.get("float_dtype", "float16")]
+        dtype = stored_dtype(graph)
         kinds = graph.meta.get("param_kinds", {})
         for name, value in list(graph.params.items()):
             if isinstance(value, QuantizedMatrix):
@@ -37,3 +35,8 @@ class Pack(Pass):
             if n.op is Op.QLINEAR:
                 n.op = Op.PACKED_LINEAR
         return graph
+
+
+def stored_dtype(graph: Graph) -> torch.dtype:
+    """The dtype float parameters are stored at (the model's `float_dtype`, float16 by default)."""
+    return DTYPES[graph.meta.get("float_dtype", "float16")]

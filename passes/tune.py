@@ -27,8 +27,9 @@ from xbitc.quant.packed import PackedMatrix
 from xbitc.quant.tune import TunableScales
 
 from .base import Pass, PassContext, PassError
+from .pack import stored_dtype
 
-FLOAT_PARAMS = "float_params"  # ctx.stats key: quantize leaves the float weights it replaced here (pack drops them)
+FLOAT_PARAMS = "float_params"  # ctx.stats key: quantize leaves the float weights it replaced here, for tune
 CHECK_BATCHES = 2  # calibration batches the before/after comparison runs on
 
 
@@ -123,9 +124,9 @@ class Tune(Pass):
                 last = float(loss.detach())
         for t in tuners.values():
             t.commit()  # float16 scales, as stored
-        with torch.no_grad():  # judge the norms as they will be stored
-            for n, p in floats.items():
-                p.copy_(p.to(graph.params[n].dtype).float())
+        with torch.no_grad():  # judge the norms as pack will store them
+            for p in floats.values():
+                p.copy_(p.to(stored_dtype(graph)).float())
         after = check_loss()
         finite = all(np.isfinite(s).all() for n in tuners for s in graph.params[n].scales)
         kept = finite and after < before

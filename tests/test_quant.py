@@ -57,6 +57,7 @@ def test_rtn_per_column_depths_are_honoured(rows, cols, group, seed):
     depths = torch.randint(0, 9, (cols,), generator=g).numpy()
     q = rtn_any(w, depths, group)
     np.testing.assert_array_equal(q.column_bits(), depths)
+    np.testing.assert_array_equal(PackedMatrix.from_quantized(q).column_bits(), depths)  # the packed form says the same
     deq = q.dequantize()
     assert bool((deq[:, depths == 0] == 0).all())
     for d in set(depths.tolist()) - {0}:  # each depth's columns are exactly an RTN of those columns

@@ -109,6 +109,9 @@ class PackedMatrix:
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.tensors("_").values())
 
+    def column_bits(self) -> np.ndarray:
+        return self.to_quantized().column_bits()
+
 
 def _check(name: str, shape: tuple[int, int], segs: list[PackedSegment], perm: np.ndarray | None) -> None:
     """What kernels index by must be in range: a file that says otherwise is refused, not read out of bounds."""
@@ -132,6 +135,3 @@ def _check(name: str, shape: tuple[int, int], segs: list[PackedSegment], perm: n
         p = np.asarray(perm).reshape(-1).astype(np.int64)
         if p.size != inp or p.min(initial=0) < 0 or p.max(initial=0) >= inp or np.bincount(p, minlength=inp).max() > 1:
             raise ValueError(f"{name}: its column permutation is not a permutation of {inp} columns (corrupt artifact)")
-
-    def column_bits(self) -> np.ndarray:
-        return self.to_quantized().column_bits()
