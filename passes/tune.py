@@ -8,7 +8,9 @@ float16 scales, so the budget is untouched. Quantizing layer by layer (GPTQ) onl
 error; this sees how the errors of all layers add up at the model's output, which is what the cost measures.
 
 The first CHECK_BATCHES calibration batches are held out of the steps (when there are enough of them) and judge
-the result: if the tuned model is not better on them than the untuned one, the untuned values are kept.
+the result at `checks` checkpoints spread over the steps: the best checkpoint is kept (the untuned values if none
+beats them), and two checkpoints in a row without a new best end the tuning early -- with little calibration text
+the steps soon fit the batches rather than the task, and further steps only cost time.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Tune(Pass):
     lr: float = 0.003  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
     objective: str = "auto"  # as allocate's: kl for language models, mse otherwise
     norms: bool = True  # also tune 1-D float parameters (norm weights, biases)
+    checks: int = 4  # held-out checkpoints over the steps: the best is kept; two without progress stop early
 
     @property
     def needs_calibration(self) -> bool:
@@ -91,24 +94,33 @@ class Tune(Pass):
         if held_out:
             batches = batches[CHECK_BATCHES:]
 
-        def install() -> None:
+        dtype = stored_dtype(graph)
+
+        def install(stored: bool = False) -> None:
             for n, t in tuners.items():
                 tuned.set_weight(n, t.weight())
-            for n, p in floats.items():
-                tuned.set_weight(n, p)
+            for n, p in floats.items():  # judged as pack will store the norms
+                tuned.set_weight(n, p.detach().to(dtype).float() if stored else p)
 
         def check_loss() -> float:
             tuned.grad = False  # the interpreter would otherwise record autograd for the norm leaves
             try:
                 with torch.no_grad():
-                    install()
+                    install(stored=True)
                     return sum(float(task_loss(objective, tuned.run(*b), reference.run(*b), b)) for b in check) / len(check)
             finally:
                 tuned.grad = True
 
+        def snapshot() -> dict:
+            return {"scales": {n: [s.copy() for s in graph.params[n].scales] for n in tuners},
+                    "floats": {n: p.detach().to(dtype) for n, p in floats.items()}}
+
         before = check_loss()
-        start_scales = {n: [s.copy() for s in graph.params[n].scales] for n in tuners}
+        start = best = snapshot()
+        best_loss, history, since_best = before, [before], 0
+        every = max(1, -(-self.steps // self.checks))
         last = float("nan")
+        steps_run = 0
         with torch.enable_grad():  # whatever the caller's mode: the scales are trained through the weights built here
             for step in tqdm(range(self.steps), desc="tune", leave=False, disable=not ctx.stats.get("progress", True)):
                 batch = batches[step % len(batches)]
@@ -122,25 +134,30 @@ class Tune(Pass):
                 opt.step()
                 sched.step()
                 last = float(loss.detach())
-        for t in tuners.values():
-            t.commit()  # float16 scales, as stored
-        with torch.no_grad():  # judge the norms as pack will store them
-            for p in floats.values():
-                p.copy_(p.to(stored_dtype(graph)).float())
-        after = check_loss()
-        finite = all(np.isfinite(s).all() for n in tuners for s in graph.params[n].scales)
-        kept = finite and after < before
+                steps_run = step + 1
+                if steps_run % every and steps_run != self.steps:
+                    continue
+                for t in tuners.values():
+                    t.commit()  # float16 scales, as stored
+                history.append(check_loss())
+                if math.isfinite(history[-1]) and history[-1] < best_loss:
+                    best, best_loss, since_best = snapshot(), history[-1], 0
+                else:
+                    since_best += 1
+                    if held_out and since_best >= 2:
+                        break  # two checks in a row without a new best: the steps fit the batches, not the task
+        kept = best is not start
+        for n in tuners:  # the best checkpoint (the untuned values if none beat them)
+            graph.params[n].scales[:] = best["scales"][n]
         if kept:
-            for n, p in floats.items():
-                graph.params[n] = p.detach().to(graph.params[n].dtype)
-        else:  # never ship a model the tuning made worse
-            for n in tuners:
-                graph.params[n].scales[:] = start_scales[n]
+            for n, p in best["floats"].items():
+                graph.params[n] = p.to(graph.params[n].dtype)
+        after = best_loss
         ctx.stats["tune"] = {"objective": objective if isinstance(objective, str) else self.objective,
-                             "steps": self.steps, "loss_before": before, "loss_after": after,
+                             "steps": steps_run, "loss_before": before, "loss_after": after, "checks": history,
                              "last_step_loss": last, "held_out": held_out, "kept": kept}
         where = "held-out" if held_out else "calibration (too few batches to hold any out)"
-        ctx.log(f"tune: {self.steps} steps, {where} loss {before:.4f} -> {after:.4f}"
+        ctx.log(f"tune: {steps_run} of {self.steps} steps, {where} loss {before:.4f} -> {after:.4f}"
                 + ("" if kept else " (not better: untuned scales kept)"))
         return graph
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_lm
@@ -60,6 +60,7 @@ def test_tune_lowers_the_cost_and_changes_only_scales_and_norms():
     tuned, _, ctx = run(PLAN + ",tune{steps=40,objective=kl,lr=0.01}")
     stats = ctx.stats["tune"]
     assert stats["kept"] and stats["loss_after"] < stats["loss_before"]
+    assert stats["loss_after"] == min(stats["checks"]) and stats["checks"][0] == stats["loss_before"]
     # measured independently, on batches the pass never saw
     held = batches(4, seed=7)
     assert kl_to_float(tuned, float_graph, held) < 0.9 * kl_to_float(plain, float_graph, held)
@@ -81,8 +82,10 @@ def test_tune_lowers_the_cost_and_changes_only_scales_and_norms():
 
 def test_tune_keeps_the_untuned_model_when_tuning_makes_it_worse():
     plain, _, _ = run(PLAN)
-    tuned, _, ctx = run(PLAN + ",tune{steps=6,objective=kl,lr=20}")  # a step size that can only diverge
-    assert not ctx.stats["tune"]["kept"]
+    tuned, _, ctx = run(PLAN + ",tune{steps=12,checks=6,objective=kl,lr=20}")  # a step size that can only diverge
+    stats = ctx.stats["tune"]
+    assert not stats["kept"]
+    assert stats["steps"] == 4 and len(stats["checks"]) == 3  # two checkpoints without progress stop it early
     for name, q in plain.params.items():
         if isinstance(q, QuantizedMatrix):
             for a, b in zip(q.scales, tuned.params[name].scales):
@@ -92,8 +95,13 @@ def test_tune_keeps_the_untuned_model_when_tuning_makes_it_worse():
 
 def test_tune_calls_a_custom_objective():
     before = CALLS["n"]
-    run(PLAN + ",tune{steps=5,objective=test_tune:counted_mse}")
+    run(PLAN + ",tune{steps=5,checks=1,objective=test_tune:counted_mse}")
     assert CALLS["n"] - before == 5 + 2 * 2  # every step, and the before/after check on two held batches
+    before = CALLS["n"]
+    _, _, ctx = run(PLAN + ",tune{steps=5,checks=4,objective=test_tune:counted_mse}")
+    stats = ctx.stats["tune"]
+    assert CALLS["n"] - before == stats["steps"] + 2 * len(stats["checks"])
+    assert len(stats["checks"]) == 1 + len({2, 4, 5} & set(range(1, stats["steps"] + 1)))  # checkpoints: steps 2, 4, 5
 
 
 def test_tune_needs_quantized_weights():
@@ -236,3 +244,24 @@ def test_tune_refuses_bad_options_and_packed_weights():
         build_passes("tune{lr=0}")
     with pytest.raises(PassError, match="before pack"):
         run(PLAN + ",pack,tune{steps=2}")
+
+
+@settings(deadline=None, max_examples=30)
+@given(tokens=st.integers(1, 150), vocab=st.integers(2, 40), spread=st.floats(0.1, 20.0), seed=st.integers(0, 2**16))
+def test_chunked_kl_matches_the_plain_formula_and_its_gradient(tokens, vocab, spread, seed):
+    """The memory-saving KL (objectives.kl_per_token: chunks of 64 tokens, gradient softmax(logits) - softmax(ref)
+    recomputed in backward) equals F.kl_div's value and autograd gradient. Both are float32 sums of at most
+    vocab * tokens terms of size O(spread); the chunked one accumulates in float64, so they differ by float32
+    rounding of the plain one: relative 1e-5 of the summed magnitudes."""
+    from xbitc.objectives import kl_per_token
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(tokens, vocab, generator=g) * spread).requires_grad_(True)
+    ref = torch.randn(tokens, vocab, generator=g) * spread
+    plain = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+    (g_plain,) = torch.autograd.grad(plain * 3.0, logits)
+    chunked = kl_per_token(logits, ref)
+    (g_chunked,) = torch.autograd.grad(chunked * 3.0, logits)
+    assert chunked.dtype == torch.float32 and chunked.shape == ()
+    assert float(chunked.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-5 * spread)
+    torch.testing.assert_close(g_chunked, g_plain, rtol=1e-5, atol=1e-6 * 3.0 / tokens)
