@@ -22,7 +22,8 @@ from .base import PassContext, PassError
 
 
 def quantize_gptq(
-    graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True, clip: bool = True
+    graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True, clip: bool = True,
+    depth_order: str = "drop_first",
 ) -> None:
     if not ctx.calib_inputs:
         raise PassError("GPTQ needs calibration inputs (--calib FILE or --calib self)")
@@ -54,7 +55,7 @@ def quantize_gptq(
             w = graph.params[name]
             graph.params[name] = gptq_quantize(
                 w.float(), hessian.float(), depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp, act_order=act_order,
-                clip=clip,
+                clip=clip, depth_order=depth_order,
             )
             interp.forget(name)
             pending.discard(name)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from xbitc.ir.graph import Graph, Op
 from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.gptq import DEPTH_ORDERS
 from xbitc.quant.rtn import rtn_any
 
 from .base import Pass, PassContext, PassError
@@ -30,14 +31,19 @@ class Quantize(Pass):
     damp: float = 0.01  # GPTQ: relative dampening of the Hessian diagonal
     act_order: bool = True  # GPTQ: process columns by decreasing Hessian diagonal
     clip: bool = True  # search each group's range for the least squared error (xbitc.quant.grid)
+    order: str = "drop_first"  # GPTQ: depth order of the columns (xbitc.quant.gptq.DEPTH_ORDERS); see README
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PassError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.order not in DEPTH_ORDERS:
+            raise PassError(f"unknown column order {self.order!r}; choose one of {', '.join(DEPTH_ORDERS)}")
 
     @property
     def needs_calibration(self) -> bool:
         return self.method == "gptq"
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        if self.method not in METHODS:
-            raise PassError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
         plan = ctx.stats.get("plan") or {}
         if any(isinstance(p, Tune) and p.steps > 0 for p in ctx.pipeline):
             # the float weights about to be replaced: `tune` compares against them (and drops them)
@@ -45,7 +51,8 @@ class Quantize(Pass):
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
-            quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order, clip=self.clip)
+            quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order, clip=self.clip,
+                          depth_order=self.order)
         else:
             for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
                 cfg = plan[name]

@@ -131,9 +131,10 @@ def test_perm_orders_by_depth_then_hessian_diagonal():
     w, x, h = _problem(3, 8, 12)
     h = h + torch.diag(10.0 * torch.arange(12))  # distinct diagonal, ascending with the index
     depths = np.array([2, 4, 2, 4, 0, 2, 4, 2, 0, 4, 2, 4])
-    by_index = gptq_quantize(w, h, depths, 4, act_order=False).perm.tolist()
+    by_index = gptq_quantize(w, h, depths, 4, act_order=False, depth_order="descending").perm.tolist()
     assert by_index == [1, 3, 6, 9, 11, 0, 2, 5, 7, 10, 4, 8]
-    by_diag = gptq_quantize(w, h, depths, 4, act_order=True).perm.tolist()
+    assert gptq_quantize(w, h, depths, 4, act_order=False).perm.tolist() == [4, 8, 1, 3, 6, 9, 11, 0, 2, 5, 7, 10]
+    by_diag = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="descending").perm.tolist()
     assert by_diag == [11, 9, 6, 3, 1, 10, 7, 5, 2, 0, 8, 4]
     asc = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="ascending").perm.tolist()
     assert asc == [8, 4, 10, 7, 5, 2, 0, 11, 9, 6, 3, 1]
@@ -218,3 +219,35 @@ def test_rejects_bad_arguments():
         gptq_quantize(w, h, 4, 0)
     with pytest.raises(ValueError):
         gptq_quantize(w, h, 4, 6, depth_order="random")
+
+
+@pytest.mark.parametrize("order", ["drop_first", "descending"])
+def test_quantize_pass_passes_its_column_order_to_gptq(order):
+    """quantize{order=...} decides where GPTQ puts the dropped columns: first (their error compensated by every
+    other column) or last (nothing left to absorb it)."""
+    from conftest import tiny_lm
+
+    from xbitc import frontend
+    from xbitc.driver import build_passes
+    from xbitc.passes.base import PassContext
+
+    m, x = tiny_lm()
+    g = frontend.trace(frontend._from_module(m, x, "tiny", "0"))
+    name = next(n for n, p in g.params.items() if p.ndim == 2 and "embed" not in n)
+    inp = g.params[name].shape[1]
+    depths = [0 if j % 4 == 0 else 3 if j % 4 == 1 else 2 for j in range(inp)]
+    ctx = PassContext(log=lambda s: None, calib_inputs=[(torch.randint(0, 96, (1, 24)),) for _ in range(4)])
+    ctx.stats.update(progress=False, plan={name: {"bits": depths, "group": 8}})
+    (quantize,) = build_passes(f"quantize{{method=gptq,order={order}}}")
+    q = quantize.run(g, ctx).params[name]
+    bits = [s.bits for s in q.segments]
+    assert bits == ([0, 3, 2] if order == "drop_first" else [3, 2, 0])
+    np.testing.assert_array_equal(q.column_bits(), depths)
+
+
+def test_quantize_pass_rejects_an_unknown_column_order():
+    from xbitc.driver import build_passes
+    from xbitc.passes.base import PassError
+
+    with pytest.raises(PassError, match="column order 'random'.*drop_first"):
+        build_passes("quantize{method=gptq,order=random}")

@@ -7,15 +7,17 @@ work is O(out * in^2) and the memory O(in^2 + out * in).
 
 Mixed precision: every input column has its own depth (0..8; 0 drops the column to exactly 0, its error compensated
 by the later columns like any other quantization error). Columns are processed -- and stored -- in the order of
-`perm`: grouped by depth so that equal depths are contiguous `Segment`s, depth descending by default, then Hessian
-diagonal descending (act_order) or original index.
+`perm`: grouped by depth so that equal depths are contiguous `Segment`s, then Hessian diagonal descending
+(act_order) or original index.
 
-The depth order matters, because GPTQ can only push a column's error onto the columns after it. Depth descending
-(the default, act_order's "important columns first" when depths follow importance) leaves the dropped columns last,
-with nothing after them to absorb their error: they are effectively zeroed without compensation. `depth_order`
-offers "ascending" (coarsest first) and "drop_first" (dropped columns first, then descending). On synthetic
-correlated inputs none wins everywhere: descending is best when depths track the Hessian diagonal without drops,
-ascending when depths are unrelated to it, drop_first when a quarter of the columns are dropped by importance.
+The depth order matters, because GPTQ can only push a column's error onto the columns after it. `depth_order`:
+"drop_first" (the default: dropped columns first, then depth descending), "descending" (act_order's "important
+columns first" when depths follow importance, but the dropped columns come last with nothing after them to absorb
+their error: they are zeroed uncompensated, as magnitude pruning would) or "ascending" (coarsest first). Dropping a
+column first is SparseGPT's pruning step: the remaining columns are refitted to carry what it did. Measured on
+SmolLM2-135M with the learned allocator's plans (GPTQ, 64 x 512 calibration tokens, no tuning, 4,096 WikiText-2
+tokens): 2.0 bpw, 37% of the weights dropped, perplexity 6207 descending vs 578 drop_first; 3.0 bpw 132.6 vs 62.5.
+(On synthetic correlated inputs without drops, descending is slightly better when depths track the Hessian diagonal.)
 
 Scale/zero groups are counted inside each segment and measured on the error-updated weights when the algorithm
 reaches a group's first column; the float16 scales and the codes reproduce exactly the matrix GPTQ measured.
@@ -43,7 +45,7 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     *,
-    depth_order: str = "descending",
+    depth_order: str = "drop_first",
     clip: bool = False,
 ) -> QuantizedMatrix:
     """GPTQ-quantize a [out, in] weight matrix given the [in, in] Hessian (2/N) sum x x^T of its inputs.
@@ -67,7 +69,7 @@ def _gptq(
     damp: float,
     act_order: bool,
     block_size: int,
-    depth_order: str = "descending",
+    depth_order: str = "drop_first",
     want_result: bool = True,
     clip: bool = False,
 ) -> tuple[QuantizedMatrix, torch.Tensor | None]:
