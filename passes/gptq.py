@@ -23,7 +23,7 @@ from .base import PassContext, PassError
 
 def quantize_gptq(
     graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True, clip: bool = True,
-    depth_order: str = "drop_first",
+    depth_order: str = "ascending",
 ) -> None:
     if not ctx.calib_inputs:
         raise PassError("GPTQ needs calibration inputs (--calib FILE or --calib self)")

@@ -31,7 +31,7 @@ class Quantize(Pass):
     damp: float = 0.01  # GPTQ: relative dampening of the Hessian diagonal
     act_order: bool = True  # GPTQ: process columns by decreasing Hessian diagonal
     clip: bool = True  # search each group's range for the least squared error (xbitc.quant.grid)
-    order: str = "drop_first"  # GPTQ: depth order of the columns (xbitc.quant.gptq.DEPTH_ORDERS); see README
+    order: str = "ascending"  # GPTQ: depth order of the columns (xbitc.quant.gptq.DEPTH_ORDERS); see README
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

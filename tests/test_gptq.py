@@ -133,7 +133,7 @@ def test_perm_orders_by_depth_then_hessian_diagonal():
     depths = np.array([2, 4, 2, 4, 0, 2, 4, 2, 0, 4, 2, 4])
     by_index = gptq_quantize(w, h, depths, 4, act_order=False, depth_order="descending").perm.tolist()
     assert by_index == [1, 3, 6, 9, 11, 0, 2, 5, 7, 10, 4, 8]
-    assert gptq_quantize(w, h, depths, 4, act_order=False).perm.tolist() == [4, 8, 1, 3, 6, 9, 11, 0, 2, 5, 7, 10]
+    assert gptq_quantize(w, h, depths, 4, act_order=False).perm.tolist() == [4, 8, 0, 2, 5, 7, 10, 1, 3, 6, 9, 11]
     by_diag = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="descending").perm.tolist()
     assert by_diag == [11, 9, 6, 3, 1, 10, 7, 5, 2, 0, 8, 4]
     asc = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="ascending").perm.tolist()
@@ -221,7 +221,7 @@ def test_rejects_bad_arguments():
         gptq_quantize(w, h, 4, 6, depth_order="random")
 
 
-@pytest.mark.parametrize("order", ["drop_first", "descending"])
+@pytest.mark.parametrize("order", ["ascending", "drop_first", "descending"])
 def test_quantize_pass_passes_its_column_order_to_gptq(order):
     """quantize{order=...} decides where GPTQ puts the dropped columns: first (their error compensated by every
     other column) or last (nothing left to absorb it)."""
@@ -241,7 +241,7 @@ def test_quantize_pass_passes_its_column_order_to_gptq(order):
     (quantize,) = build_passes(f"quantize{{method=gptq,order={order}}}")
     q = quantize.run(g, ctx).params[name]
     bits = [s.bits for s in q.segments]
-    assert bits == ([0, 3, 2] if order == "drop_first" else [3, 2, 0])
+    assert bits == {"ascending": [0, 2, 3], "drop_first": [0, 3, 2], "descending": [3, 2, 0]}[order]
     np.testing.assert_array_equal(q.column_bits(), depths)
 
 

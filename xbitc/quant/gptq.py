@@ -11,13 +11,15 @@ by the later columns like any other quantization error). Columns are processed -
 (act_order) or original index.
 
 The depth order matters, because GPTQ can only push a column's error onto the columns after it. `depth_order`:
-"drop_first" (the default: dropped columns first, then depth descending), "descending" (act_order's "important
-columns first" when depths follow importance, but the dropped columns come last with nothing after them to absorb
-their error: they are zeroed uncompensated, as magnitude pruning would) or "ascending" (coarsest first). Dropping a
-column first is SparseGPT's pruning step: the remaining columns are refitted to carry what it did. Measured on
-SmolLM2-135M with the learned allocator's plans (GPTQ, 64 x 512 calibration tokens, no tuning, 4,096 WikiText-2
-tokens): 2.0 bpw, 37% of the weights dropped, perplexity 6207 descending vs 578 drop_first; 3.0 bpw 132.6 vs 62.5.
-(On synthetic correlated inputs without drops, descending is slightly better when depths track the Hessian diagonal.)
+"ascending" (the default: coarsest first, so dropped columns come first and the finest columns, whose own error is
+smallest, come last and absorb everyone's), "drop_first" (dropped columns first, then depth descending) or
+"descending" (act_order's "important columns first" when depths follow importance; but the dropped columns come
+last with nothing after them to absorb their error: they are zeroed uncompensated, as magnitude pruning would).
+Dropping a column early is SparseGPT's pruning step: the remaining columns are refitted to carry what it did.
+Measured on SmolLM2-135M with the learned allocator's plans (GPTQ, 64 x 512 calibration tokens, no tuning, 4,096
+WikiText-2 tokens), perplexity descending / drop_first / ascending: 2.0 bpw (37% of the weights dropped)
+6207 / 578 / 555; 3.0 bpw 132.6 / 62.5 / 60.4. (On synthetic correlated inputs without drops, descending is
+slightly better when depths track the Hessian diagonal.)
 
 Scale/zero groups are counted inside each segment and measured on the error-updated weights when the algorithm
 reaches a group's first column; the float16 scales and the codes reproduce exactly the matrix GPTQ measured.
@@ -45,7 +47,7 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     *,
-    depth_order: str = "drop_first",
+    depth_order: str = "ascending",
     clip: bool = False,
 ) -> QuantizedMatrix:
     """GPTQ-quantize a [out, in] weight matrix given the [in, in] Hessian (2/N) sum x x^T of its inputs.
@@ -69,7 +71,7 @@ def _gptq(
     damp: float,
     act_order: bool,
     block_size: int,
-    depth_order: str = "drop_first",
+    depth_order: str = "ascending",
     want_result: bool = True,
     clip: bool = False,
 ) -> tuple[QuantizedMatrix, torch.Tensor | None]:
