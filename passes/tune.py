@@ -26,7 +26,7 @@ from xbitc.ir.interp import Interpreter
 from xbitc.objectives import default_objective, resolve_objective, task_loss
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
-from xbitc.quant.tune import TunableScales
+from xbitc.quant.tune import TunableScales, rebuilt_when_saved
 
 from .base import Pass, PassContext, PassError
 from .pack import stored_dtype
@@ -82,7 +82,8 @@ class Tune(Pass):
         if not scale_params:  # every column dropped: nothing to tune
             return graph
         reference = Interpreter(graph, weights=_Widening({n: originals[n] for n in tuners}))
-        tuned = Interpreter(graph, grad=True)
+        # each quantized matrix is built from its codes when a layer reads it, not cached for the whole step
+        tuned = Interpreter(graph, grad=True, weights=_Building(tuners))
         groups = [{"params": scale_params, "lr": self.lr}]
         if floats:
             groups.append({"params": list(floats.values()), "lr": self.lr / 2})
@@ -97,8 +98,6 @@ class Tune(Pass):
         dtype = stored_dtype(graph)
 
         def install(stored: bool = False) -> None:
-            for n, t in tuners.items():
-                tuned.set_weight(n, t.weight())
             for n, p in floats.items():  # judged as pack will store the norms
                 tuned.set_weight(n, p.detach().to(dtype).float() if stored else p)
 
@@ -127,10 +126,11 @@ class Tune(Pass):
                 with torch.no_grad():
                     ref = reference.run(*batch)
                 install()
-                loss = task_loss(objective, tuned.run(*batch), ref, batch)
-                del ref
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with rebuilt_when_saved():  # layers keep a note to rebuild their weight, not the float32 matrix
+                    loss = task_loss(objective, tuned.run(*batch), ref, batch)
+                    del ref
+                    loss.backward()
                 opt.step()
                 sched.step()
                 last = float(loss.detach())
@@ -175,3 +175,18 @@ class _Widening(dict):
 
     def __getitem__(self, name) -> torch.Tensor:
         return self.narrow[name].float() if name in self.narrow else super().__getitem__(name)
+
+
+class _Building(dict):
+    """The tuned interpreter's weights: a quantized matrix is built from its codes at the current scales every time
+    a layer reads it (differentiable in the scales) and never cached, so no float32 copy outlives its use."""
+
+    def __init__(self, tuners: dict[str, TunableScales]):
+        super().__init__()
+        self.tuners = tuners
+
+    def __contains__(self, name) -> bool:
+        return name in self.tuners or super().__contains__(name)
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self.tuners[name].weight() if name in self.tuners else super().__getitem__(name)

@@ -265,3 +265,31 @@ def test_chunked_kl_matches_the_plain_formula_and_its_gradient(tokens, vocab, sp
     assert chunked.dtype == torch.float32 and chunked.shape == ()
     assert float(chunked.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-5 * spread)
     torch.testing.assert_close(g_chunked, g_plain, rtol=1e-5, atol=1e-6 * 3.0 / tokens)
+
+
+@settings(deadline=None, max_examples=25)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 48), lead=st.sampled_from([(), (3,), (2, 5)]), seed=st.integers(0, 99))
+def test_weights_rebuilt_for_backward_give_identical_gradients_and_are_not_kept(rows, cols, lead, seed):
+    """Under rebuilt_when_saved a linear layer saves a note instead of its float32 weight (1-D, 2-D and 3-D inputs:
+    F.linear saves the matrix or a transposed view of it), the matrix is freed after the forward, and backward,
+    which rebuilds it from the same codes and scales, gives bit-identical gradients."""
+    import weakref
+
+    from xbitc.quant.tune import rebuilt_when_saved
+
+    g = torch.Generator().manual_seed(seed)
+    depths = torch.randint(0, 9, (cols,), generator=g).numpy()
+    tuner = TunableScales(rtn_any(torch.randn(rows, cols, generator=g), depths, 16))
+    x = torch.randn(*lead, cols, generator=g).requires_grad_(True)  # as inside a model: then the weight is saved
+    y0 = torch.randn(*lead, rows, generator=g)
+    leaves = [*tuner.parameters(), x]
+    plain = torch.autograd.grad((F.linear(x, tuner.weight()) * y0).sum(), leaves, allow_unused=True)
+    with rebuilt_when_saved():
+        w = tuner.weight()
+        alive = weakref.ref(w)
+        out = F.linear(x, w)
+        del w
+        assert alive() is None  # nothing kept the matrix for backward
+        rebuilt = torch.autograd.grad((out * y0).sum(), leaves, allow_unused=True)
+    for a, b in zip(plain, rebuilt):
+        assert (a is None and b is None) or torch.equal(a, b)

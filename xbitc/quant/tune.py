@@ -8,8 +8,14 @@ to float16, the format the artifact stores.
 The float matrix is built by a custom autograd function that saves nothing: its backward recomputes the per-group
 sums from the matrix's own codes. Letting autograd record the product instead would keep a float32 copy of
 every code (and a full-size copy of the repeated scales) per step, the largest memory of the whole compile.
+For the same reason `rebuilt_when_saved` stops the layers that use the matrix from keeping it for their backward:
+what autograd saves is a note to rebuild it from the codes (the scales do not move between a forward and its
+backward), so one float32 matrix is alive at a time instead of the whole model's.
 """
 from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -86,7 +92,10 @@ class TunableScales:
 
     def weight(self) -> torch.Tensor:
         """The [out, in] float32 matrix at the current scales, differentiable in them."""
-        return _Build.apply(self, *self.parameters())
+        w = _Build.apply(self, *self.parameters())
+        if _ACTIVE and w.requires_grad:
+            _register(w, self)
+        return w
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -97,3 +106,54 @@ class TunableScales:
             self.q.scales[seg.index] = s.numpy().astype(np.float16)
             seg.base.copy_(torch.from_numpy(self.q.scales[seg.index].astype(np.float32)))
             seg.log_scale.zero_()
+
+
+class _Built:
+    """Storage address -> (weak reference to the matrix, its tuner) for every matrix built inside
+    `rebuilt_when_saved`; the weak reference proves the address still belongs to that matrix."""
+
+    def __init__(self):
+        self.by_storage: dict[int, tuple[weakref.ref, TunableScales]] = {}
+
+
+_ACTIVE: list[_Built] = []
+
+
+@contextmanager
+def rebuilt_when_saved():
+    """Within this context, a matrix built by TunableScales.weight() that autograd saves for backward (as a linear
+    layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes when backward needs it."""
+    built = _Built()
+
+    def pack(t: torch.Tensor):
+        if t.layout is torch.strided and t.device.type == "cpu":
+            entry = built.by_storage.get(t.untyped_storage().data_ptr())
+            if entry is not None:
+                w = entry[0]()
+                if w is not None and t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+                    return (_Rebuild, entry[1], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
+        return t
+
+    def unpack(saved):
+        if isinstance(saved, tuple) and saved and saved[0] is _Rebuild:
+            _, tuner, shape, stride, offset = saved
+            with torch.no_grad():
+                w = tuner.weight()
+            return w.as_strided(shape, stride, w.storage_offset() + offset)
+        return saved
+
+    _ACTIVE.append(built)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _ACTIVE.remove(built)
+
+
+class _Rebuild:
+    """Marker of a saved matrix to rebuild (see rebuilt_when_saved)."""
+
+
+def _register(w: torch.Tensor, tuner: TunableScales) -> None:
+    for built in _ACTIVE:
+        built.by_storage[w.untyped_storage().data_ptr()] = (weakref.ref(w), tuner)
