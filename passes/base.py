@@ -6,7 +6,6 @@ runs, verifies, optionally dumps the IR, and on failure names the pass and the o
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from xbitc import heap
 from xbitc.ir.graph import Graph
 from xbitc.ir.printer import print_graph
 from xbitc.ir.verify import verify
@@ -141,6 +141,7 @@ class PassManager:
             (self.dump_dir / "00-input.ir").write_text(print_graph(graph))
         done: list[str] = []
         ctx.pipeline = list(self.passes)
+        heap.bound_retention()
         for i, p in enumerate(self.passes, 1):
             missing = p.requires - ctx.facts
             if missing:
@@ -156,26 +157,9 @@ class PassManager:
             except Exception as err:
                 raise PassError(f"pass {p.spec()!r} failed (after {', '.join(done) or 'no passes'}): {err}") from err
             ctx.facts |= p.provides
-            release_heap()
+            heap.release()  # what the pass freed goes back to the system before the next one allocates
             ctx.records.append({"pass": p.spec(), "fingerprint": p.fingerprint(), "seconds": round(time.perf_counter() - t0, 3)})
             done.append(p.name)
             if self.dump_dir:
                 (self.dump_dir / f"{i:02d}-{p.name}.ir").write_text(print_graph(graph))
         return graph
-
-
-def release_heap() -> None:
-    """Give the C heap's free pages back to the OS between passes (glibc only; elsewhere a no-op). After glibc frees
-    a large mmapped block it raises its mmap threshold, so a pass's many mid-sized tensors (GPTQ's Hessians and
-    columns) end up in the heap, and what they leave free there stays resident while the next pass maps new memory."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
