@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -51,8 +50,9 @@ class Tune(Pass):
         return self.steps > 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or not self.lr > 0:
-            raise PassError(f"tune needs steps >= 0 and lr > 0 (got steps={self.steps}, lr={self.lr})")
+        if self.steps < 0 or not self.lr > 0 or self.checks < 1:
+            raise PassError(f"tune needs steps >= 0, lr > 0 and checks >= 1 (got steps={self.steps}, lr={self.lr}, "
+                            f"checks={self.checks})")
         if self.objective != "auto":
             try:  # a misspelt objective fails here, before hours of allocation and GPTQ
                 resolve_objective(self.objective)

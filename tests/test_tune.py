@@ -242,6 +242,8 @@ def test_tune_refuses_bad_options_and_packed_weights():
         build_passes("tune{objective=klx}")
     with pytest.raises(PassError, match="lr > 0"):
         build_passes("tune{lr=0}")
+    with pytest.raises(PassError, match="checks >= 1"):
+        build_passes("tune{checks=0}")
     with pytest.raises(PassError, match="before pack"):
         run(PLAN + ",pack,tune{steps=2}")
 
