@@ -32,6 +32,8 @@ from .pack import stored_dtype
 
 FLOAT_PARAMS = "float_params"  # ctx.stats key: quantize leaves the float weights it replaced here, for tune
 CHECK_BATCHES = 2  # calibration batches the before/after comparison runs on
+NGRAM = 8  # tokens in a row that identify a passage of text
+MAX_REPEATED_TEXT = 0.5  # above this share of held-out n-grams seen in training, the held-out batches judge nothing
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ class Tune(Pass):
         held_out = len(batches) > 2 * CHECK_BATCHES
         if held_out:
             batches = batches[CHECK_BATCHES:]
+            repeated = repeated_text(check, batches)
+            if repeated > MAX_REPEATED_TEXT:
+                ctx.stats["tune"] = {"steps": 0, "kept": False, "skipped": f"{repeated:.0%} of held-out text repeated"}
+                ctx.log(f"tune: skipped: {repeated:.0%} of the held-out calibration windows' text is also in the "
+                        "training windows, so nothing could judge the tuning (the calibration text is too short for "
+                        "the windows asked for; give a longer --calib file)")
+                return graph
 
         dtype = stored_dtype(graph)
 
@@ -190,3 +199,23 @@ class _Building(dict):
 
     def __getitem__(self, name) -> torch.Tensor:
         return self.tuners[name].weight() if name in self.tuners else super().__getitem__(name)
+
+
+def repeated_text(check: list[tuple], train: list[tuple]) -> float:
+    """Share of the held-out batches' token NGRAMs that also occur in the training batches (0 for inputs that are
+    not integer token ids). Windows cut at random offsets from a text shorter than all of them together overlap: a
+    'held-out' window is then mostly training text, and tuning that overfits looks like progress on it."""
+    def grams(batches):
+        out = set()
+        for b in batches:
+            ids = b[0]
+            if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim != 2:
+                return None
+            for row in ids.tolist():
+                out.update(tuple(row[i : i + NGRAM]) for i in range(len(row) - NGRAM + 1))
+        return out
+
+    held, seen = grams(check), grams(train)
+    if not held or seen is None:
+        return 0.0
+    return len(held & seen) / len(held)

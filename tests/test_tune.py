@@ -295,3 +295,22 @@ def test_weights_rebuilt_for_backward_give_identical_gradients_and_are_not_kept(
         rebuilt = torch.autograd.grad((out * y0).sum(), leaves, allow_unused=True)
     for a, b in zip(plain, rebuilt):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_tune_is_skipped_when_the_held_out_windows_repeat_training_text():
+    """Windows cut from a text shorter than all of them together overlap: the held-out ones would judge the tuning
+    on text it trained on. The pass says so and leaves the quantized model as it is."""
+    from xbitc.passes.tune import repeated_text
+
+    text = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(3))
+    starts = torch.randint(0, 36, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    overlapping = [(text[s : s + 24].unsqueeze(0),) for s in starts]
+    assert repeated_text(overlapping[:2], overlapping[2:]) > 0.5
+    assert repeated_text(batches(2, seed=5), batches(8, seed=6)) == 0.0  # independent windows
+    plain, _, _ = run(PLAN, calib=overlapping)
+    tuned, _, ctx = run(PLAN + ",tune{steps=6,objective=kl,lr=0.01}", calib=overlapping)
+    assert ctx.stats["tune"]["steps"] == 0 and "repeated" in ctx.stats["tune"]["skipped"]
+    for name, q in plain.params.items():
+        if isinstance(q, QuantizedMatrix):
+            for a, b in zip(q.scales, tuned.params[name].scales):
+                np.testing.assert_array_equal(a, b)
