@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -83,9 +84,8 @@ class Tune(Pass):
         scale_params = [p for t in tuners.values() for p in t.parameters()]
         if not scale_params:  # every column dropped: nothing to tune
             return graph
-        reference = Interpreter(graph, weights=_Widening({n: originals[n] for n in tuners}))
-        # each quantized matrix is built from its codes when a layer reads it, not cached for the whole step
-        tuned = Interpreter(graph, grad=True, weights=_Building(tuners))
+        reference = Interpreter(graph, weights=_OnRead({n: originals[n].float for n in tuners}))
+        tuned = Interpreter(graph, grad=True, weights=_OnRead({n: t.weight for n, t in tuners.items()}))
         groups = [{"params": scale_params, "lr": self.lr}]
         if floats:
             groups.append({"params": list(floats.values()), "lr": self.lr / 2})
@@ -171,34 +171,20 @@ class Tune(Pass):
         return graph
 
 
-class _Widening(dict):
-    """An interpreter's weight cache over the float weights quantize kept (float16): each is widened to float32 when
-    a layer runs and dropped after, instead of holding a float32 copy of every weight for the whole pass."""
+class _OnRead(dict):
+    """An interpreter's weight cache whose named entries are made afresh each time a layer reads them and never
+    kept: the reference's float16 weights widened to float32, the tuned model's matrices built from their codes
+    (differentiable in the scales). Either way no float32 copy of every weight is held for the whole pass."""
 
-    def __init__(self, narrow: dict[str, torch.Tensor]):
+    def __init__(self, make: dict[str, Callable[[], torch.Tensor]]):
         super().__init__()
-        self.narrow = narrow
+        self.make = make
 
     def __contains__(self, name) -> bool:
-        return name in self.narrow or super().__contains__(name)
+        return name in self.make or super().__contains__(name)
 
     def __getitem__(self, name) -> torch.Tensor:
-        return self.narrow[name].float() if name in self.narrow else super().__getitem__(name)
-
-
-class _Building(dict):
-    """The tuned interpreter's weights: a quantized matrix is built from its codes at the current scales every time
-    a layer reads it (differentiable in the scales) and never cached, so no float32 copy outlives its use."""
-
-    def __init__(self, tuners: dict[str, TunableScales]):
-        super().__init__()
-        self.tuners = tuners
-
-    def __contains__(self, name) -> bool:
-        return name in self.tuners or super().__contains__(name)
-
-    def __getitem__(self, name) -> torch.Tensor:
-        return self.tuners[name].weight() if name in self.tuners else super().__getitem__(name)
+        return self.make[name]() if name in self.make else super().__getitem__(name)
 
 
 def repeated_text(check: list[tuple], train: list[tuple]) -> float:

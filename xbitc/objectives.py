@@ -62,12 +62,12 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, ref)
-        total = torch.zeros((), dtype=torch.float64)
+        total = 0.0  # float64
         for i in range(0, logits.shape[0], KL_CHUNK_ROWS):
             lp = F.log_softmax(logits[i : i + KL_CHUNK_ROWS].float(), -1)
             lr = F.log_softmax(ref[i : i + KL_CHUNK_ROWS].float(), -1)
             total += float((lr.exp() * (lr - lp)).sum(dtype=torch.float64))
-        return (total / max(logits.shape[0], 1)).to(torch.float32)
+        return torch.tensor(total / max(logits.shape[0], 1), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

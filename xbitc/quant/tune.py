@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -108,39 +109,40 @@ class TunableScales:
             seg.log_scale.zero_()
 
 
-class _Built:
-    """Storage address -> (weak reference to the matrix, its tuner) for every matrix built inside
-    `rebuilt_when_saved`; the weak reference proves the address still belongs to that matrix."""
+class _Rebuild(NamedTuple):
+    """What autograd keeps instead of a built matrix (or a view of it): enough to rebuild that view."""
 
-    def __init__(self):
-        self.by_storage: dict[int, tuple[weakref.ref, TunableScales]] = {}
+    tuner: TunableScales
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # storage offset of the view relative to the matrix
 
 
-_ACTIVE: list[_Built] = []
+# one map per open rebuilt_when_saved: storage address -> (weak reference to the matrix built there, its tuner);
+# the weak reference proves the address still belongs to that matrix
+_ACTIVE: list[dict[int, tuple[weakref.ref, TunableScales]]] = []
 
 
 @contextmanager
 def rebuilt_when_saved():
     """Within this context, a matrix built by TunableScales.weight() that autograd saves for backward (as a linear
     layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes when backward needs it."""
-    built = _Built()
+    built: dict[int, tuple[weakref.ref, TunableScales]] = {}
 
     def pack(t: torch.Tensor):
         if t.layout is torch.strided and t.device.type == "cpu":
-            entry = built.by_storage.get(t.untyped_storage().data_ptr())
-            if entry is not None:
-                w = entry[0]()
-                if w is not None and t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
-                    return (_Rebuild, entry[1], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
+            entry = built.get(t.untyped_storage().data_ptr())
+            w = entry[0]() if entry is not None else None
+            if w is not None and t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+                return _Rebuild(entry[1], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
         return t
 
     def unpack(saved):
-        if isinstance(saved, tuple) and saved and saved[0] is _Rebuild:
-            _, tuner, shape, stride, offset = saved
-            with torch.no_grad():
-                w = tuner.weight()
-            return w.as_strided(shape, stride, w.storage_offset() + offset)
-        return saved
+        if not isinstance(saved, _Rebuild):
+            return saved
+        with torch.no_grad():
+            w = saved.tuner.weight()
+        return w.as_strided(saved.shape, saved.stride, w.storage_offset() + saved.offset)
 
     _ACTIVE.append(built)
     try:
@@ -150,10 +152,6 @@ def rebuilt_when_saved():
         _ACTIVE.remove(built)
 
 
-class _Rebuild:
-    """Marker of a saved matrix to rebuild (see rebuilt_when_saved)."""
-
-
 def _register(w: torch.Tensor, tuner: TunableScales) -> None:
     for built in _ACTIVE:
-        built.by_storage[w.untyped_storage().data_ptr()] = (weakref.ref(w), tuner)
+        built[w.untyped_storage().data_ptr()] = (weakref.ref(w), tuner)
