@@ -5,7 +5,7 @@ linear implementation (`linear_impl`) with their kernels and keep everything els
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,19 @@ def materialize(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
     return value.dequantize()
+
+
+class PermutedColumns(NamedTuple):
+    """A float weight held with its input columns reordered (stored column k is original column columns[k]), as a
+    weights map may supply it: a linear gathers its input by `columns` and an embedding its output by `inverse`,
+    which for a matrix of many rows costs far less than putting its columns back in order."""
+
+    stored: torch.Tensor
+    columns: torch.Tensor
+    inverse: torch.Tensor  # stored column of each original column
+
+    def in_order(self) -> torch.Tensor:
+        return self.stored.index_select(1, self.inverse)
 
 
 class Interpreter:
@@ -55,6 +68,10 @@ class Interpreter:
         self._weights[name] = value
 
     def weight(self, name: str) -> torch.Tensor:
+        w = self._weight_as_held(name)
+        return w.in_order() if isinstance(w, PermutedColumns) else w
+
+    def _weight_as_held(self, name: str) -> torch.Tensor | PermutedColumns:
         if name not in self._weights:
             self._weights[name] = materialize(self.graph.params[name])
         return self._weights[name]
@@ -63,7 +80,10 @@ class Interpreter:
         name = self._by_name[n.args[1].name].attrs["name"]
         if n.op is Op.PACKED_LINEAR and self.linear_impl is not None:
             return self.linear_impl(x, self.graph.params[name], bias, name)
-        return F.linear(x, self.weight(name), bias)
+        w = self._weight_as_held(name)
+        if isinstance(w, PermutedColumns):
+            return F.linear(x.index_select(-1, w.columns), w.stored, bias)
+        return F.linear(x, w, bias)
 
     def forget(self, name: str) -> None:
         """Drop the cached float form of a parameter after a pass replaced it."""
@@ -111,8 +131,11 @@ class Interpreter:
                 yield ("linear", n, x)
                 env[n.name] = self._linear(n, x, bias)
             elif op is Op.EMBED:
-                table = self.weight(self._by_name[n.args[1].name].attrs["name"])
-                env[n.name] = F.embedding(env[n.args[0].name], table)
+                table = self._weight_as_held(self._by_name[n.args[1].name].attrs["name"])
+                if isinstance(table, PermutedColumns):
+                    env[n.name] = F.embedding(env[n.args[0].name], table.stored).index_select(-1, table.inverse)
+                else:
+                    env[n.name] = F.embedding(env[n.args[0].name], table)
             elif op is Op.RMSNORM:
                 w = self.weight(self._by_name[n.args[1].name].attrs["name"])
                 env[n.name] = rmsnorm(env[n.args[0].name], w, n.attrs["eps"])

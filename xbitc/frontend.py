@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -122,18 +123,42 @@ def _transformers():
 def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
     tf = _transformers()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    config = tf.AutoConfig.from_pretrained(path, **kw)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(tf, arch, None) if arch else None
-    if cls is None:
-        cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError):
-        tokenizer = None
+    with one_gguf_reader() if gguf_file else nullcontext():
+        config = tf.AutoConfig.from_pretrained(path, **kw)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(tf, arch, None) if arch else None
+        if cls is None:
+            cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
+        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path, **kw)
+        except (OSError, ValueError):
+            tokenizer = None
     src = path / gguf_file if gguf_file else path
     return wrap_hf(model, tokenizer, str(src), file_hash(src))
+
+
+@contextmanager
+def one_gguf_reader():
+    """transformers opens a GGUF file with a fresh gguf.GGUFReader for the config, again for the model's config and
+    its weights, and again for the tokenizer; each one parses all the metadata field by field (SmolLM2's 49K-token
+    vocabulary and merges: ~5 s apiece). Inside this context the same file opens as one shared, read-only reader."""
+    import gguf
+
+    real = gguf.GGUFReader
+    opened: dict = {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in opened:
+            opened[key] = real(path, mode)
+        return opened[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
 
 
 def load_factory(spec: str) -> LoadedModel:

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from xbitc.ir.interp import PermutedColumns
+
 from .format import QuantizedMatrix
 
 FP16_TINY = 2.0**-24  # the smallest positive float16: a tuned scale never rounds to 0
@@ -40,40 +42,44 @@ class _Segment:
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
         return self.base * torch.exp(log_scale)
 
-    def centred(self) -> torch.Tensor:
-        """codes - zero as float32 [out, ngroups, group], zero padded to whole groups (exact small integers)."""
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """[out, ncols] -> [out, ngroups, group] float32, zero padded to whole groups."""
         out, ngroups = self.zeros.shape
-        q = torch.nn.functional.pad(self.codes, (0, ngroups * self.group - self.ncols)).float()
-        q = q.view(out, ngroups, self.group) - self.zeros[:, :, None]
-        if ngroups * self.group != self.ncols:  # padding columns carry no weight
-            q.view(out, -1)[:, self.ncols :] = 0
-        return q
+        pad = ngroups * self.group - self.ncols
+        return (torch.nn.functional.pad(t, (0, pad)) if pad else t).float().view(out, ngroups, self.group)
 
 
 class _Build(torch.autograd.Function):
+    """w = (codes - zero) * scale per segment, in stored column order (contiguous slices) or, with in_order, written
+    back into the original column order (index_copy_: a strided scatter of every element, the dearer half)."""
+
     @staticmethod
-    def forward(ctx, tuner: "TunableScales", *log_scales: torch.Tensor) -> torch.Tensor:
-        ctx.tuner = tuner
+    def forward(ctx, tuner: "TunableScales", in_order: bool, *log_scales: torch.Tensor) -> torch.Tensor:
+        ctx.tuner, ctx.in_order = tuner, in_order
         out, inp = tuner.q.shape
-        w = torch.zeros(out, inp)  # dropped columns stay 0
+        w = torch.empty(out, inp)
+        for seg in tuner.dropped:  # dropped columns are 0
+            w[:, seg.start : seg.stop] = 0
         for seg, t in zip(tuner.segments, log_scales):
             s = seg.scales(t)
-            ws = (seg.centred() * s[:, :, None]).reshape(out, -1)[:, : seg.ncols]
-            w[:, tuner.columns[seg.start : seg.start + seg.ncols]] = ws
+            # codes * s - zero * s in one pass over the codes; the padding past ncols is cut off
+            ws = torch.addcmul((-seg.zeros * s)[:, :, None], seg.grouped(seg.codes), s[:, :, None])
+            w[:, seg.start : seg.start + seg.ncols] = ws.view(out, -1)[:, : seg.ncols]
         ctx.save_for_backward(*log_scales)
-        return w
+        return w.index_select(1, tuner.inverse) if in_order and tuner.inverse is not None else w
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         tuner = ctx.tuner
+        if ctx.in_order and tuner.inverse is not None:
+            grad_w = grad_w.index_select(1, tuner.columns)  # to stored order
         grads = []
         for seg, t in zip(tuner.segments, ctx.saved_tensors):
-            g = grad_w[:, tuner.columns[seg.start : seg.start + seg.ncols]]
-            centred = seg.centred()
-            g = torch.nn.functional.pad(g, (0, centred.shape[1] * seg.group - seg.ncols))
-            grad_s = (g.view_as(centred) * centred).sum(2)  # d loss / d scale, per group
+            g = seg.grouped(grad_w[:, seg.start : seg.start + seg.ncols])  # padding columns: gradient 0
+            # d loss / d scale = sum over the group of g * (code - zero) = sum(g * code) - zero * sum(g)
+            grad_s = torch.linalg.vecdot(g, seg.grouped(seg.codes)) - seg.zeros * g.sum(2)
             grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 class TunableScales:
@@ -84,18 +90,31 @@ class TunableScales:
             for k, (seg, codes, scales, zeros) in enumerate(zip(q.segments, q.codes, q.scales, q.zeros))
             if seg.bits
         ]
-        # stored column j holds original column columns[j]
+        self.dropped = [seg for seg in q.segments if not seg.bits]
+        # stored column j holds original column columns[j]; inverse[i] is the stored column of original column i
         cols = np.arange(q.shape[1]) if q.perm is None else np.asarray(q.perm, dtype=np.int64)
         self.columns = torch.from_numpy(cols.astype(np.int64))
+        identity = q.perm is None or np.array_equal(cols, np.arange(q.shape[1]))
+        self.inverse = None if identity else torch.from_numpy(np.argsort(cols))
 
     def parameters(self) -> list[torch.Tensor]:
         return [seg.log_scale for seg in self.segments]
 
     def weight(self) -> torch.Tensor:
         """The [out, in] float32 matrix at the current scales, differentiable in them."""
-        w = _Build.apply(self, *self.parameters())
+        return self._build(in_order=True)
+
+    def weight_as_stored(self) -> torch.Tensor | PermutedColumns:
+        """The same matrix for an interpreter: with its columns as stored when they are permuted (a linear gathers
+        its input instead), which costs a fraction of putting the columns back in order."""
+        if self.inverse is None:
+            return self._build(in_order=True)
+        return PermutedColumns(self._build(in_order=False), self.columns, self.inverse)
+
+    def _build(self, in_order: bool) -> torch.Tensor:
+        w = _Build.apply(self, in_order, *self.parameters())
         if _ACTIVE and w.requires_grad:
-            _register(w, self)
+            _register(w, self, in_order)
         return w
 
     @torch.no_grad()
@@ -113,35 +132,36 @@ class _Rebuild(NamedTuple):
     """What autograd keeps instead of a built matrix (or a view of it): enough to rebuild that view."""
 
     tuner: TunableScales
+    in_order: bool
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int  # storage offset of the view relative to the matrix
 
 
-# one map per open rebuilt_when_saved: storage address -> (weak reference to the matrix built there, its tuner);
-# the weak reference proves the address still belongs to that matrix
-_ACTIVE: list[dict[int, tuple[weakref.ref, TunableScales]]] = []
+# one map per open rebuilt_when_saved: storage address -> (weak reference to the matrix built there, its tuner, its
+# column order); the weak reference proves the address still belongs to that matrix
+_ACTIVE: list[dict[int, tuple[weakref.ref, TunableScales, bool]]] = []
 
 
 @contextmanager
 def rebuilt_when_saved():
     """Within this context, a matrix built by TunableScales.weight() that autograd saves for backward (as a linear
     layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes when backward needs it."""
-    built: dict[int, tuple[weakref.ref, TunableScales]] = {}
+    built: dict[int, tuple[weakref.ref, TunableScales, bool]] = {}
 
     def pack(t: torch.Tensor):
         if t.layout is torch.strided and t.device.type == "cpu":
             entry = built.get(t.untyped_storage().data_ptr())
             w = entry[0]() if entry is not None else None
             if w is not None and t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
-                return _Rebuild(entry[1], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
+                return _Rebuild(entry[1], entry[2], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
         return t
 
     def unpack(saved):
         if not isinstance(saved, _Rebuild):
             return saved
         with torch.no_grad():
-            w = saved.tuner.weight()
+            w = saved.tuner._build(saved.in_order)
         return w.as_strided(saved.shape, saved.stride, w.storage_offset() + saved.offset)
 
     _ACTIVE.append(built)
@@ -152,6 +172,6 @@ def rebuilt_when_saved():
         _ACTIVE.remove(built)
 
 
-def _register(w: torch.Tensor, tuner: TunableScales) -> None:
+def _register(w: torch.Tensor, tuner: TunableScales, in_order: bool) -> None:
     for built in _ACTIVE:
-        built[w.untyped_storage().data_ptr()] = (weakref.ref(w), tuner)
+        built[w.untyped_storage().data_ptr()] = (weakref.ref(w), tuner, in_order)
