@@ -174,6 +174,22 @@ def test_tunable_scales_reproduce_the_matrix_and_commit_in_float16(rows, cols, g
     assert torch.equal(t.weight(), q.dequantize())  # and tuning restarts from the committed scales
 
 
+def test_tunable_scales_accept_arrays_in_any_memory_order():
+    """GPTQ hands over zero points and scales as transposed (column-major) arrays."""
+    g = torch.Generator().manual_seed(1)
+    depths = torch.randint(1, 9, (300,), generator=g).numpy()
+    q = rtn_any(torch.randn(64, 300, generator=g), depths, 128)
+    expect = q.dequantize()
+    q.zeros = [np.asfortranarray(z) for z in q.zeros]
+    q.scales = [np.asfortranarray(s) for s in q.scales]
+    t = TunableScales(q)
+    assert torch.equal(t.weight(), expect)
+    held = t.weight_as_stored()
+    assert torch.equal(held.in_order(), expect)
+    (held.stored * torch.randn(300, 64, generator=g).t()).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in t.parameters())
+
+
 @given(st.integers(1, 8), st.integers(1, 40), st.sampled_from([4, 16]), st.integers(0, 50))
 def test_scale_gradients_match_autograd_of_the_plain_formula(rows, cols, group, seed):
     g = torch.Generator().manual_seed(seed)
@@ -184,8 +200,17 @@ def test_scale_gradients_match_autograd_of_the_plain_formula(rows, cols, group, 
     with torch.no_grad():
         for p in t.parameters():
             p.uniform_(-0.3, 0.3, generator=g)
-    probe = torch.randn(rows, cols, generator=g)
-    (t.weight() * probe).sum().backward()
+    # a transposed probe: the weight gradient of a linear layer often arrives in that layout
+    probe = torch.randn(cols, rows, generator=g).t()
+    held = t.weight_as_stored()  # columns as stored when permuted: the same sum with the probe's columns gathered
+    as_stored = held if isinstance(held, torch.Tensor) else held.stored
+    probe_stored = probe if isinstance(held, torch.Tensor) else probe.index_select(1, held.columns).t().contiguous().t()
+    results = []
+    for w, p in ((t.weight(), probe), (as_stored, probe_stored)):
+        (w * p).sum().backward()
+        results.append([p.grad.clone() for p in t.parameters()])
+        for p in t.parameters():
+            p.grad = None
     # the same matrix written with ordinary differentiable ops
     stored = []
     for seg in t.segments:
@@ -195,13 +220,11 @@ def test_scale_gradients_match_autograd_of_the_plain_formula(rows, cols, group, 
     plain = torch.zeros(rows, cols)
     for start, piece in stored:
         plain = plain.index_copy(1, t.columns[start : start + piece.shape[1]], piece)
-    mine = [p.grad.clone() for p in t.parameters()]
-    for p in t.parameters():
-        p.grad = None
     (plain * probe).sum().backward()
-    for a, p in zip(mine, t.parameters()):
-        # both sum the same float32 products, in a different order: a few ulps of the largest term
-        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)
+    for mine in results:
+        for a, p in zip(mine, t.parameters()):
+            # both sum the same float32 products, in a different order: a few ulps of the largest term
+            torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_tune_defaults_to_output_error_for_models_that_are_not_language_models():

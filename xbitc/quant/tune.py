@@ -35,8 +35,9 @@ class _Segment:
     def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
         self.index, self.start, self.ncols, self.group = index, start, ncols, group
         self.codes = torch.from_numpy(codes)  # [out, ncols] uint8
-        self.zeros = torch.from_numpy(zeros.astype(np.float32))  # [out, ngroups]
-        self.base = torch.from_numpy(scales.astype(np.float32))
+        # row-major whatever the arrays' order (GPTQ writes them transposed): the build's views depend on it
+        self.zeros = torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32))  # [out, ngroups]
+        self.base = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
         self.log_scale = torch.zeros(scales.shape, requires_grad=True)
 
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ class _Segment:
         """[out, ncols] -> [out, ngroups, group] float32, zero padded to whole groups."""
         out, ngroups = self.zeros.shape
         pad = ngroups * self.group - self.ncols
-        return (torch.nn.functional.pad(t, (0, pad)) if pad else t).float().view(out, ngroups, self.group)
+        return (torch.nn.functional.pad(t, (0, pad)) if pad else t).float().reshape(out, ngroups, self.group)
 
 
 class _Build(torch.autograd.Function):
@@ -64,7 +65,7 @@ class _Build(torch.autograd.Function):
             s = seg.scales(t)
             # codes * s - zero * s in one pass over the codes; the padding past ncols is cut off
             ws = torch.addcmul((-seg.zeros * s)[:, :, None], seg.grouped(seg.codes), s[:, :, None])
-            w[:, seg.start : seg.start + seg.ncols] = ws.view(out, -1)[:, : seg.ncols]
+            w[:, seg.start : seg.start + seg.ncols] = ws.reshape(out, -1)[:, : seg.ncols]
         ctx.save_for_backward(*log_scales)
         return w.index_select(1, tuner.inverse) if in_order and tuner.inverse is not None else w
 
