@@ -354,7 +354,7 @@ class _RowLane:
         self.nrec, self.out, self.inp = len(records), out, inp
         if act == "q8":
             self.q8 = kernel.rows_q8
-            self.scratch_per_token = q8_scratch_bytes([r[0].shape[1] for r in records], 1) - 64
+            self.scratch_per_token = q8_scratch_bytes([r[0].shape[1] for r in records], 1, [r[4] for r in records]) - 64
         else:
             self.gemv, self.gemm = kernel.rows_gemv, kernel.rows_gemm
         # the kernels read int32 indices; gemm's gather (index_select) takes the matrix's int64 tensor

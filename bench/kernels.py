@@ -323,7 +323,7 @@ def main(argv=None) -> None:
                 scales = zeros = np.zeros(0, np.uint8)
                 ptrs = (table.ctypes.data, len(table), x.ctypes.data, None, y.ctypes.data)
                 if args.act == "q8":
-                    scratch = np.zeros(rl.q8_scratch_bytes([sh[1] for sh in shapes_], 1), np.uint8)
+                    scratch = np.zeros(rl.q8_scratch_bytes([sh[1] for sh in shapes_], 1, [sh[0] for sh in shapes_]), np.uint8)
                     q8 = rows_kernel.rows_q8
                     fn = lambda *a, sp=scratch.ctypes.data: q8(*a[:-1], 1, a[-1], rows, sp)  # noqa: E731
                 else:

@@ -424,7 +424,7 @@ def test_rowlane_kernel_matches_reference(act, without, seed, rows, specs, batch
     for rb in sorted({0, 16 * (rows // 32), 16 * (rows // 48)}):
         y = np.full((batch, rows), np.nan, dtype=np.float32)
         if act == "q8":
-            scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], batch), np.uint8)
+            scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], batch, [r[4] for r in recs]), np.uint8)
             k.rows_q8(table.ctypes.data, len(recs), x.ctypes.data, perm.ctypes.data if rb else None, y.ctypes.data,
                       rb, rows, batch, n, rows, scratch.ctypes.data)
         elif batch == 1:

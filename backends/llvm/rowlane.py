@@ -50,13 +50,26 @@ from .codegen import (F32, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, _hma
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 10  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 12  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
 BLOCK_COLS = 32
 Q8_ROW_BLOCKS = 2  # 16-row blocks one record visit serves in the q8 kernel (while that many whole blocks remain)
 CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers while tokens stream by)
+LUT1_REGION = 9  # scratch per padded column of a 1-bit record on the lookup-table path: its int8 x, 8 table bytes
+
+
+def uses_lut1(target) -> bool:
+    """Whether the q8 kernel runs 1-bit records through lookup tables (vpermb, AVX-512 VBMI) on this target.
+
+    At 1 bit a vpdpbusd still spends a byte lane per weight, so 1 bit cost as many instructions as 2. Instead the
+    prologue builds, per 4 columns, the 16 possible sums of their int8 activations (int16: |sum| <= 508), as a
+    table of low bytes and one of high bytes; each byte of the codes is a 4-bit index into its group's tables (the
+    byte's position in its row's word picks the group), vpermb looks up 64 of them at once (16 rows x 16 columns),
+    and vpdpbusd with ones adds a row's four sums, low bytes and high bytes apart: 12 instructions per 16 rows x 32
+    columns instead of 17, and 2 accumulators instead of 8 to recombine. Exact: the same integer dot product."""
+    return target.is_x86 and all(target.has(f) for f in ("avx512f", "avx512bw", "avx512vnni", "avx512vbmi"))
 
 
 @dataclass(frozen=True)
@@ -207,9 +220,12 @@ def reference_rows(records, x: np.ndarray, rows: int) -> np.ndarray:
     return y
 
 
-def q8_scratch_bytes(shapes, batch: int) -> int:
-    """Scratch the q8 kernel needs for `batch` tokens: int8 x per record (padded to 32 columns) + 2 floats each."""
-    return batch * (sum(-(-n // BLOCK_COLS) * BLOCK_COLS for n in shapes) + 8 * len(shapes)) + 64
+def q8_scratch_bytes(ncols: list[int], batch: int, bits: list[int] | None = None) -> int:
+    """Scratch the q8 kernel needs for `batch` tokens: int8 x per record (padded to 32 columns), for 1-bit records
+    room for their lookup tables too (for every record when `bits` is not given), + 2 floats each."""
+    bits = bits if bits is not None else [1] * len(ncols)
+    per = sum(-(-n // BLOCK_COLS) * BLOCK_COLS * (LUT1_REGION if b == 1 else 1) for n, b in zip(ncols, bits, strict=True))
+    return batch * (per + 8 * len(ncols)) + 64
 
 
 def quantize_record_x(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
@@ -574,11 +590,17 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     def width(n):
         return b.mul(b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS)), ci(BLOCK_COLS))
 
+    lut = uses_lut1(e.t)
+
+    def is_lut(kind):
+        return b.and_(b.icmp_signed("==", kind, ci(1)), ir.Constant(ir.IntType(1), int(lut)))
+
     xbase = b.alloca(I64, size=b.add(nrec, ci(1)), name="xbase")
 
     def bases(s, t):
         e.store(t[0], xbase, s, 8)
-        return [b.add(t[0], width(g.field(rec, s, 1)))]
+        w = width(g.field(rec, s, 1))
+        return [b.add(t[0], b.select(is_lut(g.field(rec, s, 0)), b.mul(w, ci(LUT1_REGION)), w))]
 
     (total,) = e.loop(ci(0), nrec, ci(1), [ci(0)], bases, name="tot")
     fbase = b.bitcast(b.gep(scratch, [b.mul(batch, total)], inbounds=True), P(F32))  # d, then d*sum(xq)
@@ -626,6 +648,8 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                 return [b.add(acc[0], q)]
 
             (isum,) = e.loop(ci(0), w, ci(LANES), [cvec(I32, LANES, 0)], quant, name="quant")
+            if lut:
+                e.if_then_values(is_lut(g.field(rec, s, 0)), [], lambda _: _lut1_tables(e, xq, w), name="lut")
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             k = b.add(b.mul(t, nrec), s)
             b.store(d, b.gep(fbase, [k], inbounds=True), align=4)
@@ -654,6 +678,8 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                 nb = b.sdiv(width(n), ci(BLOCK_COLS))
 
                 def emit_kind(k):
+                    if k == 1 and lut:
+                        return _lut1_blocks(e, crows, b.gep(xq, [width(n)], inbounds=True), nb, nblk, acc_slots)
                     planes = q8_planes(k)
                     # With 512-bit VNNI every (plane, sub-position) keeps its own accumulator and its codes are masked
                     # in place, q << p*s (at most 240 per byte: vpdpbusd sums in i32, nothing saturates), so a step
@@ -726,6 +752,61 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
     b.ret_void()
     return fn
+
+
+def _lut1_tables(e: Emitter, xq, w):
+    """After a 1-bit record's int8 x (w columns at xq): per 32-column block, for its columns 0-15 and 16-31 (h),
+    a 64-byte table of low bytes and one of high bytes of 64 int16 sums, at xq + w + 256 blk + 128 h (+ 64).
+    Sum 16i + n is that of the activations of the columns the 4 bits of n stand for in the q8 1-bit layout (byte i
+    of a row's word holds column 4s + i at bit s): sum over s < 4 with bit s of n set of x[16h + 4s + i]."""
+    b = e.b
+    tab = b.gep(xq, [w], inbounds=True)
+    v64w = V(I16, 64)
+
+    def block(c, _):
+        xv = b.sext(e.load(xq, b.mul(c, ci(BLOCK_COLS)), V(I8, BLOCK_COLS), 1), V(I16, BLOCK_COLS))
+        for h in range(2):
+            acc = None
+            for s_ in range(4):
+                sel = b.shuffle_vector(xv, xv, cvec(I32, 64, [16 * h + 4 * s_ + j // 16 for j in range(64)]))
+                term = b.and_(sel, cvec(I16, 64, [-1 if (j % 16) >> s_ & 1 else 0 for j in range(64)]))
+                acc = term if acc is None else b.add(acc, term)
+            base = b.add(b.mul(c, ci(256)), ci(128 * h))
+            e.store(b.trunc(acc, V(I8, 64)), tab, base, 1)
+            e.store(b.trunc(b.ashr(acc, cvec(I16, 64, 8)), V(I8, 64)), tab, b.add(base, ci(64)), 1)
+        return []
+
+    e.loop(ci(0), b.sdiv(w, ci(BLOCK_COLS)), ci(1), [], block, name="tab")
+    return []
+
+
+def _lut1_blocks(e: Emitter, crows, tab, nb, nblk, acc_slots):
+    """A 1-bit record's dot products through the tables of _lut1_tables: per 16-row block and 32 columns, each
+    code byte's low and high nibble, with the byte's position i in its word as bits 4-5 (table group i), index
+    vpermb into the block's low-byte and high-byte tables; vpdpbusd with ones sums a row's four group sums
+    (low bytes as unsigned, high bytes as signed), and the row's dot is low + 256 * high."""
+    b = e.b
+    v64, v16 = V(I8, 64), V(I32, LANES)
+    perm = e.intrinsic("llvm.x86.avx512.permvar.qi.512", v64, [v64, v64])
+    dot = e.intrinsic("llvm.x86.avx512.vpdpbusd.512", v16, [v16, v16, v16])
+    low, group, ones = cvec(I32, LANES, 0x0F0F0F0F), cvec(I32, LANES, 0x30201000), cvec(I32, LANES, 0x01010101)
+
+    def block(blk, accs):
+        tables = [e.load(tab, b.add(b.mul(blk, ci(256)), ci(64 * t)), v64, 1) for t in range(4)]
+        out = []
+        for i, crow in enumerate(crows):
+            lo, hi = accs[2 * i], accs[2 * i + 1]
+            word = e.load(crow, b.mul(blk, ci(LANES * 4)), v16, 4)
+            for h, nib in enumerate((word, b.lshr(word, cvec(I32, LANES, 4)))):
+                idx = b.bitcast(b.or_(b.and_(nib, low), group), v64)
+                lo = b.call(dot, [lo, b.bitcast(b.call(perm, [tables[2 * h], idx]), v16), ones])
+                hi = b.call(dot, [hi, ones, b.bitcast(b.call(perm, [tables[2 * h + 1], idx]), v16)])
+            out += [lo, hi]
+        return out
+
+    accs = e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * (2 * nblk), block, name="lblk")
+    for i, slot in enumerate(acc_slots[:nblk]):
+        b.store(b.add(accs[2 * i], b.shl(accs[2 * i + 1], cvec(I32, LANES, 8))), slot)
 
 
 def generate_rows_module(spec: RowLaneSpec, target) -> ir.Module:
