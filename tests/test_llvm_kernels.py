@@ -450,3 +450,15 @@ def test_rowlane_record_formats():
         w = words[r // 16, j // 32, :, r % 16]
         stream = sum(int(v) << (32 * i) for i, v in enumerate(w))
         assert (stream >> (3 * (j % 32))) & 7 == codes[r, j]
+
+
+def test_kernel_cache_key_follows_the_generators_source(monkeypatch):
+    """A disk-cached kernel is found by its fingerprint; an edit to the code generators must change it even when
+    nobody bumped a version number (a stale kernel would compute the old layout's products)."""
+    from xbitc.backends.llvm import jit
+
+    spec, target = KernelSpec(bits=3, group_size=128), host_target()
+    before = jit.fingerprint(spec, target)
+    assert jit.fingerprint(spec, target) == before  # stable
+    monkeypatch.setattr(jit, "SOURCE_DIGEST", "0" * 16)
+    assert jit.fingerprint(spec, target) != before

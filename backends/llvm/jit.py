@@ -86,9 +86,21 @@ def host_target(without: tuple[str, ...] = ()) -> Target:
     return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), ",".join(feats))
 
 
+def _source_digest() -> str:
+    """The generators' own source text: a kernel cached by an older generator is never reused after a change that
+    forgot to bump GENERATOR_VERSION / ROWS_VERSION (both remain, for the artifact manifest and humans)."""
+    here = Path(__file__).parent
+    text = b"".join((here / f).read_bytes() for f in ("codegen.py", "rowlane.py", "layout.py"))
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+SOURCE_DIGEST = _source_digest()
+
+
 def fingerprint(spec: KernelSpec, target: Target, kind: str = "gemv") -> str:
     parts = [
         f"gen={GENERATOR_VERSION}",
+        f"src={SOURCE_DIGEST}",
         f"spec={spec.key()}",
         f"kind={kind}",
         f"triple={target.triple}",
