@@ -51,8 +51,9 @@ class _Segment:
 
 
 class _Build(torch.autograd.Function):
-    """w = (codes - zero) * scale per segment, in stored column order (contiguous slices) or, with in_order, written
-    back into the original column order (index_copy_: a strided scatter of every element, the dearer half)."""
+    """w = (codes - zero) * scale per segment, in stored column order (each segment a contiguous slice) or, with
+    in_order, gathered back into the original column order (an index_select of every element: as dear as the build
+    itself, which is why the tune pass asks for the stored order)."""
 
     @staticmethod
     def forward(ctx, tuner: "TunableScales", in_order: bool, *log_scales: torch.Tensor) -> torch.Tensor:
@@ -146,8 +147,9 @@ _ACTIVE: list[dict[int, tuple[weakref.ref, TunableScales, bool]]] = []
 
 @contextmanager
 def rebuilt_when_saved():
-    """Within this context, a matrix built by TunableScales.weight() that autograd saves for backward (as a linear
-    layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes when backward needs it."""
+    """Within this context, a matrix built by TunableScales (weight() or weight_as_stored()) that autograd saves for
+    backward (as a linear layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes, in
+    the same column order, when backward needs it."""
     built: dict[int, tuple[weakref.ref, TunableScales, bool]] = {}
 
     def pack(t: torch.Tensor):
