@@ -770,7 +770,6 @@ def _lut1_tables(e: Emitter, xq, w):
     of a row's word holds column 4s + i at bit s): sum over s < 4 with bit s of n set of x[16h + 4s + i]."""
     b = e.b
     tab = b.gep(xq, [w], inbounds=True)
-    v64w = V(I16, 64)
 
     def block(c, _):
         xv = b.sext(e.load(xq, b.mul(c, ci(BLOCK_COLS)), V(I8, BLOCK_COLS), 1), V(I16, BLOCK_COLS))
