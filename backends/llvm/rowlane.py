@@ -591,17 +591,19 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     def width(n):
         return b.mul(b.sdiv(b.add(n, ci(BLOCK_COLS - 1)), ci(BLOCK_COLS)), ci(BLOCK_COLS))
 
-    lut = uses_lut1(e.t)
+    lut = uses_lut1(e.t)  # 1-bit records keep lookup tables after their int8 x (only emitted where they run)
 
-    def is_lut(kind):
-        return b.and_(b.icmp_signed("==", kind, ci(1)), ir.Constant(ir.IntType(1), int(lut)))
+    def is_one_bit(kind):
+        return b.icmp_signed("==", kind, ci(1))
 
     xbase = b.alloca(I64, size=b.add(nrec, ci(1)), name="xbase")
 
     def bases(s, t):
         e.store(t[0], xbase, s, 8)
         w = width(g.field(rec, s, 1))
-        return [b.add(t[0], b.select(is_lut(g.field(rec, s, 0)), b.mul(w, ci(LUT1_REGION)), w))]
+        if lut:
+            w = b.select(is_one_bit(g.field(rec, s, 0)), b.mul(w, ci(LUT1_REGION)), w)
+        return [b.add(t[0], w)]
 
     (total,) = e.loop(ci(0), nrec, ci(1), [ci(0)], bases, name="tot")
     fbase = b.bitcast(b.gep(scratch, [b.mul(batch, total)], inbounds=True), P(F32))  # d, then d*sum(xq)
@@ -650,7 +652,7 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
             (isum,) = e.loop(ci(0), w, ci(LANES), [cvec(I32, LANES, 0)], quant, name="quant")
             if lut:
-                e.if_then_values(is_lut(g.field(rec, s, 0)), [], lambda _: _lut1_tables(e, xq, w), name="lut")
+                e.if_then_values(is_one_bit(g.field(rec, s, 0)), [], lambda _: _lut1_tables(e, xq, w), name="lut")
             d = b.fdiv(amax, ir.Constant(F32, 127.0))
             k = b.add(b.mul(t, nrec), s)
             b.store(d, b.gep(fbase, [k], inbounds=True), align=4)
