@@ -50,14 +50,26 @@ from .codegen import (F32, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, _hma
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 12  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 13  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
 BLOCK_COLS = 32
-Q8_ROW_BLOCKS = 2  # 16-row blocks one record visit serves in the q8 kernel (while that many whole blocks remain)
+# 16-row blocks one record visit serves in the q8 kernel (while that many whole blocks remain): more blocks share a
+# visit's fixed work (fields, depth dispatch, table and activation loads), but at 6-8 bits their accumulators do not
+# fit the registers together and the blocks run as separate passes. A/B (BENCHMARKS.md): 4 blocks are faster at 1-5
+# bits (1 bit 676 -> 566 us), slower at 6-8 (7 bits, 2 threads 2071 -> 2924 us). So each call picks per matrix:
+# Q8_ROW_BLOCKS_WIDE while under half its code bytes are in records of Q8_WIDE_MAX_BITS + 1 or more bits.
+Q8_ROW_BLOCKS = 2
+Q8_ROW_BLOCKS_WIDE = 4
+Q8_WIDE_MAX_BITS = 5
 CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers while tokens stream by)
-LUT1_PREFETCH = 1024  # bytes ahead of a 1-bit record's codes that its visit prefetches
+# Records of at most Q8_PREFETCH_MAX_BITS bits are too short (1 bit, 128 columns: 304 bytes per row block) for the
+# hardware prefetcher to run far enough ahead of the kernel, so their visits prefetch their own bytes that many bytes
+# on, into L2 (A/B on 4096x14336, BENCHMARKS.md: 1 bit 576 -> 389 us one thread, 498 -> 366 two; 2 bits 710 -> 587
+# two; from 3 bits on it slows the kernel: 952 -> 1323 us at 3 bits, one thread).
+Q8_PREFETCH_MAX_BITS = 2
+Q8_PREFETCH = 2048
 LUT1_REGION = 9  # scratch per padded column of a 1-bit record on the lookup-table path: its int8 x, 8 table bytes
 
 
@@ -583,7 +595,7 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     rec, nrec, x, perm, y, rb, re, batch, ldx, ldy, scratch = fn.args
     y.add_attribute("noalias")
     b = e.b = ir.IRBuilder(fn.append_basic_block("entry"))
-    acc_slots = [b.alloca(V(I32, LANES), name=f"acc{i}") for i in range(Q8_ROW_BLOCKS)]
+    acc_slots = [b.alloca(V(I32, LANES), name=f"acc{i}") for i in range(max(Q8_ROW_BLOCKS, Q8_ROW_BLOCKS_WIDE))]
     for a in acc_slots:
         a.align = 64
     f0 = ir.Constant(F32, 0.0)
@@ -681,15 +693,13 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                 nb = b.sdiv(width(n), ci(BLOCK_COLS))
 
                 def emit_kind(k):
-                    if k == 1 and lut:
-                        # at 1 bit a record visit is too short for the hardware prefetcher to run ahead of it:
-                        # ask for the data LUT1_PREFETCH bytes on (A/B on 4096x14336: 806 -> 688 us one thread,
-                        # 505 -> 448 us two; the same at 2-4 bits made them 1.1-1.8x slower, so only here)
-                        span = b.add(b.mul(nb, ci(LANES * 4)), ci(3 * LANES))  # the record's bytes per row block
+                    if k <= Q8_PREFETCH_MAX_BITS:
+                        span = b.add(b.mul(nb, ci(LANES * 4 * k)), ci(3 * LANES))  # the record's bytes per row block
                         for crow in crows:
-                            ahead = b.gep(crow, [ci(LUT1_PREFETCH)])
-                            e.loop(ci(0), span, ci(64), [], lambda o, _, a=ahead: (e.prefetch(b.gep(a, [o])), [])[1],
-                                   name="pf")
+                            ahead = b.gep(crow, [ci(Q8_PREFETCH)])
+                            e.loop(ci(0), span, ci(64), [],
+                                   lambda o, _, a=ahead: (e.prefetch(b.gep(a, [o]), locality=2), [])[1], name="pf")
+                    if k == 1 and lut:
                         return _lut1_blocks(e, crows, b.gep(xq, [width(n)], inbounds=True), nb, nblk, acc_slots)
                     planes = q8_planes(k)
                     # With 512-bit VNNI every (plane, sub-position) keeps its own accumulator and its codes are masked
@@ -757,9 +767,25 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
         e.loop(ci(0), batch, ci(1), [], token, name="tok")
         return []
 
-    # pairs of row blocks while two whole blocks remain, then single (possibly partial) blocks
-    pair_end = b.add(rb, b.mul(b.sdiv(b.sub(re, rb), ci(Q8_ROW_BLOCKS * LANES)), ci(Q8_ROW_BLOCKS * LANES)))
-    e.loop(rb, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS), name="rowsn")
+    # this matrix's code bytes (per row block: kind x columns) in all records and in those above Q8_WIDE_MAX_BITS
+    def weigh(s, acc):
+        kind = g.field(rec, s, 0)
+        w = b.mul(kind, g.field(rec, s, 1))
+        return [b.add(acc[0], w), b.add(acc[1], b.select(b.icmp_signed(">", kind, ci(Q8_WIDE_MAX_BITS)), w, ci(0)))]
+
+    all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
+    wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
+
+    def whole(start, nblk):  # end of the whole runs of nblk row blocks from start
+        return b.add(start, b.mul(b.sdiv(b.sub(re, start), ci(nblk * LANES)), ci(nblk * LANES)))
+
+    # runs of Q8_ROW_BLOCKS_WIDE row blocks (if this matrix is shallow enough), then of Q8_ROW_BLOCKS, then single
+    # (possibly partial) blocks: a loop whose end is its start runs no iteration
+    wide_end = b.select(wide, whole(rb, Q8_ROW_BLOCKS_WIDE), rb)
+    e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
+           name="rowsw")
+    pair_end = whole(wide_end, Q8_ROW_BLOCKS)
+    e.loop(wide_end, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS), name="rowsn")
     e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
     b.ret_void()
     return fn
