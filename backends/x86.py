@@ -19,7 +19,8 @@ activations). `XBITC_X86_LINEAR=segments` runs the per-segment lane-interleaved 
   skipped; bias is added at the end. One token uses the gemv kernels, several the gemm kernels.
 * rows are split into ranges run concurrently on a module-level thread pool (ctypes drops the GIL); the calling
   thread runs the first range. A range is at least `MIN_TASK_MACS` multiply-adds, so small matrices stay on one
-  thread (waking a worker costs ~25 us, more than a SmolLM2-sized gemv takes).
+  thread (waking a worker costs ~25-80 us, more than a SmolLM2-sized gemv takes). `$XBITC_X86_POOL=spin` hands
+  the row-lane kernel's ranges to native spinning workers instead (llvm/pool.py, ~10 us; see `pool_kind`).
 
 Group sizes. The fast (lane-interleaved) kernels need `G % lanes == 0` and `G | block` or `block | G`. For other
 group sizes (e.g. per-channel groups of 576 or 160 columns) the segment is run exactly by a fast kernel at the
@@ -59,13 +60,15 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
 from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
+from .llvm.pool import SpinPool
 from .llvm.rowlane import ROWS_KIND, ROWS_VERSION, RowLaneSpec, q8_scratch_bytes
 from .llvm.rowlane import pack as rowlane_pack
 
 log = logging.getLogger("xbitc.backends.x86")
 
 ABI_VERSION = 1  # of the emitted kernels' C interface (argument list and meaning); bump on any change
-MIN_TASK_MACS = 1 << 20  # multiply-adds per thread task at least (~50 us of gemv work)
+MIN_TASK_MACS = 1 << 20  # multiply-adds per thread task at least (~50 us of gemv work) on the Python pool
+MIN_SPIN_TASK_MACS = 1 << 18  # the same on the spinning pool (~10 us to hand a range to a spinning worker)
 ROW_ALIGN = 16  # row ranges start on multiples of this (gemv rows go in pairs, the column kernel's in 16s)
 EMIT_TRIPLE = "x86_64-unknown-linux-gnu"
 _V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
@@ -91,6 +94,8 @@ def is_x86_host() -> bool:
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_spin: SpinPool | None = None
+POOLS = ("python", "spin")
 
 
 def _default_threads() -> int:
@@ -112,13 +117,17 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Resize the module's thread pool (default: the cores this process may run on, or $XBITC_NUM_THREADS)."""
-    global _num_threads, _pool
+    """Resize the module's thread pools (default: the cores this process may run on, or $XBITC_NUM_THREADS)."""
+    global _num_threads, _pool, _spin
     n = max(1, int(n))
     with _pool_lock:
-        if n != _num_threads and _pool is not None:
-            _pool.shutdown(wait=True)
-            _pool = None
+        if n != _num_threads:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+                _pool = None
+            if _spin is not None:
+                _spin.close()
+                _spin = None
         _num_threads = n
 
 
@@ -128,6 +137,31 @@ def _get_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_num_threads, thread_name_prefix="xbitc-x86")
         return _pool
+
+
+def pool_kind() -> str:
+    """How row ranges reach other cores: "python" (default: a ThreadPoolExecutor, ~50 us to wake a worker on this
+    VM, so only ranges of >= MIN_TASK_MACS are split off) or "spin" (llvm/pool.py's native workers poll for work
+    and start a range in ~10 us, so ranges of >= MIN_SPIN_TASK_MACS are; they spin a few ms after each call, then
+    sleep between polls). Not the default: next to PyTorch's own OpenMP threads, which also spin after every
+    parallel op unless OMP_WAIT_POLICY=PASSIVE, spinning workers oversubscribe the cores (SmolLM2 decode at two
+    threads: 12.6 ms a step with the Python pool, 120 ms with spinning workers; 12.5 vs 16.3 ms with PASSIVE).
+    `$XBITC_X86_POOL` picks, read when a model is lowered."""
+    return _env_choice("XBITC_X86_POOL", POOLS)
+
+
+def _get_spin() -> SpinPool | None:
+    """The spinning pool of `_num_threads - 1` workers, or None where it cannot be built (then the Python pool)."""
+    global _spin
+    with _pool_lock:
+        if _spin is None:
+            try:
+                _spin = SpinPool(_num_threads - 1)
+            except Exception as err:  # noqa: BLE001 - any LLVM / threading failure: fall back, once
+                _log_once(("spin",), logging.WARNING, f"x86: no spinning pool ({type(err).__name__}: {err}); "
+                          "row ranges go to a Python thread pool")
+                _spin = False
+        return _spin or None
 
 
 LINEAR_KERNELS = ("rows", "segments")
@@ -158,10 +192,11 @@ def activations() -> str:
     return _env_choice("XBITC_X86_ACT", ACTIVATIONS)
 
 
-def row_ranges(rows: int, macs: int, threads: int | None = None) -> list[tuple[int, int]]:
-    """Split [0, rows) into at most `threads` ranges of >= MIN_TASK_MACS work each, starts aligned to ROW_ALIGN."""
+def row_ranges(rows: int, macs: int, threads: int | None = None, min_macs: int | None = None) -> list[tuple[int, int]]:
+    """Split [0, rows) into at most `threads` ranges of >= min_macs (default MIN_TASK_MACS) work each, starts
+    aligned to ROW_ALIGN."""
     threads = _num_threads if threads is None else threads
-    n = min(threads, macs // MIN_TASK_MACS, -(-rows // ROW_ALIGN))
+    n = min(threads, macs // (MIN_TASK_MACS if min_macs is None else min_macs), -(-rows // ROW_ALIGN))
     if n <= 1:
         return [(0, rows)]
     per = -(-(-(-rows // n)) // ROW_ALIGN) * ROW_ALIGN
@@ -378,6 +413,20 @@ class _RowLane:
         else:
             self.gemm_run(xin.view(T, self.inp), y, rb, re)
 
+    def jobs(self, xin: torch.Tensor, y: torch.Tensor, T: int, ranges: list[tuple[int, int]]):
+        """(kernel, arguments) per row range for the spinning pool, and what must stay alive while they run; None
+        for the f32 gemm (chunked over tokens; prefill-sized work, where waking a Python worker costs nothing)."""
+        if self.act == "q8":
+            step = -(-(T * self.scratch_per_token + 64) // 64) * 64  # each range its own 64-byte aligned scratch
+            scratch = torch.empty(len(ranges) * step, dtype=torch.uint8)
+            base = scratch.data_ptr()
+            return [(self.q8, (self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T,
+                               self.inp, self.out, base + i * step)) for i, (rb, re) in enumerate(ranges)], scratch
+        if T == 1:
+            return [(self.gemv, (self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re))
+                    for rb, re in ranges], None
+        return None
+
     def gemv_run(self, x2: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
         """One token, x2 the unpermuted input (the kernel gathers by the permutation as it copies x)."""
         self.gemv(self.table_ptr, self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
@@ -419,6 +468,7 @@ class _Linear:
         self.segs = [] if self.rows is not None else [_Segment(ps, self.out, target) for ps in live]
         self.whole = self.perm is None and len(self.segs) == 1 and self.segs[0].ncols == self.inp
         self.active_cols = sum(ps.seg.ncols for ps in live)
+        self.spin = self.rows is not None and pool_kind() == "spin"
 
     def __call__(self, x: torch.Tensor, lead: tuple = ()) -> torch.Tensor:
         """x: contiguous float32 [*lead, in] -> new float32 [*lead, out] (lead defaults to x's leading dims)."""
@@ -429,7 +479,8 @@ class _Linear:
             return torch.zeros(*lead, self.out, dtype=torch.float32)
         y = torch.empty(*lead, self.out, dtype=torch.float32)
         if rows is not None:
-            work = partial(rows.run, rows.prepare(x, T), y, T)
+            xin = rows.prepare(x, T)
+            work = partial(rows.run, xin, y, T)
         else:
             x2, y2 = x.view(T, self.inp), y.view(T, self.out)
             # one gather by the permutation; segments read contiguous column ranges of it
@@ -440,9 +491,19 @@ class _Linear:
                 for i, (s, xi) in enumerate(zip(segs, xs)):
                     s.run(xi, y2, rb, re, i > 0)
 
-        ranges = row_ranges(self.out, self.out * self.active_cols * T) if _num_threads > 1 else None
-        if ranges is None or len(ranges) == 1:
+        if _num_threads == 1:
             work(0, self.out)
+            return y
+        spin = _get_spin() if self.spin and (T == 1 or rows.act == "q8") else None
+        ranges = row_ranges(self.out, self.out * self.active_cols * T,
+                            min_macs=MIN_SPIN_TASK_MACS if spin is not None else MIN_TASK_MACS)
+        if len(ranges) == 1:
+            work(0, self.out)
+            return y
+        if spin is not None:
+            jobs, keep = rows.jobs(xin, y, T, ranges)
+            spin.run(jobs)
+            del keep  # the scratch lived until every range finished
             return y
         futs = [_get_pool().submit(work, rb, re) for rb, re in ranges[1:]]
         try:

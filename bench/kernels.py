@@ -19,7 +19,14 @@ Method.
   add 10-30 us of cold ctypes-call overhead, which swamps the small shapes).
 * Rows are split into N contiguous ranges; with N threads the calling thread runs one range and a thread pool the
   others (ctypes drops the GIL). Bytes read = codes + scales (f16) + zeros (u8) + x (f32).
-* Speed-up = median torch float32 ``W @ x`` time (torch.set_num_threads(N), same eviction) / median kernel time.
+* Speed-up = median torch ``W @ x`` time in float32 and in bfloat16 (torch.set_num_threads(N), same eviction) /
+  median kernel time.
+* Matrix-matrix rows (``--batch``, default 64 tokens; 0 skips them): the same kernel over a batch (the row-lane q8
+  kernel takes any batch, f32 uses its gemm), against torch ``X @ W.T``; GMAC/s = batch x rows x cols / time.
+* With N threads each thread has its own q8 scratch (int8 x and lookup tables), as the runtime gives each call.
+* N > 1 threads run twice (``--pool both``): through a Python ThreadPoolExecutor ("N python", the runtime's default;
+  waking its worker costs ~50-80 us on this VM) and through llvm/pool.py's native spinning workers ("N spin",
+  ``$XBITC_X86_POOL=spin``; ~10 us a call), created for those rows only so that they never spin beside the others.
 * "% of local BW" divides by a numpy max over 64 MiB taken with the same thread count right after each row's runs:
   the box is shared with other jobs and its bandwidth drifts.
 * Weights are random bytes in the kernel layout (timing does not depend on the code values; correctness is covered
@@ -40,6 +47,7 @@ try:
     from xbitc.backends.llvm import KernelSpec, compile_kernel, default_spec, get_layout, host_target
     from xbitc.backends.llvm import rowlane as rl
     from xbitc.backends.llvm.jit import cache_line_flusher
+    from xbitc.backends.llvm.pool import SpinPool
     from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec
 except ImportError as exc:  # pragma: no cover
     sys.exit(f"cannot import xbitc.backends.llvm ({exc}); install the package (pip install -e .) first")
@@ -73,9 +81,10 @@ def append_report(title: str, argv) -> None:
     append(title, body, " ".join(["python bench/kernels.py", *args]))
 
 
-FULL_SHAPES = [(4096, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536), (192, 576)]
+FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 576), (1536, 576), (576, 1536), (192, 576)]
 QUICK_SHAPES = [(4096, 14336), (576, 1536)]
 FLUSH_BYTES = 96 << 20
+BENCH_SPIN = 1 << 22  # polls a spinning worker waits before sleeping: longer than a clflush between two runs
 
 
 def parse_depths(s: str) -> list[int]:
@@ -135,37 +144,42 @@ def split_rows(rows: int, n: int, align: int = 16) -> list[tuple[int, int]]:
     return [(b, min(rows, b + per)) for b in range(0, rows, per)]
 
 
-def time_gemv(fn, ptrs, arrays, rows, cols, nthreads, pool, flush, reps) -> tuple[float, float]:
-    """(median, best) seconds per gemv, each call preceded by evicting the weights from the caches."""
+def time_split(job, rows, nthreads, arrays, pool, flush, reps) -> tuple[float, float]:
+    """(median, best) seconds of the kernel calls job(rows_begin, rows_end, thread_index) -> (fn, args) over
+    `nthreads` row ranges run at once (the calling thread runs the first; `pool` a SpinPool or a
+    ThreadPoolExecutor runs the others), each run preceded by evicting `arrays` from the caches."""
     ranges = split_rows(rows, nthreads)
     ts = []
     for _ in range(reps):
+        jobs = [job(rb, re, i) for i, (rb, re) in enumerate(ranges)]
         flush(arrays)
         t = time.perf_counter()
-        if len(ranges) == 1:
-            fn(*ptrs, 0, rows, cols)
+        if isinstance(pool, SpinPool):
+            pool.run(jobs)
         else:
-            futs = [pool.submit(fn, *ptrs, rb, re, cols) for rb, re in ranges[1:]]
-            fn(*ptrs, ranges[0][0], ranges[0][1], cols)
+            futs = [pool.submit(fn, *a) for fn, a in jobs[1:]]
+            jobs[0][0](*jobs[0][1])
             for f in futs:
                 f.result()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts), min(ts)
 
 
-def time_torch(rows, cols, nthreads, flush, reps) -> float:
+def time_torch(rows, cols, nthreads, flush, reps, dtype, batch=0) -> float:
+    """Median seconds of torch `W @ x` (batch 0) or `X @ W.T` (X [batch, cols]) in `dtype`, weights evicted."""
     import torch
 
     torch.set_num_threads(nthreads)
-    w = torch.randn(rows, cols, dtype=torch.float32)
-    x = torch.randn(cols, dtype=torch.float32)
+    w = torch.randn(rows, cols, dtype=torch.float32).to(dtype)
+    x = torch.randn(*((batch,) if batch else ()), cols, dtype=torch.float32).to(dtype)
+    run = (lambda: x @ w.T) if batch else (lambda: w @ x)
     for _ in range(2):
-        w @ x
+        run()
     ts = []
     for _ in range(reps):
-        flush([w.numpy()])
+        flush([w.view(torch.int16).numpy() if dtype == torch.bfloat16 else w.numpy()])
         t = time.perf_counter()
-        w @ x
+        run()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -231,6 +245,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--flush", choices=["clflush", "stream"], default="clflush")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--batch", type=int, default=64, help="tokens of the matrix-matrix rows (0: gemv only)")
+    ap.add_argument("--pool", choices=["python", "spin", "both"], default="both",
+                    help="how rows reach the other threads: a ThreadPoolExecutor (the runtime's default), the native "
+                         "spinning pool ($XBITC_X86_POOL=spin), or a row for each")
     ap.add_argument("--fresh-compile", action="store_true", help="bypass the disk cache (to time compilation)")
     ap.add_argument("--compute", action="store_true", help="only the cache-resident strategy comparison")
     ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
@@ -289,28 +307,48 @@ def main(argv=None) -> None:
             key, val = item.split("=")
             kw[key] = int(val)
         spec = KernelSpec(bits, args.group, **kw)
-        k = compile_kernel(spec, target, use_disk_cache=not args.fresh_compile)
+        k = compile_kernel(spec, target, kinds=("gemv", "gemm") if args.batch else ("gemv",),
+                           use_disk_cache=not args.fresh_compile)
         kernels[bits] = k
         compile_ms.append((bits, k.compile_ms["gemv"], k.compile_cpu_ms["gemv"], k.from_cache["gemv"]))
     say("# gemv compile, wall / CPU ms ('c' = loaded from the disk cache): "
           + ", ".join(f"b{b}: {ms:.0f}/{cpu:.0f}{'c' if c else ''}" for b, ms, cpu, c in compile_ms))
 
-    torch_t = {}
+    torch_t = {}  # (rows, cols, threads, dtype, batch) -> median seconds
     if not args.no_torch:
+        import torch
+
         for rows, cols in shapes:
             for n in threads:
-                torch_t[(rows, cols, n)] = time_torch(rows, cols, n, flush, args.reps)
+                for dt in (torch.float32, torch.bfloat16):
+                    for batch in sorted({0, args.batch}):
+                        torch_t[(rows, cols, n, dt, batch)] = time_torch(rows, cols, n, flush, args.reps, dt, batch)
+        tf32, tbf16 = torch.float32, torch.bfloat16
+    else:
+        tf32 = tbf16 = None
+
+    def vs_torch(t, *key):
+        """(torch f32 us, torch bf16 us, speed-up over each) for the kernel's median t."""
+        f, h = (torch_t.get(key[:3] + (dt,) + key[3:]) for dt in (tf32, tbf16))
+        return (f"{f * 1e6:.0f}" if f else "-", f"{h * 1e6:.0f}" if h else "-",
+                f"{f / t:.1f}x" if f else "-", f"{h / t:.1f}x" if h else "-")
 
     rng = np.random.default_rng(0)
     lay = get_layout(layout) if rows_kernel is None else None
-    local_bws = []
+    local_bws, batch_rows = [], []
     say()
     say("| shape (out x in) | bits | threads | median (us) | best (us) | MB read | GB/s | % of BW | % of local BW "
-          "| torch f32 (us) | speed-up |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| torch f32 (us) | torch bf16 (us) | vs f32 | vs bf16 |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    nslots = max(threads)
+    pools = ["python", "spin"] if args.pool == "both" else [args.pool]
+    variants = [(n, kind) for n in threads for kind in (pools if n > 1 else ["python"])]
     for rows, cols in shapes:
         x = rng.standard_normal(cols).astype(np.float32)
         y = np.zeros(rows, dtype=np.float32)
+        xb = rng.standard_normal((max(args.batch, 1), cols)).astype(np.float32)
+        yb = np.zeros((max(args.batch, 1), rows), dtype=np.float32)
+        xp, yp, xbp, ybp = x.ctypes.data, y.ctypes.data, xb.ctypes.data, yb.ctypes.data
         ng = -(-cols // args.group)
         for bits in depths:
             if rows_kernel is not None:  # one record per group; random bytes (scales made finite below)
@@ -321,33 +359,68 @@ def main(argv=None) -> None:
                 for t in table:  # float16 1/16 .. 1: finite scales
                     codes[t[3] - codes.ctypes.data + np.arange(nrb)[:, None] * t[6] + np.arange(1, 32, 2)] = 0x2C
                 scales = zeros = np.zeros(0, np.uint8)
-                ptrs = (table.ctypes.data, len(table), x.ctypes.data, None, y.ctypes.data)
-                if args.act == "q8":
-                    scratch = np.zeros(rl.q8_scratch_bytes([sh[1] for sh in shapes_], 1, [sh[0] for sh in shapes_]), np.uint8)
+                tp, nrec = table.ctypes.data, len(table)
+                if args.act == "q8":  # each thread its own scratch, as the runtime gives each call
+                    per = rl.q8_scratch_bytes([sh[1] for sh in shapes_], max(args.batch, 1), [sh[0] for sh in shapes_])
+                    scratch = [np.zeros(per, np.uint8) for _ in range(nslots)]
                     q8 = rows_kernel.rows_q8
-                    fn = lambda *a, sp=scratch.ctypes.data: q8(*a[:-1], 1, a[-1], rows, sp)  # noqa: E731
+
+                    def gemv(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols):
+                        return q8, (tp, nrec, xp, None, yp, rb, re, 1, cols, rows, sc[i].ctypes.data)
+
+                    def gemm(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols):
+                        return q8, (tp, nrec, xbp, None, ybp, rb, re, args.batch, cols, rows, sc[i].ctypes.data)
                 else:
-                    gemv_rows = rows_kernel.rows_gemv
-                    fn = lambda *a: gemv_rows(*a[:-1])  # noqa: E731 - drop the in_features argument
+                    def gemv(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec):
+                        return k.rows_gemv, (tp, nrec, xp, None, yp, rb, re)
+
+                    def gemm(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec, rows=rows, cols=cols):
+                        return k.rows_gemm, (tp, nrec, xbp, ybp, rb, re, args.batch, cols, rows)
             else:
                 codes = rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8)
                 scales = (rng.uniform(0.001, 0.1, (rows, ng))).astype(np.float16).view(np.uint16)
                 zeros = rng.integers(0, 1 << bits, (rows, ng), dtype=np.uint8)
-                ptrs = (codes.ctypes.data, scales.ctypes.data, zeros.ctypes.data, x.ctypes.data, y.ctypes.data)
-                fn = kernels[bits].gemv
+                ptrs = (codes.ctypes.data, scales.ctypes.data, zeros.ctypes.data)
+
+                def gemv(rb, re, i, k=kernels[bits], ptrs=ptrs, cols=cols):
+                    return k.gemv, (*ptrs, xp, yp, rb, re, cols)
+
+                def gemm(rb, re, i, k=kernels[bits], ptrs=ptrs, rows=rows, cols=cols):
+                    return k.gemm, (*ptrs, xbp, ybp, rb, re, cols, args.batch, rows)
+            arrays = (codes, scales, zeros)
             nbytes = codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes
-            fn(*ptrs, 0, rows, cols)  # warm-up
-            for n in threads:
-                t, tb = time_gemv(fn, ptrs, (codes, scales, zeros), rows, cols, n, pool, flush, args.reps)
+            for fn, a in (gemv(0, rows, 0), gemm(0, rows, 0) if args.batch else gemv(0, rows, 0)):
+                fn(*a)  # warm-up
+            for n, kind in variants:
+                # a spinning pool only while its rows run: its workers would take the cores of the others
+                spin = SpinPool(n - 1, spin=BENCH_SPIN) if kind == "spin" else None
+                try:
+                    t, tb = time_split(gemv, rows, n, arrays, spin or pool, flush, args.reps)
+                    if args.batch:
+                        tg, _ = time_split(gemm, rows, n, arrays, spin or pool, flush, args.reps)
+                finally:
+                    if spin is not None:
+                        spin.close()
                 local_bw = reduce_bandwidth(local, np.max, n, pool, 3)
                 local_bws.append(local_bw)
                 gbs = nbytes / t / 1e9
-                tt = torch_t.get((rows, cols, n))
-                sp = f"{tt / t:.1f}x" if tt else "-"
-                tts = f"{tt * 1e6:.0f}" if tt else "-"
-                say(f"| {rows}x{cols} | {bits} | {n} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
-                      f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {sp} |",
+                tts, tbs, sps, spb = vs_torch(t, rows, cols, n, 0)
+                label = f"{n} {kind}" if n > 1 else "1"
+                say(f"| {rows}x{cols} | {bits} | {label} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
+                      f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {tbs} | {sps} | {spb} |",
                       flush=True)
+                if args.batch:
+                    tts, tbs, sps, spb = vs_torch(tg, rows, cols, n, args.batch)
+                    batch_rows.append(f"| {rows}x{cols} | {bits} | {label} | {args.batch} | {tg * 1e6:.0f} | "
+                                      f"{args.batch * rows * cols / tg / 1e9:.1f} | {tts} | {tbs} | {sps} | {spb} |")
+    if batch_rows:
+        say(f"\n# matrix-matrix: a batch of {args.batch} tokens (prefill), weights evicted before each call; "
+            f"GMAC/s = batch x rows x cols / median; torch: X @ W.T with X [{args.batch}, in]")
+        say("| shape (out x in) | bits | threads | batch | median (us) | GMAC/s | torch f32 (us) | torch bf16 (us) "
+            "| vs f32 | vs bf16 |")
+        say("|---|---|---|---|---|---|---|---|---|---|")
+        for line in batch_rows:
+            say(line)
     say(f"\n# '% of BW': over the measured BW above ({bw:.1f} GB/s); '% of local BW': over a numpy max of 64 MiB with "
           f"the same thread count taken right after that row's runs (range {min(local_bws):.1f}.."
           f"{max(local_bws):.1f} GB/s). Medians of {args.reps} runs; weights evicted with {flush.name} before each.")

@@ -218,12 +218,19 @@ def test_kernel_plan_choices():
     assert plan(2, 20, wide, 20) == ("canonical", "canonical", 20)
 
 
-def test_threaded_row_ranges_give_identical_results(monkeypatch, kernels):
+@pytest.mark.parametrize("pool", ["spin", "python"])
+@pytest.mark.parametrize("act", ["f32", "q8"])
+def test_threaded_row_ranges_give_identical_results(monkeypatch, kernels, pool, act):
+    """Split over 3 threads through the spinning pool (gemv and q8; the f32 gemm always takes the Python pool) or
+    the Python pool: bit-identical to one thread."""
+    monkeypatch.setenv("XBITC_X86_POOL", pool)
+    monkeypatch.setenv("XBITC_X86_ACT", act)
     q, pm = _mixed_matrix(32, seed=3)
     prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
     x = torch.randn(4, q.shape[1])
     one = [prog(x), prog(x[:1])]
     monkeypatch.setattr(x86, "MIN_TASK_MACS", 1)
+    monkeypatch.setattr(x86, "MIN_SPIN_TASK_MACS", 1)
     assert x86.row_ranges(72, 10**6, threads=3) == [(0, 32), (32, 64), (64, 72)]
     before = x86.num_threads()
     x86.set_num_threads(3)

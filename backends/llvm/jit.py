@@ -28,6 +28,8 @@ import llvmlite.binding as llvm
 
 from .codegen import GENERATOR_VERSION, KINDS, KernelSpec, Target, default_spec, generate_module, symbol_names
 from .layout import get_layout, ngroups, repack
+from .pool import POOL_KIND, PoolSpec, generate_pool_module
+from .pool import PROTOS as POOL_PROTOS
 from .rowlane import ROWS_KIND, RowLaneSpec, generate_rows_module
 
 OPT_LEVEL = 3  # codegen (instruction selection / scheduling / register allocation) level
@@ -90,7 +92,7 @@ def _source_digest() -> str:
     """The generators' own source text: a kernel cached by an older generator is never reused after a change that
     forgot to bump GENERATOR_VERSION / ROWS_VERSION (both remain, for the artifact manifest and humans)."""
     here = Path(__file__).parent
-    text = b"".join((here / f).read_bytes() for f in ("codegen.py", "rowlane.py", "layout.py"))
+    text = b"".join((here / f).read_bytes() for f in ("codegen.py", "rowlane.py", "layout.py", "pool.py"))
     return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -123,7 +125,9 @@ def _target_machine(target: Target, jit: bool):
 def build_module(spec: KernelSpec, target: Target, tm=None, kinds=KINDS):
     """Generate, parse, verify and optimize the kernel module; returns an llvmlite ModuleRef."""
     tm = tm or _target_machine(target, jit=False)
-    if isinstance(spec, RowLaneSpec):
+    if isinstance(spec, PoolSpec):
+        irmod = generate_pool_module(target)
+    elif isinstance(spec, RowLaneSpec):
         irmod = generate_rows_module(spec, target)
     else:
         irmod = generate_module(spec, target, kinds)
@@ -290,7 +294,9 @@ class CompiledKernel:
         engine = llvm.create_mcjit_compiler(empty, tm)
         engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         engine.finalize_object()
-        if kind == ROWS_KIND:
+        if kind == POOL_KIND:
+            protos = dict(zip(spec.names(), POOL_PROTOS))
+        elif kind == ROWS_KIND:
             protos = dict(zip(spec.names(), (ROWS_Q8_PROTO,) if spec.act == "q8" else (ROWS_GEMV_PROTO, ROWS_GEMM_PROTO)))
         else:
             protos = dict.fromkeys(symbol_names(spec, kind), GEMV_PROTO if kind == "gemv" else GEMM_PROTO)
