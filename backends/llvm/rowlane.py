@@ -59,7 +59,8 @@ BLOCK_COLS = 32
 # visit's fixed work (fields, depth dispatch, table and activation loads), but at 6-8 bits their accumulators do not
 # fit the registers together and the blocks run as separate passes. A/B (BENCHMARKS.md): 4 blocks are faster at 1-5
 # bits (1 bit 676 -> 566 us), slower at 6-8 (7 bits, 2 threads 2071 -> 2924 us). So each call picks per matrix:
-# Q8_ROW_BLOCKS_WIDE while under half its code bytes are in records of Q8_WIDE_MAX_BITS + 1 or more bits.
+# Q8_ROW_BLOCKS_WIDE while under half its code bytes are in records of Q8_WIDE_MAX_BITS + 1 or more bits (targets
+# with 512-bit VNNI only; elsewhere always Q8_ROW_BLOCKS).
 Q8_ROW_BLOCKS = 2
 Q8_ROW_BLOCKS_WIDE = 4
 Q8_WIDE_MAX_BITS = 5
@@ -773,8 +774,13 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
         w = b.mul(kind, g.field(rec, s, 1))
         return [b.add(acc[0], w), b.add(acc[1], b.select(b.icmp_signed(">", kind, ci(Q8_WIDE_MAX_BITS)), w, ci(0)))]
 
-    all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
-    wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
+    # only with 512-bit VNNI (where it was measured, and where the accumulators of four blocks fit the registers at
+    # 1-5 bits): elsewhere a third row loop would only grow the object (the SSE2 one 150 -> 420 KB)
+    if _Dot16.is_wide(e):
+        all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
+        wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
+    else:
+        wide = ir.Constant(ir.IntType(1), 0)
 
     def whole(start, nblk):  # end of the whole runs of nblk row blocks from start
         return b.add(start, b.mul(b.sdiv(b.sub(re, start), ci(nblk * LANES)), ci(nblk * LANES)))
@@ -782,8 +788,9 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     # runs of Q8_ROW_BLOCKS_WIDE row blocks (if this matrix is shallow enough), then of Q8_ROW_BLOCKS, then single
     # (possibly partial) blocks: a loop whose end is its start runs no iteration
     wide_end = b.select(wide, whole(rb, Q8_ROW_BLOCKS_WIDE), rb)
-    e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
-           name="rowsw")
+    if _Dot16.is_wide(e):
+        e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
+               name="rowsw")
     pair_end = whole(wide_end, Q8_ROW_BLOCKS)
     e.loop(wide_end, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS), name="rowsn")
     e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
