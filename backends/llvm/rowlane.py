@@ -71,6 +71,7 @@ CHUNK = 8  # columns decoded at a time in gemm (8 code vectors live in registers
 # two; from 3 bits on it slows the kernel: 952 -> 1323 us at 3 bits, one thread).
 Q8_PREFETCH_MAX_BITS = 2
 Q8_PREFETCH = 2048
+Q8_PLANE_ACCS = 8  # accumulators per code plane with 512-bit VNNI (see emit_kind)
 LUT1_REGION = 9  # scratch per padded column of a 1-bit record on the lookup-table path: its int8 x, 8 table bytes
 
 
@@ -708,8 +709,11 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                     # is an AND and a vpdpbusd; the sums are shifted back (exactly: multiples of 2^(p*s)) at the end.
                     # Elsewhere (AVX2's i16 pair sums, 16 ymm registers) codes are shifted down to <= 15 first.
                     in_place = _Dot16.is_wide(e)
-                    slots = [(pi, sub) for pi, (p, _) in enumerate(planes) for sub in range(8 // p)] if in_place \
-                        else [(pi, 0) for pi in range(len(planes))]
+                    # accumulators per plane: sub-position s of a plane with g of them adds into accumulator s % g,
+                    # its word shifted down by p*g*(s // g) first (one shift per word and s // g), so each
+                    # accumulator only ever holds codes at bit p*(s % g) of their byte
+                    naccs = [min(8 // p, Q8_PLANE_ACCS if in_place else 1) for p, _ in planes]
+                    slots = [(pi, sub) for pi, g_ in enumerate(naccs) for sub in range(g_)]
                     # row blocks sharing one pass over the columns: as many as the accumulators leave registers for
                     # (512-bit: 32 zmm, ~20 for accumulators; else each accumulator is two ymm halves of 16 ymm)
                     share = max(1, min(nblk, (20 if in_place else 4) // len(slots)))
@@ -723,16 +727,19 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                                 words = [e.load(crows[i], b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)),
                                                 V(I32, LANES), 4) for i in part]
                                 wi += 1
+                                g_ = naccs[pi]
+                                shifted = {}
                                 for sub in range(8 // p):
-                                    byte_mask = int.from_bytes(bytes([((1 << p) - 1) << (p * sub if in_place else 0)]
-                                                                     * 4), "little")
+                                    grp, hi = sub % g_, sub // g_
+                                    byte_mask = int.from_bytes(bytes([((1 << p) - 1) << (p * grp)] * 4), "little")
                                     col = b.add(b.mul(blk, ci(BLOCK_COLS)), ci(w * (BLOCK_COLS // p) + 4 * sub))
                                     x4 = e.bcast(b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(I32)), align=1),
                                                  LANES)
-                                    for d, word in zip(dots, words):
-                                        src = word if in_place or not sub else b.lshr(word, cvec(I32, LANES, p * sub))
-                                        d[(pi, sub if in_place else 0)].add(b.and_(src, cvec(I32, LANES, byte_mask)),
-                                                                            x4)
+                                    for i, (d, word) in enumerate(zip(dots, words)):
+                                        if hi and (i, hi) not in shifted:
+                                            shifted[(i, hi)] = b.lshr(word, cvec(I32, LANES, p * g_ * hi))
+                                        src = shifted[(i, hi)] if hi else word
+                                        d[(pi, grp)].add(b.and_(src, cvec(I32, LANES, byte_mask)), x4)
                         return [d[slot].value() for d in dots for slot in slots]
 
                     for p0 in range(0, nblk, share):
