@@ -1,6 +1,6 @@
 """Benchmark of the LLVM gemv kernels (backends/llvm) against the machine's read bandwidth and torch float32.
 
-    python bench/kernels.py            # all shapes, depths 1..8, 1 and 2 threads (well under a minute)
+    python bench/kernels.py            # all shapes, depths 1..8, 1 and 2 threads (a few minutes)
     python bench/kernels.py --quick    # two shapes
     python bench/kernels.py --act q8   # the int8-activation strategy (layout il32w8)
     python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
@@ -27,6 +27,9 @@ Method.
 * N > 1 threads run twice (``--pool both``): through a Python ThreadPoolExecutor ("N python", the runtime's default;
   waking its worker costs ~50-80 us on this VM) and through llvm/pool.py's native spinning workers ("N spin",
   ``$XBITC_X86_POOL=spin``; ~10 us a call), created for those rows only so that they never spin beside the others.
+* Rounds (``--rounds``, default 3): every row runs ``--reps`` times per round and each round passes over all rows in
+  turn; a row's median is over all its runs. The box is shared: a burst of another tenant's memory traffic then
+  lands in a few runs of many rows instead of every run of one row.
 * "% of local BW" divides by a numpy max over 64 MiB taken with the same thread count right after each row's runs:
   the box is shared with other jobs and its bandwidth drifts.
 * Weights are random bytes in the kernel layout (timing does not depend on the code values; correctness is covered
@@ -144,8 +147,8 @@ def split_rows(rows: int, n: int, align: int = 16) -> list[tuple[int, int]]:
     return [(b, min(rows, b + per)) for b in range(0, rows, per)]
 
 
-def time_split(job, rows, nthreads, arrays, pool, flush, reps) -> tuple[float, float]:
-    """(median, best) seconds of the kernel calls job(rows_begin, rows_end, thread_index) -> (fn, args) over
+def time_split(job, rows, nthreads, arrays, pool, flush, reps) -> list[float]:
+    """Seconds of each of `reps` runs of the kernel calls job(rows_begin, rows_end, thread_index) -> (fn, args) over
     `nthreads` row ranges run at once (the calling thread runs the first; `pool` a SpinPool or a
     ThreadPoolExecutor runs the others), each run preceded by evicting `arrays` from the caches."""
     ranges = split_rows(rows, nthreads)
@@ -162,7 +165,7 @@ def time_split(job, rows, nthreads, arrays, pool, flush, reps) -> tuple[float, f
             for f in futs:
                 f.result()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts), min(ts)
+    return ts
 
 
 def time_torch(rows, cols, nthreads, flush, reps, dtype, batch=0) -> float:
@@ -242,7 +245,8 @@ def main(argv=None) -> None:
                     "il8w32; 'rows': the row-lane kernel (backends/llvm/rowlane.py), one record per group")
     ap.add_argument("--spec", default=None, help="extra integer KernelSpec fields, e.g. prefetch=8192,accs=4")
     ap.add_argument("--avx2", action="store_true", help="compile without the host's AVX-512 / AVX-VNNI features")
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=9, help="runs of each row per round")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over all rows; medians over every round's runs")
     ap.add_argument("--flush", choices=["clflush", "stream"], default="clflush")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--batch", type=int, default=64, help="tokens of the matrix-matrix rows (0: gemv only)")
@@ -290,7 +294,7 @@ def main(argv=None) -> None:
     say("# read bandwidth, 512 MiB float32, median of 5: "
           + ", ".join(f"numpy {m} {n}t {v:.1f}" for (m, n), v in bws.items())
           + f" GB/s -> measured BW = {bw:.1f} GB/s")
-    local = np.ones((64 << 20) // 4, dtype=np.float32)
+    local_arr = np.ones((64 << 20) // 4, dtype=np.float32)
 
     kernels = {}
     compile_ms = []
@@ -343,6 +347,7 @@ def main(argv=None) -> None:
     nslots = max(threads)
     pools = ["python", "spin"] if args.pool == "both" else [args.pool]
     variants = [(n, kind) for n in threads for kind in (pools if n > 1 else ["python"])]
+    cases = []
     for rows, cols in shapes:
         x = rng.standard_normal(cols).astype(np.float32)
         y = np.zeros(rows, dtype=np.float32)
@@ -391,28 +396,44 @@ def main(argv=None) -> None:
             nbytes = codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes
             for fn, a in (gemv(0, rows, 0), gemm(0, rows, 0) if args.batch else gemv(0, rows, 0)):
                 fn(*a)  # warm-up
+            cases.append(dict(rows=rows, cols=cols, bits=bits, gemv=gemv, gemm=gemm, arrays=(codes, scales, zeros),
+                              nbytes=codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes, keep=(x, y, xb, yb)))
+    # Rounds: every (case, threads) runs `reps` times per round and the rounds go over all cases in turn, so a
+    # burst of load from the box's other tenants lands in a few samples of many rows, not in all of one row's.
+    samples = {}
+    for _ in range(args.rounds):
+        for ci_, c in enumerate(cases):
             for n, kind in variants:
                 # a spinning pool only while its rows run: its workers would take the cores of the others
                 spin = SpinPool(n - 1, spin=BENCH_SPIN) if kind == "spin" else None
                 try:
-                    t, tb = time_split(gemv, rows, n, arrays, spin or pool, flush, args.reps)
-                    if args.batch:
-                        tg, _ = time_split(gemm, rows, n, arrays, spin or pool, flush, args.reps)
+                    tv = time_split(c["gemv"], c["rows"], n, c["arrays"], spin or pool, flush, args.reps)
+                    tg = time_split(c["gemm"], c["rows"], n, c["arrays"], spin or pool, flush, args.reps) \
+                        if args.batch else []
                 finally:
                     if spin is not None:
                         spin.close()
-                local_bw = reduce_bandwidth(local, np.max, n, pool, 3)
-                local_bws.append(local_bw)
-                gbs = nbytes / t / 1e9
-                tts, tbs, sps, spb = vs_torch(t, rows, cols, n, 0)
-                label = f"{n} {kind}" if n > 1 else "1"
-                say(f"| {rows}x{cols} | {bits} | {label} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
-                      f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {tbs} | {sps} | {spb} |",
-                      flush=True)
-                if args.batch:
-                    tts, tbs, sps, spb = vs_torch(tg, rows, cols, n, args.batch)
-                    batch_rows.append(f"| {rows}x{cols} | {bits} | {label} | {args.batch} | {tg * 1e6:.0f} | "
-                                      f"{args.batch * rows * cols / tg / 1e9:.1f} | {tts} | {tbs} | {sps} | {spb} |")
+                local = reduce_bandwidth(local_arr, np.max, n, pool, 3)
+                acc = samples.setdefault((ci_, n, kind), ([], [], []))
+                acc[0].extend(tv)
+                acc[1].extend(tg)
+                acc[2].append(local)
+    for ci_, c in enumerate(cases):
+        rows, cols, bits, nbytes = c["rows"], c["cols"], c["bits"], c["nbytes"]
+        for n, kind in variants:
+            tv, tg, locs = samples[(ci_, n, kind)]
+            t, tb, local_bw = statistics.median(tv), min(tv), statistics.median(locs)
+            local_bws.append(local_bw)
+            gbs = nbytes / t / 1e9
+            tts, tbs, sps, spb = vs_torch(t, rows, cols, n, 0)
+            label = f"{n} {kind}" if n > 1 else "1"
+            say(f"| {rows}x{cols} | {bits} | {label} | {t * 1e6:.0f} | {tb * 1e6:.0f} | {nbytes / 1e6:.2f} | "
+                f"{gbs:.1f} | {100 * gbs / bw:.0f}% | {100 * gbs / local_bw:.0f}% | {tts} | {tbs} | {sps} | {spb} |")
+            if args.batch:
+                t = statistics.median(tg)
+                tts, tbs, sps, spb = vs_torch(t, rows, cols, n, args.batch)
+                batch_rows.append(f"| {rows}x{cols} | {bits} | {label} | {args.batch} | {t * 1e6:.0f} | "
+                                  f"{args.batch * rows * cols / t / 1e9:.1f} | {tts} | {tbs} | {sps} | {spb} |")
     if batch_rows:
         say(f"\n# matrix-matrix: a batch of {args.batch} tokens (prefill), weights evicted before each call; "
             f"GMAC/s = batch x rows x cols / median; torch: X @ W.T with X [{args.batch}, in]")
@@ -423,7 +444,8 @@ def main(argv=None) -> None:
             say(line)
     say(f"\n# '% of BW': over the measured BW above ({bw:.1f} GB/s); '% of local BW': over a numpy max of 64 MiB with "
           f"the same thread count taken right after that row's runs (range {min(local_bws):.1f}.."
-          f"{max(local_bws):.1f} GB/s). Medians of {args.reps} runs; weights evicted with {flush.name} before each.")
+          f"{max(local_bws):.1f} GB/s). Medians of {args.rounds} rounds x {args.reps} runs, the rounds passing over "
+          f"all rows in turn; weights evicted with {flush.name} before each.")
     say(f"# total {time.perf_counter() - t_start:.0f} s")
     if not args.no_append:
         append_report(f"LLVM kernels: gemv vs DRAM bandwidth and torch (act={args.act}"
