@@ -365,39 +365,43 @@ def main(argv=None) -> None:
                     codes[t[3] - codes.ctypes.data + np.arange(nrb)[:, None] * t[6] + np.arange(1, 32, 2)] = 0x2C
                 scales = zeros = np.zeros(0, np.uint8)
                 tp, nrec = table.ctypes.data, len(table)
+                held = [table]  # the kernels get raw pointers: keep what they point into alive with the case
                 if args.act == "q8":  # each thread its own scratch, as the runtime gives each call
                     per = rl.q8_scratch_bytes([sh[1] for sh in shapes_], max(args.batch, 1), [sh[0] for sh in shapes_])
                     scratch = [np.zeros(per, np.uint8) for _ in range(nslots)]
+                    held.append(scratch)
                     q8 = rows_kernel.rows_q8
 
-                    def gemv(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols):
+                    def gemv(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols, xp=xp, yp=yp):
                         return q8, (tp, nrec, xp, None, yp, rb, re, 1, cols, rows, sc[i].ctypes.data)
 
-                    def gemm(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols):
+                    def gemm(rb, re, i, q8=q8, tp=tp, nrec=nrec, sc=scratch, rows=rows, cols=cols, xbp=xbp, ybp=ybp):
                         return q8, (tp, nrec, xbp, None, ybp, rb, re, args.batch, cols, rows, sc[i].ctypes.data)
                 else:
-                    def gemv(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec):
+                    def gemv(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec, xp=xp, yp=yp):
                         return k.rows_gemv, (tp, nrec, xp, None, yp, rb, re)
 
-                    def gemm(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec, rows=rows, cols=cols):
+                    def gemm(rb, re, i, k=rows_kernel, tp=tp, nrec=nrec, rows=rows, cols=cols, xbp=xbp, ybp=ybp):
                         return k.rows_gemm, (tp, nrec, xbp, ybp, rb, re, args.batch, cols, rows)
             else:
                 codes = rng.integers(0, 256, lay.nbytes(rows, cols, bits), dtype=np.uint8)
                 scales = (rng.uniform(0.001, 0.1, (rows, ng))).astype(np.float16).view(np.uint16)
                 zeros = rng.integers(0, 1 << bits, (rows, ng), dtype=np.uint8)
                 ptrs = (codes.ctypes.data, scales.ctypes.data, zeros.ctypes.data)
+                held = []
 
-                def gemv(rb, re, i, k=kernels[bits], ptrs=ptrs, cols=cols):
+                def gemv(rb, re, i, k=kernels[bits], ptrs=ptrs, cols=cols, xp=xp, yp=yp):
                     return k.gemv, (*ptrs, xp, yp, rb, re, cols)
 
-                def gemm(rb, re, i, k=kernels[bits], ptrs=ptrs, rows=rows, cols=cols):
+                def gemm(rb, re, i, k=kernels[bits], ptrs=ptrs, rows=rows, cols=cols, xbp=xbp, ybp=ybp):
                     return k.gemm, (*ptrs, xbp, ybp, rb, re, cols, args.batch, rows)
             arrays = (codes, scales, zeros)
             nbytes = codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes
             for fn, a in (gemv(0, rows, 0), gemm(0, rows, 0) if args.batch else gemv(0, rows, 0)):
                 fn(*a)  # warm-up
             cases.append(dict(rows=rows, cols=cols, bits=bits, gemv=gemv, gemm=gemm, arrays=(codes, scales, zeros),
-                              nbytes=codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes, keep=(x, y, xb, yb)))
+                              nbytes=codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes, keep=(x, y, xb, yb, held)))
+    # (every closure above binds its pointers as defaults: the loop variables move on before the rounds run)
     # Rounds: every (case, threads) runs `reps` times per round and the rounds go over all cases in turn, so a
     # burst of load from the box's other tenants lands in a few samples of many rows, not in all of one row's.
     samples = {}
