@@ -19,8 +19,8 @@ activations). `XBITC_X86_LINEAR=segments` runs the per-segment lane-interleaved 
   skipped; bias is added at the end. One token uses the gemv kernels, several the gemm kernels.
 * rows are split into ranges run concurrently on a module-level thread pool (ctypes drops the GIL); the calling
   thread runs the first range. A range is at least `MIN_TASK_MACS` multiply-adds, so small matrices stay on one
-  thread (waking a worker costs ~25-80 us, more than a SmolLM2-sized gemv takes). `$XBITC_X86_POOL=spin` hands
-  the row-lane kernel's ranges to native spinning workers instead (llvm/pool.py, ~10 us; see `pool_kind`).
+  thread (waking a worker costs ~25-80 us, more than a SmolLM2-sized gemv takes). Where nothing else spins (see
+  `pool_kind`) the row-lane kernel's ranges go to native spinning workers instead (llvm/pool.py, ~10 us).
 
 Group sizes. The fast (lane-interleaved) kernels need `G % lanes == 0` and `G | block` or `block | G`. For other
 group sizes (e.g. per-channel groups of 576 or 160 columns) the segment is run exactly by a fast kernel at the
@@ -95,7 +95,7 @@ def is_x86_host() -> bool:
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _spin: SpinPool | None = None
-POOLS = ("python", "spin")
+POOLS = ("auto", "python", "spin")
 
 
 def _default_threads() -> int:
@@ -140,14 +140,19 @@ def _get_pool() -> ThreadPoolExecutor:
 
 
 def pool_kind() -> str:
-    """How row ranges reach other cores: "python" (default: a ThreadPoolExecutor, ~50 us to wake a worker on this
-    VM, so only ranges of >= MIN_TASK_MACS are split off) or "spin" (llvm/pool.py's native workers poll for work
-    and start a range in ~10 us, so ranges of >= MIN_SPIN_TASK_MACS are; they spin a few ms after each call, then
-    sleep between polls). Not the default: next to PyTorch's own OpenMP threads, which also spin after every
-    parallel op unless OMP_WAIT_POLICY=PASSIVE, spinning workers oversubscribe the cores (SmolLM2 decode at two
-    threads: 12.6 ms a step with the Python pool, 120 ms with spinning workers; 12.5 vs 16.3 ms with PASSIVE).
-    `$XBITC_X86_POOL` picks, read when a model is lowered."""
-    return _env_choice("XBITC_X86_POOL", POOLS)
+    """How row ranges reach other cores: "python" (a ThreadPoolExecutor, ~50 us to wake a worker on this VM, so
+    only ranges of >= MIN_TASK_MACS are split off) or "spin" (llvm/pool.py's native workers poll for work and start
+    a range in ~10 us, so ranges of >= MIN_SPIN_TASK_MACS are; they spin a few ms after each call, then sleep between
+    polls). `$XBITC_X86_POOL` picks; "auto" (default) takes "spin" unless PyTorch's own OpenMP threads busy-wait
+    beside it (torch uses more than one thread and OMP_WAIT_POLICY is not PASSIVE): two kinds of spinning workers
+    oversubscribe the cores (SmolLM2 decode at two threads: 12.6 ms a step with the Python pool, 120 ms with
+    spinning workers beside active OpenMP; with OMP_WAIT_POLICY=PASSIVE, which the `xbitc` command sets, 16.1-17.1
+    ms with the Python pool and 12.7-12.9 ms spinning). Read when a model is lowered."""
+    kind = _env_choice("XBITC_X86_POOL", POOLS)
+    if kind != "auto":
+        return kind
+    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+    return "spin" if passive or torch.get_num_threads() == 1 else "python"
 
 
 def _get_spin() -> SpinPool | None:

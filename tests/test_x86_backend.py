@@ -450,3 +450,27 @@ def test_corrupt_packed_tensors_are_refused_at_load(tamper):
     with pytest.raises(ValueError, match="corrupt artifact"):
         PackedMatrix.from_tensors("w", desc, arrays)
     PackedMatrix.from_tensors("w", pm.describe(), dict(pm.tensors("w")))  # the untouched file loads
+
+
+def test_pool_choice_avoids_spinning_beside_busy_waiting_openmp(monkeypatch):
+    """auto = spin only where PyTorch's OpenMP threads do not busy-wait too (one torch thread, or
+    OMP_WAIT_POLICY=PASSIVE); an explicit choice wins; anything else is refused with the choices named."""
+    monkeypatch.delenv("XBITC_X86_POOL", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        assert x86.pool_kind() == "python"
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert x86.pool_kind() == "spin"
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert x86.pool_kind() == "python"
+        torch.set_num_threads(1)
+        assert x86.pool_kind() == "spin"
+        monkeypatch.setenv("XBITC_X86_POOL", "python")
+        assert x86.pool_kind() == "python"
+        monkeypatch.setenv("XBITC_X86_POOL", "busy")
+        with pytest.raises(ValueError, match="XBITC_X86_POOL='busy': expected one of auto, python, spin"):
+            x86.pool_kind()
+    finally:
+        torch.set_num_threads(before)
