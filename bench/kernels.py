@@ -24,10 +24,10 @@ Method.
 * Matrix-matrix rows (``--batch``, default 64 tokens; 0 skips them): the same kernel over a batch (the row-lane q8
   kernel takes any batch, f32 uses its gemm), against torch ``X @ W.T``; GMAC/s = batch x rows x cols / time.
 * With N threads each thread has its own q8 scratch (int8 x and lookup tables), as the runtime gives each call.
-* N > 1 threads run twice (``--pool both``): through a Python ThreadPoolExecutor ("N python", the runtime's choice beside busy-waiting OpenMP;
-  waking its worker costs ~50-80 us on this VM) and through llvm/pool.py's native spinning workers ("N spin",
-  the runtime's default where nothing else busy-waits; ~10 us a call), created for those rows only so that they
-  never spin beside the others.
+* N > 1 threads run twice (``--pool both``): through a Python ThreadPoolExecutor ("N python", what the runtime
+  uses beside busy-waiting OpenMP threads; waking its worker costs ~50-80 us on this VM) and through llvm/pool.py's
+  native spinning workers ("N spin", its default elsewhere; ~10 us a call), created for those rows only so that
+  they never spin beside the others.
 * Rounds (``--rounds``, default 3): every row runs ``--reps`` times per round and each round passes over all rows in
   turn; a row's median is over all its runs. The box is shared: a burst of another tenant's memory traffic then
   lands in a few runs of many rows instead of every run of one row.
