@@ -21,6 +21,15 @@ def _q8_case(rows=200, cols=300, seed=0):
     return buf, table, x
 
 
+def test_slots_sit_on_their_own_cache_lines():
+    pool = SpinPool(3)
+    try:
+        assert all(a % 128 == 0 for a in pool._slot_addrs)
+        assert sorted(b - a for a, b in zip(pool._slot_addrs, pool._slot_addrs[1:])) == [128, 128]
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("workers,spin", [(1, 1 << 16), (3, 1 << 16), (2, 0)])
 def test_spin_pool_runs_every_range_like_one_call(workers, spin):
     """Each job runs exactly once, on its own rows, with its own arguments: the split result is bit-identical to
@@ -50,12 +59,17 @@ def test_spin_pool_runs_every_range_like_one_call(workers, spin):
 
 
 def test_spin_pool_rejects_what_it_cannot_run():
-    pool = SpinPool(1)
+    """Bad job lists are refused before anything is posted: no job runs (one posted job would outlive the call)."""
+    pool = SpinPool(2)
     add = ctypes.CFUNCTYPE(None)(lambda: None)
-    with pytest.raises(ValueError, match="3 jobs for 1 workers"):
-        pool.run([(add, ())] * 3)
+    ran = []
+    count = ctypes.CFUNCTYPE(None)(lambda: ran.append(1))
+    with pytest.raises(ValueError, match="4 jobs for 2 workers"):
+        pool.run([(add, ())] * 4)
     with pytest.raises(ValueError, match=f"at most {MAX_ARGS} arguments"):
-        pool.run([(add, ()), (add, tuple(range(MAX_ARGS + 1)))])
+        pool.run([(count, ()), (count, ()), (add, tuple(range(MAX_ARGS + 1)))])
+    pool.run([(add, ()), (add, ())])  # a later, good run: the slots are free again
+    assert ran == []
     pool.close()
     pool.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):

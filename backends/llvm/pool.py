@@ -140,7 +140,9 @@ PROTOS = (WORKER_PROTO, POST_PROTO, WAIT_PROTO)
 class SpinPool:
     """`workers` native spinning threads. `run(jobs)` runs jobs[0] on the calling thread and the others on workers,
     returning when all are done; a job is (ctypes function or address, args) with <= 11 int / pointer / None args.
-    The caller keeps every buffer a job reads alive until run returns (it does: run blocks)."""
+    The caller keeps every buffer a job reads alive until run returns (it does: run blocks). A pool lives until
+    `close()` (or interpreter exit): its threads hold it. Function objects passed as jobs are kept (with their
+    address) for the pool's life: pass the same kernel objects each call, as the runtime does."""
 
     def __init__(self, workers: int, spin: int = DEFAULT_SPIN, target=None):
         from .jit import compile_kernel, host_target
@@ -148,18 +150,25 @@ class SpinPool:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         k = compile_kernel(PoolSpec(), target or host_target(), kinds=(POOL_KIND,))
-        worker, self._post, self._wait = k._part(POOL_KIND)
+        self._worker, self._post, self._wait = k._part(POOL_KIND)
         self._kernel = k
-        self.slots = np.zeros((max(workers, 1), SLOT_WORDS), dtype=np.int64)
+        # each slot on its own 128-byte-aligned pair of cache lines: workers never share one
+        raw = np.zeros((max(workers, 1) + 1) * SLOT_WORDS, dtype=np.int64)
+        skip = (-raw.ctypes.data % (SLOT_WORDS * 8)) // 8
+        self.slots = raw[skip:skip + max(workers, 1) * SLOT_WORDS].reshape(-1, SLOT_WORDS)
         self.quit = np.zeros(1, dtype=np.int64)
         self._slot_addrs = [int(s.ctypes.data) for s in self.slots]  # ~1.6 us per .ctypes lookup: once
         self._addrs: dict[int, tuple] = {}  # id(ctypes function) -> (function, address)
-        self._lock = threading.Lock()  # one run at a time: a slot holds one job
-        self.threads = [threading.Thread(target=worker, args=(self.slots[i].ctypes.data, self.quit.ctypes.data, spin),
-                                         name=f"xbitc-spin-{i}", daemon=True) for i in range(workers)]
+        self._lock = threading.Lock()  # one run (or close) at a time: a slot holds one job
+        self.threads = [threading.Thread(target=self._serve, args=(i, spin), name=f"xbitc-spin-{i}", daemon=True)
+                        for i in range(workers)]
         for t in self.threads:
             t.start()
         _live.add(self)
+
+    def _serve(self, i: int, spin: int) -> None:
+        # a bound method: the thread keeps the pool (and the slot memory the worker polls) alive until close()
+        self._worker(self._slot_addrs[i], self.quit.ctypes.data, spin)
 
     @property
     def workers(self) -> int:
@@ -170,16 +179,17 @@ class SpinPool:
             return
         if len(jobs) - 1 > self.workers:
             raise ValueError(f"{len(jobs)} jobs for {self.workers} workers + the calling thread")
-        if self.quit[0]:
-            raise RuntimeError("the pool was closed")
+        # everything checked before the first post: a job once posted runs, and run must then wait for it
+        posts = []
+        for i, (fn, args) in enumerate(jobs[1:]):
+            if len(args) > MAX_ARGS:
+                raise ValueError(f"a pool job takes at most {MAX_ARGS} arguments, got {len(args)}")
+            vals = [0 if a is None else int(a) for a in args] + [0] * (MAX_ARGS - len(args))
+            posts.append((self._slot_addrs[i], self._address(fn), vals))
         with self._lock:
-            posted = []
-            for i, (fn, args) in enumerate(jobs[1:]):
-                if len(args) > MAX_ARGS:
-                    raise ValueError(f"a pool job takes at most {MAX_ARGS} arguments, got {len(args)}")
-                vals = [0 if a is None else int(a) for a in args] + [0] * (MAX_ARGS - len(args))
-                slot = self._slot_addrs[i]
-                posted.append((slot, self._post(slot, self._address(fn), *vals)))
+            if self.quit[0]:
+                raise RuntimeError("the pool was closed")
+            posted = [(slot, self._post(slot, addr, *vals)) for slot, addr, vals in posts]
             fn, args = jobs[0]
             try:
                 fn(*args)
@@ -196,11 +206,13 @@ class SpinPool:
         return known[1]
 
     def close(self) -> None:
-        """Stop the workers (they finish their current job first); idempotent."""
-        if not self.quit[0]:
-            self.quit[0] = 1
-            for t in self.threads:
-                t.join()
+        """Stop the workers; idempotent. Waits for a run in progress on another thread (a worker that saw the
+        quit flag before a job posted after it would never run that job)."""
+        with self._lock:
+            if not self.quit[0]:
+                self.quit[0] = 1
+                for t in self.threads:
+                    t.join()
         _live.discard(self)
 
 
