@@ -60,7 +60,7 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 from .base import Backend, BackendUnavailable, Capabilities, Program
 from .llvm import GENERATOR_VERSION, KernelSpec, Target, compile_kernel, emit_object, get_layout
 from .llvm.layout import dequantize_reference, interleave_codes, repack, unpack_fast
-from .llvm.pool import SpinPool
+from .llvm.pool import PoolClosed, SpinPool
 from .llvm.rowlane import ROWS_KIND, ROWS_VERSION, RowLaneSpec, q8_scratch_bytes
 from .llvm.rowlane import pack as rowlane_pack
 
@@ -111,6 +111,16 @@ def _default_threads() -> int:
 _num_threads = _default_threads()
 
 
+def _forget_pools_after_fork() -> None:
+    """A forked child inherits the pool objects but not their threads: it builds its own on first use."""
+    global _pool, _spin, _pool_lock
+    _pool, _spin, _pool_lock = None, None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def num_threads() -> int:
     """Threads the packed linears use (the caller's thread included)."""
     return _num_threads
@@ -125,9 +135,9 @@ def set_num_threads(n: int) -> None:
             if _pool is not None:
                 _pool.shutdown(wait=True)
                 _pool = None
-            if _spin is not None:
+            if _spin:  # (False: it could not be built; try again at the new size)
                 _spin.close()
-                _spin = None
+            _spin = None
         _num_threads = n
 
 
@@ -500,14 +510,19 @@ class _Linear:
             work(0, self.out)
             return y
         spin = _get_spin() if self.spin and (T == 1 or rows.act == "q8") else None
+        # ranges for this pool's size (set_num_threads may replace the pool meanwhile: then one thread does it all)
         ranges = row_ranges(self.out, self.out * self.active_cols * T,
+                            threads=spin.workers + 1 if spin is not None else None,
                             min_macs=MIN_SPIN_TASK_MACS if spin is not None else MIN_TASK_MACS)
         if len(ranges) == 1:
             work(0, self.out)
             return y
         if spin is not None:
             jobs, keep = rows.jobs(xin, y, T, ranges)
-            spin.run(jobs)
+            try:
+                spin.run(jobs)
+            except PoolClosed:
+                work(0, self.out)
             del keep  # the scratch lived until every range finished
             return y
         futs = [_get_pool().submit(work, rb, re) for rb, re in ranges[1:]]

@@ -1,5 +1,7 @@
 """The native spinning worker pool (backends/llvm/pool.py) that hands row ranges to other cores."""
 import ctypes
+import os
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from xbitc.backends.llvm import host_target
 from xbitc.backends.llvm import rowlane as rl
 from xbitc.backends.llvm.jit import compile_kernel
-from xbitc.backends.llvm.pool import MAX_ARGS, SpinPool
+from xbitc.backends.llvm.pool import MAX_ARGS, PoolClosed, SpinPool
 
 pytestmark = pytest.mark.skipif(not host_target().is_x86, reason="x86 host kernels")
 
@@ -72,7 +74,7 @@ def test_spin_pool_rejects_what_it_cannot_run():
     assert ran == []
     pool.close()
     pool.close()  # idempotent
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(PoolClosed, match="closed"):
         pool.run([(add, ())])
     with pytest.raises(ValueError, match="workers must be >= 0"):
         SpinPool(-1)
@@ -105,3 +107,33 @@ def test_a_job_posted_before_the_worker_thread_starts_still_runs():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "ok 1", out.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_does_not_wait_for_workers_it_does_not_have():
+    """A child inherits the pool object but not its threads: run must refuse (PoolClosed), not spin forever."""
+    pool = SpinPool(1)
+    noop = ctypes.CFUNCTYPE(None)(lambda: None)
+    pid = os.fork()
+    if pid == 0:  # child: exit codes report what happened
+        try:
+            pool.run([(noop, ()), (ctypes.pythonapi.Py_IsInitialized, ())])
+            os._exit(1)
+        except PoolClosed:
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(2)
+    try:
+        for _ in range(300):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited for a worker thread it does not have")
+        pool.run([(noop, ()), (ctypes.pythonapi.Py_IsInitialized, ())])  # the parent's pool still works
+    finally:
+        pool.close()

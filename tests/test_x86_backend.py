@@ -242,6 +242,30 @@ def test_threaded_row_ranges_give_identical_results(monkeypatch, kernels, pool, 
         assert torch.equal(a, b)  # rows are computed independently of the split
 
 
+def test_spinning_pool_replaced_or_unbuildable_falls_back(monkeypatch, kernels):
+    """A pool closed under a running model (set_num_threads from another thread) leaves that call to one thread;
+    a pool that could not be built (False) does not break set_num_threads."""
+    monkeypatch.setenv("XBITC_X86_POOL", "spin")
+    q, pm = _mixed_matrix(32, seed=4)
+    prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
+    x = torch.randn(1, q.shape[1])
+    want = prog(x)
+    monkeypatch.setattr(x86, "MIN_SPIN_TASK_MACS", 1)
+    before = x86.num_threads()
+    x86.set_num_threads(3)
+    try:
+        assert torch.equal(prog(x), want)
+        pool = x86._spin
+        if pool:  # the row-lane kernel ran through it: close it behind the model's back
+            pool.close()
+            assert torch.equal(prog(x), want)
+        monkeypatch.setattr(x86, "_spin", False)
+        x86.set_num_threads(2)  # must not try to close False
+        assert x86._spin is None
+    finally:
+        x86.set_num_threads(before)
+
+
 def test_reference_fallback_when_no_kernel_builds(monkeypatch, caplog):
     monkeypatch.setattr(x86, "_logged", set())
 

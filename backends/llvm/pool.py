@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -137,9 +138,14 @@ WAIT_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)
 PROTOS = (WORKER_PROTO, POST_PROTO, WAIT_PROTO)
 
 
+class PoolClosed(RuntimeError):
+    """run() on a pool that was closed (or inherited through fork, where its threads do not exist)."""
+
+
 class SpinPool:
     """`workers` native spinning threads. `run(jobs)` runs jobs[0] on the calling thread and the others on workers,
-    returning when all are done; a job is (ctypes function or address, args) with <= 11 int / pointer / None args.
+    returning when all are done; a job is (ctypes function, args) with <= 11 int / pointer / None args (the posted
+    ones may also give the function's address as an int).
     The caller keeps every buffer a job reads alive until run returns (it does: run blocks). A pool lives until
     `close()` (or interpreter exit): its threads hold it. Function objects passed as jobs are kept (with their
     address) for the pool's life: pass the same kernel objects each call, as the runtime does."""
@@ -162,8 +168,15 @@ class SpinPool:
         self._lock = threading.Lock()  # one run (or close) at a time: a slot holds one job
         self.threads = [threading.Thread(target=self._serve, args=(i, spin), name=f"xbitc-spin-{i}", daemon=True)
                         for i in range(workers)]
-        for t in self.threads:
-            t.start()
+        try:
+            for t in self.threads:
+                t.start()
+        except BaseException:  # e.g. no more threads: stop the ones that did start
+            self.quit[0] = 1
+            for t in self.threads:
+                if t.ident is not None:
+                    t.join()
+            raise
         _live.add(self)
 
     def _serve(self, i: int, spin: int) -> None:
@@ -177,6 +190,8 @@ class SpinPool:
     def run(self, jobs) -> None:
         if not jobs:
             return
+        if self.quit[0]:
+            raise PoolClosed("the pool was closed")
         if len(jobs) - 1 > self.workers:
             raise ValueError(f"{len(jobs)} jobs for {self.workers} workers + the calling thread")
         # everything checked before the first post: a job once posted runs, and run must then wait for it
@@ -188,14 +203,29 @@ class SpinPool:
             posts.append((self._slot_addrs[i], self._address(fn), vals))
         with self._lock:
             if self.quit[0]:
-                raise RuntimeError("the pool was closed")
-            posted = [(slot, self._post(slot, addr, *vals)) for slot, addr, vals in posts]
-            fn, args = jobs[0]
+                raise PoolClosed("the pool was closed")
+            posted = []
             try:
+                for slot, addr, vals in posts:
+                    posted.append((slot, self._post(slot, addr, *vals)))
+                fn, args = jobs[0]
                 fn(*args)
             finally:
-                for slot, seq in posted:  # never return while a worker may still use the caller's buffers
-                    self._wait(slot, seq)
+                self._wait_all(posted)
+
+    def _wait_all(self, posted) -> None:
+        """Wait for every posted job, even through KeyboardInterrupt (re-raised after): never return while a
+        worker may still use the caller's buffers."""
+        interrupted = None
+        while posted:
+            try:
+                while posted:
+                    self._wait(*posted[0])
+                    posted.pop(0)
+            except BaseException as err:  # noqa: BLE001 - keep waiting, then re-raise
+                interrupted = interrupted or err
+        if interrupted is not None:
+            raise interrupted
 
     def _address(self, fn) -> int:
         if isinstance(fn, int):
@@ -223,3 +253,17 @@ _live: "weakref.WeakSet[SpinPool]" = weakref.WeakSet()
 def _close_all() -> None:
     for p in list(_live):
         p.close()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child the pools' threads do not exist: mark every pool closed (run raises PoolClosed) instead
+    of letting a run wait forever for a worker that is not there."""
+    for p in list(_live):
+        p.quit[0] = 1
+        p.threads = []
+        p._lock = threading.Lock()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
