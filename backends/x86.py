@@ -419,32 +419,39 @@ class _RowLane:
         return x.view(T, self.inp).index_select(1, self.perm_t)
 
     def run(self, xin: torch.Tensor, y: torch.Tensor, T: int, rb: int, re: int) -> None:
-        if self.act == "q8":  # any batch; per-call scratch (int8 x) so row ranges can run on several threads
-            scratch = torch.empty(T * self.scratch_per_token + 64, dtype=torch.uint8)
-            self.q8(self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T, self.inp,
-                    self.out, scratch.data_ptr())
+        if self.act == "q8":
+            scratch = torch.empty(self.scratch_bytes(T), dtype=torch.uint8)
+            self.q8(*self.q8_args(xin, y, T, rb, re, scratch.data_ptr()))
         elif T == 1:
-            self.gemv_run(xin, y, rb, re)
+            self.gemv(*self.gemv_args(xin, y, rb, re))
         else:
             self.gemm_run(xin.view(T, self.inp), y, rb, re)
 
+    def scratch_bytes(self, T: int) -> int:
+        """q8 scratch of one call (int8 x, lookup tables, d per record), rounded so the next one stays 64-byte
+        aligned."""
+        return -(-(T * self.scratch_per_token + 64) // 64) * 64
+
+    def q8_args(self, xin: torch.Tensor, y: torch.Tensor, T: int, rb: int, re: int, scratch: int) -> tuple:
+        return (self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T, self.inp, self.out,
+                scratch)
+
+    def gemv_args(self, x: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> tuple:
+        """One token, x unpermuted (the kernel gathers by the permutation as it copies x)."""
+        return self.table_ptr, self.nrec, x.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re
+
     def jobs(self, xin: torch.Tensor, y: torch.Tensor, T: int, ranges: list[tuple[int, int]]):
-        """(kernel, arguments) per row range for the spinning pool, and what must stay alive while they run; None
-        for the f32 gemm (chunked over tokens; prefill-sized work, where waking a Python worker costs nothing)."""
+        """(kernel, arguments) per row range for the spinning pool — q8 any batch, each range with its own
+        scratch, or the f32 gemv — and what must stay alive while they run. Not the f32 gemm (chunked over tokens:
+        `gemm_run`)."""
         if self.act == "q8":
-            step = -(-(T * self.scratch_per_token + 64) // 64) * 64  # each range its own 64-byte aligned scratch
+            step = self.scratch_bytes(T)
             scratch = torch.empty(len(ranges) * step, dtype=torch.uint8)
             base = scratch.data_ptr()
-            return [(self.q8, (self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re, T,
-                               self.inp, self.out, base + i * step)) for i, (rb, re) in enumerate(ranges)], scratch
-        if T == 1:
-            return [(self.gemv, (self.table_ptr, self.nrec, xin.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re))
-                    for rb, re in ranges], None
-        return None
-
-    def gemv_run(self, x2: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
-        """One token, x2 the unpermuted input (the kernel gathers by the permutation as it copies x)."""
-        self.gemv(self.table_ptr, self.nrec, x2.data_ptr(), self.perm_ptr, y.data_ptr(), rb, re)
+            return [(self.q8, self.q8_args(xin, y, T, rb, re, base + i * step)) for i, (rb, re) in enumerate(ranges)], \
+                scratch
+        assert T == 1, "the f32 gemm runs through gemm_run"
+        return [(self.gemv, self.gemv_args(xin, y, rb, re)) for rb, re in ranges], None
 
     def gemm_run(self, xp: torch.Tensor, y: torch.Tensor, rb: int, re: int) -> None:
         """Several tokens, xp the permuted input [T, in]; y [..., out] contiguous. The kernel keeps per-token sums

@@ -396,9 +396,8 @@ def main(argv=None) -> None:
 
                 def gemm(rb, re, i, k=kernels[bits], ptrs=ptrs, rows=rows, cols=cols, xbp=xbp, ybp=ybp):
                     return k.gemm, (*ptrs, xbp, ybp, rb, re, cols, args.batch, rows)
-            arrays = (codes, scales, zeros)
-            nbytes = codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes
-            for fn, a in (gemv(0, rows, 0), gemm(0, rows, 0) if args.batch else gemv(0, rows, 0)):
+            for job in (gemv, gemm) if args.batch else (gemv,):
+                fn, a = job(0, rows, 0)
                 fn(*a)  # warm-up
             cases.append(dict(rows=rows, cols=cols, bits=bits, gemv=gemv, gemm=gemm, arrays=(codes, scales, zeros),
                               nbytes=codes.nbytes + scales.nbytes + zeros.nbytes + x.nbytes, keep=(x, y, xb, yb, held)))

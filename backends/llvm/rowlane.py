@@ -783,7 +783,8 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
     # only with 512-bit VNNI (where it was measured, and where the accumulators of four blocks fit the registers at
     # 1-5 bits): elsewhere a third row loop would only grow the object (the SSE2 one 150 -> 420 KB)
-    if _Dot16.is_wide(e):
+    four_block_visits = _Dot16.is_wide(e)
+    if four_block_visits:
         all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
         wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
     else:
@@ -795,7 +796,7 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     # runs of Q8_ROW_BLOCKS_WIDE row blocks (if this matrix is shallow enough), then of Q8_ROW_BLOCKS, then single
     # (possibly partial) blocks: a loop whose end is its start runs no iteration
     wide_end = b.select(wide, whole(rb, Q8_ROW_BLOCKS_WIDE), rb)
-    if _Dot16.is_wide(e):
+    if four_block_visits:
         e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
                name="rowsw")
     pair_end = whole(wide_end, Q8_ROW_BLOCKS)
