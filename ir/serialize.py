@@ -7,9 +7,14 @@ from typing import Any
 
 import torch
 
-from .graph import Graph, Node, Op, Ref, TensorType
+from .graph import TARGET_OPS, Graph, Node, Op, Ref, TensorType
+from .targets import UnknownTarget, resolve
 
 FORMAT_VERSION = 1
+
+
+class GraphFormatError(ValueError):
+    """A stored graph is malformed or names an operator outside the closed lists; the message names the node."""
 
 
 def encode_value(v: Any) -> Any:
@@ -80,22 +85,53 @@ def graph_to_dict(g: Graph) -> dict:
 
 
 def graph_from_dict(d: dict, params: dict | None = None) -> Graph:
-    if d.get("format") != FORMAT_VERSION:
-        raise ValueError(f"IR format {d.get('format')!r} is not supported (this xbitc reads {FORMAT_VERSION})")
-    nodes = []
-    for nd in d["nodes"]:
+    """Read a stored graph. Every operator is checked against the closed lists (ir/targets.py) here, before anything
+    can run, and any malformed field is refused with the node it is in."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION:
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise GraphFormatError(f"IR format {found!r} is not supported (this xbitc reads {FORMAT_VERSION})")
+    if not isinstance(d.get("nodes"), list) or not isinstance(d.get("meta"), dict):
+        raise GraphFormatError("the graph needs a list of nodes and a meta object")
+    nodes = [_node_from_dict(i, nd) for i, nd in enumerate(d["nodes"])]
+    try:
+        meta = {k: decode_value(v) for k, v in d["meta"].items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise GraphFormatError(f"graph meta: {err}") from None
+    return Graph(nodes=nodes, params=dict(params or {}), meta=meta)
+
+
+def _node_from_dict(index: int, nd: Any) -> Node:
+    label = f"node {index}" + (f" ({nd.get('name')!r})" if isinstance(nd, dict) else "")
+    try:
         t = nd["type"]
-        nodes.append(
-            Node(
-                name=nd["name"],
-                op=Op(nd["op"]),
-                args=tuple(decode_value(a) for a in nd["args"]),
-                kwargs={k: decode_value(a) for k, a in nd["kwargs"].items()},
-                attrs={k: decode_value(a) for k, a in nd["attrs"].items()},
-                type=None if t is None else TensorType(tuple(t["shape"]), t["dtype"]),
-            )
+        node = Node(
+            name=_str(nd["name"]),
+            op=Op(nd["op"]),
+            args=tuple(decode_value(a) for a in _of(nd["args"], list)),
+            kwargs={_str(k): decode_value(a) for k, a in _of(nd["kwargs"], dict).items()},
+            attrs={_str(k): decode_value(a) for k, a in _of(nd["attrs"], dict).items()},
+            type=None if t is None else TensorType(tuple(_of(t["shape"], list)), _str(t["dtype"])),
         )
-    return Graph(nodes=nodes, params=dict(params or {}), meta={k: decode_value(v) for k, v in d["meta"].items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise GraphFormatError(f"{label}: malformed ({type(err).__name__}: {err})") from None
+    if node.op in TARGET_OPS:
+        try:
+            resolve(node.attrs.get("target"))
+        except UnknownTarget as err:
+            raise GraphFormatError(f"{label}, op {node.op.value}: {err}; refused") from None
+    elif node.op is Op.FUSED:
+        raise GraphFormatError(f"{label}: fused nodes are made at load time and never stored; refused")
+    return node
+
+
+def _of(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
+def _str(value: Any) -> str:
+    return _of(value, str)
 
 
 def dumps(g: Graph) -> str:

@@ -1,58 +1,96 @@
-"""Naming and resolving the operators that TORCH_OP-style nodes execute.
+"""Naming and resolving the operators that TORCH_OP-style nodes execute: a closed, explicit list.
 
 A target is stored as a string: "aten.mul.Tensor" for torch operator overloads, "operator.getitem" / "math.ceil" /
-"torch.sym_float" for Python callables that torch.export leaves in graphs. Resolution only looks into
-`torch.ops` and a short allow-list of modules, so loading an artifact can never name arbitrary code to run.
+"torch.sym_float" for Python callables that torch.export leaves in graphs. An artifact is data, never code, so the
+operators a graph may name are the pure tensor and scalar operators listed below: no I/O (`aten.from_file`), no
+interpreter access (`builtins.*`), no serialization (`torch.load`), nothing that takes or returns callables. Names
+are checked against the lists *before* any attribute lookup, so no string can walk to an object outside them.
+Tracing refuses to write any other operator (`target_name`) and loading refuses to read one (`resolve`).
 """
 from __future__ import annotations
 
-import importlib
 import math
 import operator
 from typing import Any, Callable
 
 import torch
 
-_PY_MODULES = {"operator": operator, "math": math, "torch": torch, "builtins": __import__("builtins")}
+# aten operator packets (every non-`out` overload of each): arithmetic, comparison, activations, reductions,
+# views and layout, indexing, creation of constant or index tensors, normalization, attention, convolution.
+ATEN_OPS = frozenset("""
+    abs acos acosh add add_ addcdiv addcmul addmm alias all amax amin any arange argmax argmin asin asinh
+    atan atan2 atanh avg_pool1d avg_pool2d baddbmm bitwise_and bitwise_not bitwise_or bitwise_xor bmm broadcast_to
+    bucketize cat ceil chunk clamp clamp_max clamp_min clip clone constant_pad_nd contiguous conv1d conv2d conv3d
+    convolution copy copy_ cos cosh cumprod cumsum detach detach_ diff div div_ dropout einsum elu embedding
+    eq erf exp exp2 expand expand_as expm1 fill fill_ flatten flip floor floor_divide fmod full full_like
+    gather ge gelu glu group_norm gt hardsigmoid hardswish hardtanh index index_put index_put_ index_select isinf isnan
+    layer_norm le leaky_relu lerp lift_fresh_copy linear log log10 log1p log2 log_softmax logical_and logical_not
+    logical_or logical_xor logsumexp lt masked_fill masked_fill_ matmul max max_pool1d max_pool2d maximum mean min
+    minimum mm mul mul_ native_dropout native_group_norm native_layer_norm ne neg new_full new_ones
+    new_zeros nonzero norm ones ones_like pad permute pow prod reciprocal relu remainder repeat repeat_interleave
+    reshape roll round rsqrt rsub scalar_tensor scaled_dot_product_attention scatter scatter_add select sigmoid sign
+    silu sin sinh slice softmax softplus sort split split_with_sizes sqrt square squeeze stack std sub sub_ sum
+    sym_numel sym_size sym_stride t tan tanh tensor_split topk transpose tril triu trunc type_as unbind unflatten
+    unsqueeze var view where zeros zeros_like
+    __and__ __or__ __xor__ __lshift__ __rshift__ _assert_tensor_metadata _log_softmax _softmax _to_copy
+    _unsafe_view _native_batch_norm_legit_no_training native_batch_norm batch_norm to
+    erfc erfinv lgamma digamma logit sinc hypot xlogy nan_to_num i0 frac special_erfcx special_expit special_logit
+    special_xlogy special_i0 special_ndtr special_ndtri special_log_ndtr
+""".split())
+
+# Python callables torch.export leaves for symbolic sizes and tuple results: pure functions of numbers.
+PY_CALLABLES: dict[str, Callable] = {
+    **{f"operator.{n}": getattr(operator, n) for n in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "getitem",
+        "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_")},
+    **{f"math.{n}": getattr(math, n) for n in ("ceil", "floor", "trunc", "sqrt", "log2")},
+    **{f"torch.{n}": getattr(torch, n) for n in (
+        "sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite")},
+}
+_PY_BY_ID = {id(fn): name for name, fn in PY_CALLABLES.items()}
 
 
 class UnknownTarget(ValueError):
     pass
 
 
+def _aten_allowed(packet: str, overload: str) -> bool:
+    # `out` overloads write into a caller's tensor; nothing traced needs them
+    return packet in ATEN_OPS and overload != "out" and not overload.endswith("_out")
+
+
 def target_name(target: Any) -> str:
+    """The stored name of a traced operator; refuses anything outside the closed lists."""
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._schema.name.split('::')[1]}.{target._overloadname}"
+        packet = target._schema.name.split("::")[1]
+        name = f"{target.namespace}.{packet}.{target._overloadname}"
+        if target.namespace == "aten" and _aten_allowed(packet, target._overloadname):
+            return name
+        raise UnknownTarget(f"operator {name} is not in xbitc's list of pure tensor operators (ir/targets.py)")
     if isinstance(target, torch._ops.OpOverloadPacket):
         raise UnknownTarget(f"unresolved overload packet {target}")
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__name__", None)
-    if module in ("_operator", "operator"):
-        module = "operator"
-    if module.startswith("torch") and name and getattr(torch, name, None) is target:
-        module = "torch"
-    if module in _PY_MODULES and name and getattr(_PY_MODULES[module], name, None) is target:
-        return f"{module}.{name}"
-    raise UnknownTarget(f"operator {target!r} cannot be named in the IR")
+    name = _PY_BY_ID.get(id(target))
+    if name is not None and PY_CALLABLES[name] is target:
+        return name
+    raise UnknownTarget(f"operator {target!r} is not in xbitc's list of pure tensor operators (ir/targets.py)")
 
 
-def resolve(name: str) -> Callable:
-    head, _, rest = name.partition(".")
-    if head in _PY_MODULES and head not in ("aten", "prims", "quantized"):
-        fn = getattr(_PY_MODULES[head], rest, None)
-        if fn is None or "." in rest:
-            raise UnknownTarget(f"unknown operator {name!r}")
-        return fn
+def resolve(name: Any) -> Callable:
+    """The function a stored operator name stands for; refuses every name outside the closed lists."""
+    if not isinstance(name, str):
+        raise UnknownTarget(f"operator name {name!r} is not a string")
+    if name in PY_CALLABLES:
+        return PY_CALLABLES[name]
     parts = name.split(".")
-    if len(parts) != 3:
-        raise UnknownTarget(f"operator name {name!r} is not namespace.op.overload")
+    if len(parts) != 3 or parts[0] != "aten" or not _aten_allowed(parts[1], parts[2]):
+        raise UnknownTarget(f"operator {name!r} is not in xbitc's list of pure tensor operators")
     try:
-        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+        return getattr(getattr(torch.ops.aten, parts[1]), parts[2])
     except (AttributeError, RuntimeError) as err:
         raise UnknownTarget(f"torch {torch.__version__} has no operator {name!r}") from err
 
 
-def is_resolvable(name: str) -> bool:
+def is_resolvable(name: Any) -> bool:
     try:
         resolve(name)
         return True
@@ -60,4 +98,4 @@ def is_resolvable(name: str) -> bool:
         return False
 
 
-__all__ = ["target_name", "resolve", "is_resolvable", "UnknownTarget", "importlib"]
+__all__ = ["target_name", "resolve", "is_resolvable", "UnknownTarget", "ATEN_OPS", "PY_CALLABLES"]

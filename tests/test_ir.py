@@ -6,6 +6,7 @@ import torch
 
 from conftest import TinyLM, tiny_lm
 from xbitc import frontend
+from xbitc.importer import TraceError
 from xbitc.ir import serialize
 from xbitc.ir.graph import Node, Op, Ref
 from xbitc.ir.interp import Interpreter
@@ -92,7 +93,27 @@ def test_targets_never_resolve_arbitrary_callables():
     assert resolve("aten.mul.Tensor") is torch.ops.aten.mul.Tensor
 
 
-def test_unknown_ops_stay_executable():
+@pytest.mark.parametrize("name", ["builtins.exec", "builtins.eval", "builtins.open", "builtins.__import__",
+                                  "builtins.getattr", "torch.load", "torch.save", "os.system", "aten.from_file.default",
+                                  "aten.add.out", "aten.__class__.__init__", "operator.attrgetter", "operator.methodcaller",
+                                  "torch.ops.aten.add", "prims.add.default", "higher_order.cond.default", 3, None])
+def test_closed_operator_list_refuses(name):
+    from xbitc.ir.targets import UnknownTarget, resolve
+
+    with pytest.raises(UnknownTarget):
+        resolve(name)
+
+
+def test_tracing_refuses_operators_outside_the_list():
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.det(x)
+
+    with pytest.raises(TraceError, match="linalg_det.*not in xbitc's list"):
+        frontend.trace(frontend._from_module(Det(), (torch.randn(2, 3, 3),), "det", "0"))
+
+
+def test_listed_ops_without_an_ir_name_stay_executable():
     class Odd(torch.nn.Module):
         def __init__(self):
             super().__init__()

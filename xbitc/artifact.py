@@ -9,7 +9,10 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,10 +93,10 @@ def write(
     notes: dict | None = None,
 ) -> Manifest:
     out = Path(out)
-    if out.exists() and not (out / MANIFEST).exists():
-        raise ArtifactError(f"{out} exists and is not an xbitc artifact; choose another -o path")
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         arrays, entries = flatten_params(graph, roles)
         save_file(arrays, str(tmp / WEIGHTS), metadata={"format": "xbitc", "version": str(MANIFEST_VERSION)})
@@ -139,6 +142,12 @@ def write(
         (tmp / MANIFEST).write_bytes(text.encode())
         if len(text.encode()) != manifest_bytes:
             raise ArtifactError("internal error: manifest size did not reach a fixed point")
+        if target_bpw is not None and manifest.size.bits_per_weight > target_bpw:
+            raise ArtifactError(
+                f"the compiled model takes {manifest.size.bits_per_weight:.3f} bits per weight, over its target of "
+                f"{target_bpw}; nothing was written: plan to the target in the pipeline (plan{{bpw={target_bpw}}} or "
+                f"allocate{{bpw={target_bpw}}}) or raise the target"
+            )
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
         tmp.chmod(0o755)
@@ -151,12 +160,87 @@ def write(
 
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        trash = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out), suffix=".old", dir=out.parent))
         os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:  # interrupted between the two renames: put the previous artifact back
+            if not out.exists():
+                os.replace(trash / "old", out)
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any work: an existing file or folder that is not an
+    artifact, a parent that is a file, a folder this process cannot create entries in."""
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).exists():
+        raise ArtifactError(f"{out} exists and is not an xbitc artifact; choose another -o path")
+    folder = out.absolute().parent
+    try:
+        while not folder.exists():  # the nearest existing folder: the artifact's parents are created from it
+            folder = folder.parent
+    except OSError as err:
+        raise ArtifactError(f"cannot write {out}: {folder} cannot be read ({err.strerror}); choose another -o path") from None
+    if not folder.is_dir():
+        raise ArtifactError(f"cannot write {out}: {folder} is a file, not a folder; choose another -o path")
+    try:  # permissions, read-only file systems, quotas: only trying tells
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=folder))
+    except OSError as err:
+        raise ArtifactError(f"cannot write {out}: {folder} is not writable ({err.strerror}); choose another -o path") from None
+
+
+def _writer_tag() -> str:
+    """Who writes: pid and host, in the names of the scratch folders, so that a later write can tell the folders of
+    a writer that was killed (removed) from those of one still running (left alone)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+    return f"w{os.getpid()}-{host}"
+
+
+def _scratch_prefix(out: Path) -> str:
+    return f".{out.name}.{_writer_tag()}."
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # no signal-0 probe: assume every writer may still be running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the scratch folders (`.NAME.wPID-HOST.*.tmp` / `.old`) that killed writers of `out` left next to it:
+    those whose writer process, on this host, is gone. Returns what was removed."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.w(\d+)-([A-Za-z0-9-]*)\.[a-z0-9_]+\.(tmp|old)")
+    host = _writer_tag().split("-", 1)[1]
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or m.group(2) != host or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is kilobytes; this bounds what a hostile one makes us read
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -164,13 +248,15 @@ def read_manifest(path: Path) -> Manifest:
     mf = path / MANIFEST
     if not path.is_dir() or not mf.exists():
         raise ArtifactError(f"{path} is not an xbitc artifact (no {MANIFEST}); compile one with `xbitc compile`")
+    _regular_file(path, MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        raw = json.loads(mf.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(mf.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{mf} is not valid JSON ({err}); the artifact is corrupt, compile it again") from None
-    if raw.get("version") != MANIFEST_VERSION:
+    if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
+        found = raw.get("version") if isinstance(raw, dict) else None
         raise ArtifactError(
-            f"{path} has manifest version {raw.get('version')!r}; this xbitc {__version__} reads version {MANIFEST_VERSION}"
+            f"{path} has manifest version {found!r}; this xbitc {__version__} reads version {MANIFEST_VERSION}"
         )
     try:
         return Manifest.model_validate(raw)
@@ -179,12 +265,61 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def verify_files(path: Path, manifest: Manifest) -> None:
+    """Check every file the runtime reads against the manifest before any is read: names relative and inside the
+    folder, regular files (no links, devices or pipes), sizes as recorded (checked before hashing, so a listed
+    /dev/zero or a huge file is refused at once), sha256 as recorded; required files listed, no unlisted files."""
+    sizes = {**manifest.size.files, **manifest.size.uncounted}
+    for rel in (GRAPH, WEIGHTS):
+        if rel not in manifest.files:
+            raise ArtifactError(f"{path}: the manifest does not list {rel}; the artifact is corrupt, compile it again")
+    present = _files_in(path)
+    unlisted = sorted(present - set(manifest.files) - {MANIFEST})
+    if unlisted:
+        raise ArtifactError(f"{path}: {unlisted[0]} is not listed in the manifest; remove it or compile the artifact again")
     for rel, digest in manifest.files.items():
-        f = path / rel
-        if not f.exists():
+        _check_name(path, rel)
+        if rel not in sizes:
+            raise ArtifactError(f"{path}: the manifest lists {rel} without its size; the artifact is corrupt")
+        if rel not in present:
             raise ArtifactError(f"{path}: file {rel} listed in the manifest is missing")
-        if sha256(f) != digest:
+        _regular_file(path, rel, sizes[rel], exact=True)
+        if sha256(path / rel) != digest:
             raise ArtifactError(f"{path}: {rel} does not match its sha256 in the manifest (corrupt or modified)")
+
+
+def _check_name(root: Path, rel: str) -> None:
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts)
+            or rel == MANIFEST):
+        raise ArtifactError(f"{root}: the manifest lists {rel!r}, which is not a plain path inside the artifact; refused")
+
+
+def _regular_file(root: Path, rel: str, size: int, exact: bool = False) -> None:
+    """`rel` is a regular file inside `root`, reached without following links, of `size` bytes (at most, unless
+    exact)."""
+    here = root
+    for part in rel.split("/"):
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except OSError:
+            raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ArtifactError(f"{root}: {rel} is reached through a symbolic link; an artifact holds plain files only")
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{root}: {rel} is not a regular file; an artifact holds plain files only")
+    if st.st_size != size if exact else st.st_size > size:
+        raise ArtifactError(f"{root}: {rel} has {st.st_size:,} bytes where the manifest records {size:,} (corrupt or modified)")
+
+
+def _files_in(root: Path) -> set[str]:
+    """Every non-directory entry under root (links included, not followed), as relative posix names."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath).relative_to(root)
+        found.update((base / f).as_posix() for f in filenames)
+        found.update((base / d).as_posix() for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+    return found
 
 
 def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
@@ -192,22 +327,42 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
     manifest = read_manifest(path)
     if check:
         verify_files(path, manifest)
-    arrays = load_file(str(path / WEIGHTS))
+    try:
+        arrays = load_file(str(path / WEIGHTS))
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise ArtifactError(f"{path}: {WEIGHTS} is not a readable safetensors file ({err})") from None
     params: dict[str, Any] = {}
     for name, entry in manifest.tensors.items():
-        if entry.storage == "packed":
-            desc = {"shape": entry.shape, "layout": entry.layout, "permuted": entry.permuted, "segments": entry.segments}
-            try:
-                params[name] = PackedMatrix.from_tensors(name, desc, arrays)
-            except (KeyError, ValueError) as err:
-                raise ArtifactError(f"{path}: tensor {err} (the file does not describe a valid packed matrix)") from None
-        else:
-            t = torch.from_numpy(arrays[name].copy())
-            if entry.dtype == "bfloat16":
-                t = t.view(torch.bfloat16)
-            params[name] = t
-    graph = serialize.loads((path / GRAPH).read_text(), params)
-    if (path / STEP).exists():
-        graph.step = serialize.loads((path / STEP).read_text(), params)
+        try:
+            params[name] = _param(name, entry, arrays)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ArtifactError(f"{path}: tensor {name}: {err} (the file does not describe a valid tensor)") from None
+    try:
+        graph = serialize.loads(_text(path, GRAPH), params)
+        if (path / STEP).exists():  # with check, an unlisted step.json was refused above
+            graph.step = serialize.loads(_text(path, STEP), params)
+    except serialize.GraphFormatError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     return graph, manifest
 
+
+def _text(path: Path, rel: str) -> str:
+    try:
+        return (path / rel).read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ArtifactError(f"{path}: cannot read {rel} ({err})") from None
+
+
+def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray]) -> Any:
+    if entry.storage == "packed":
+        desc = {"shape": entry.shape, "layout": entry.layout, "permuted": entry.permuted, "segments": entry.segments}
+        return PackedMatrix.from_tensors(name, desc, arrays)
+    if entry.storage != "float":
+        raise ValueError(f"storage {entry.storage!r} cannot be loaded")
+    array = arrays[name]
+    if list(array.shape) != list(entry.shape):
+        raise ValueError(f"shape {list(array.shape)} where the manifest records {entry.shape}")
+    t = torch.from_numpy(array.copy())
+    if entry.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t

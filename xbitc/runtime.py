@@ -46,7 +46,8 @@ class CompiledModel:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            # the folder's files were verified against the manifest; code it names (auto_map) is never trusted
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         return self._tokenizer
 
     @torch.no_grad()
