@@ -199,7 +199,7 @@ def load(source: str, trust_pickle: bool = False) -> LoadedModel:
     if path.suffix == ".gguf":
         return load_hf_folder(path.parent, gguf_file=path.name)
     if path.suffix == ".pt2":
-        return load_exported(path)
+        return load_exported(path, trust_pickle)
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
         if not trust_pickle:
             raise LoadError(
@@ -211,11 +211,27 @@ def load(source: str, trust_pickle: bool = False) -> LoadedModel:
     raise LoadError(f"unknown model format {path.suffix!r}: use .pt2, a Hugging Face folder, .gguf, .pt or module:function")
 
 
-def load_exported(path: Path) -> LoadedModel:
+def load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
+    """A torch.export.save archive. torch.export.load runs code stored in some parts of an archive (pickles,
+    native code, shape expressions it evaluates: see xbitc.pt2safety); those need --trust-pickle, like a .pt."""
+    from xbitc import pt2safety
+
+    try:
+        found = pt2safety.findings(path)
+    except pt2safety.NotAnArchive as err:
+        raise LoadError(
+            f"{path} is not a torch.export archive (not a zip file, or truncated: {err}); save the program with "
+            "torch.export.save"
+        ) from None
+    if found and not trust_pickle:
+        raise LoadError(
+            f"{path} holds {found[0]}: loading it runs code stored in the file. If you trust its origin, pass "
+            "--trust-pickle; otherwise save the program again with torch.export.save from plain tensors"
+        )
     try:
         ep = torch.export.load(str(path))
     except Exception as err:  # torch raises many types for a bad archive
-        raise LoadError(f"{path} is not a readable torch.export program: {err}") from None
+        raise LoadError(f"{path} is not a readable torch.export program: {_first_line(err)}") from None
     loaded = LoadedModel(ep.module(), (), "generic", str(path), file_hash(path))
     loaded.exported = ep  # type: ignore[attr-defined]
     return loaded
