@@ -1,4 +1,5 @@
 """LLVM backend: generated gemv / gemm kernels for b-bit packed linears (x86-64 and generic LLVM targets)."""
+from . import diskcache
 from .codegen import GENERATOR_VERSION, KernelSpec, Target, default_spec, generate_module
 from .jit import (
     CompiledKernel,

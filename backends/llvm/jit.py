@@ -5,8 +5,9 @@
     PackedLinear(codes, scales, zeros, bits, group_size, in_features)   # numpy convenience wrapper
 
 Host kernels are always compiled to a relocatable object first, and that object is what MCJIT loads; the same
-bytes go to the disk cache (``$XBITC_CACHE_DIR`` or ``~/.cache/xbitc/kernels``), keyed by a fingerprint of
-(generator version, kernel spec, target triple, cpu name, cpu features, LLVM version, opt level). A cache hit loads
+bytes go to the disk cache (``$XBITC_CACHE_DIR`` or ``~/.cache/xbitc/kernels``, see diskcache.py: every entry is
+checked on read), keyed by a fingerprint of (generator source and version, kernel spec, target triple, cpu name, cpu
+features, LLVM and llvmlite versions, opt level). A cache hit loads
 the object without generating IR or running LLVM, so a second process compiles nothing. `compile_stats()` counts
 code generations, disk hits and in-memory hits.
 
@@ -18,19 +19,21 @@ import ctypes
 import gc
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import llvmlite
 import llvmlite.binding as llvm
 
+from . import diskcache
 from .codegen import GENERATOR_VERSION, KINDS, KernelSpec, Target, default_spec, generate_module, symbol_names
 from .layout import get_layout, ngroups, repack
 from .pool import POOL_KIND, PoolSpec, generate_pool_module
 from .pool import PROTOS as POOL_PROTOS
 from .rowlane import ROWS_KIND, RowLaneSpec, generate_rows_module
+from .diskcache import cache_dir  # noqa: F401 (re-exported)
 
 OPT_LEVEL = 3  # codegen (instruction selection / scheduling / register allocation) level
 # The generated IR is already explicitly vectorised and unrolled, so the full -O3 module pipeline buys nothing at run
@@ -73,11 +76,6 @@ def clear_memory_cache() -> None:
         _memory_cache.clear()
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("XBITC_CACHE_DIR")
-    return Path(d) if d else Path.home() / ".cache" / "xbitc" / "kernels"
-
-
 def host_target(without: tuple[str, ...] = ()) -> Target:
     """The host: process triple, cpu name, full feature string. `without` disables every feature whose name starts
     with one of the prefixes, e.g. host_target(without=("avx512", "amx")) emulates an AVX2-only machine."""
@@ -109,6 +107,7 @@ def fingerprint(spec: KernelSpec, target: Target, kind: str = "gemv") -> str:
         f"cpu={target.cpu}",
         f"features={target.features}",
         f"llvm={'.'.join(map(str, llvm.llvm_version_info))}",
+        f"llvmlite={llvmlite.__version__}",
         f"opt={OPT_LEVEL}/{PIPELINE}",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
@@ -184,22 +183,17 @@ def emit_object(target_triple: str, cpu: str = "", features: str = "", spec=None
         spec = KernelSpec(4, 128)
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     target = Target(target_triple, cpu, features)
-    path = None
+    key = None
     if use_disk_cache:
-        fp = hashlib.sha256("|".join(fingerprint(s, target, "object") for s in specs).encode()).hexdigest()[:32]
-        path = cache_dir() / f"obj-{fp}.o"
-        if path.is_file():
-            try:
-                obj = path.read_bytes()
-            except OSError:
-                obj = b""
-            if obj:
-                with _lock:
-                    _stats["disk_hits"] += 1
-                return obj
+        key = "obj-" + hashlib.sha256("|".join(fingerprint(s, target, "object") for s in specs).encode()).hexdigest()[:32]
+        obj = diskcache.read(key)
+        if obj is not None:
+            with _lock:
+                _stats["disk_hits"] += 1
+            return obj
     obj = _emit(specs, target, jit=False)
-    if path is not None:
-        _write_atomic(path, obj)
+    if key is not None and diskcache.write(key, obj):
+        _stats["disk_writes"] += 1
     return obj
 
 
@@ -274,20 +268,14 @@ class CompiledKernel:
         fp = fingerprint(spec, target, kind)
         self.fingerprints[kind] = fp
         t0, c0 = time.perf_counter(), time.thread_time()
-        path = cache_dir() / f"{fp}.o"
-        obj = None
-        if self.use_disk_cache and path.is_file():
-            try:
-                obj = path.read_bytes() or None
-            except OSError:
-                obj = None
+        obj = diskcache.read(fp) if self.use_disk_cache else None
         self.from_cache[kind] = obj is not None
         if obj is not None:
             _stats["disk_hits"] += 1
         else:
             obj = _emit([spec], target, jit=True, kinds=(kind,))
-            if self.use_disk_cache:
-                _write_atomic(path, obj)
+            if self.use_disk_cache and diskcache.write(fp, obj):
+                _stats["disk_writes"] += 1
         tm = _target_machine(target, jit=True)
         empty = llvm.parse_assembly(f'target triple = "{target.triple}"\n')
         empty.data_layout = str(tm.target_data)
@@ -310,18 +298,6 @@ class CompiledKernel:
         self.compile_ms[kind] = (time.perf_counter() - t0) * 1e3
         self.compile_cpu_ms[kind] = (time.thread_time() - c0) * 1e3
         return tuple(fns)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        _stats["disk_writes"] += 1
-    except OSError:
-        pass
 
 
 def compile_kernel(spec: KernelSpec, target: Target | None = None, kinds=("gemv",),
