@@ -22,8 +22,8 @@ from xbitc.quant.format import Segment
 from xbitc.size import packed_bytes
 from xbitc.size import bits_per_weight
 
-from .base import Pass, PassContext, PassError
-from .plan import float_bytes
+from .base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, option
+from .plan import budget_advice, float_bytes
 from .targets import quantizable, weight_roles
 
 SAFETY_BYTES = 512  # manifest bytes a top-up may add (digits of sizes, longer segment lists)
@@ -34,14 +34,23 @@ MARGIN_BPW = 0.001  # aim this far under the target: pass records and timestamps
 class Allocate(Pass):
     name = "allocate"
     provides = frozenset({"planned"})
-    bpw: float = 3.0
+    bpw: float = option(3.0, MIN_BPW, MAX_BPW)
     objective: str = "auto"  # kl | ce | mse | package.module:function; auto = kl for language models, else mse
     embeddings: bool = True
     groups: str = "64-128-256-0"  # candidate group sizes, '-' separated; 0 = per-channel
-    batches: int = 8  # calibration batches used for sensitivities
+    batches: int = option(8, 1)  # calibration batches used for sensitivities
     act_order: bool = True  # must match quantize's: decides whether uniform tensors store a permutation
 
     needs_calibration = True
+
+    def __post_init__(self) -> None:
+        try:
+            groups = [int(g) for g in self.groups.split("-")]
+        except ValueError:
+            groups = []
+        if not groups or min(groups) < 0:
+            raise PassError(f"option groups={self.groups!r} of pass 'allocate' must be group sizes >= 0 joined by '-' "
+                            "(0 = per-channel), e.g. groups=64-128-0")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if not ctx.calib_inputs:
@@ -49,12 +58,6 @@ class Allocate(Pass):
         targets = quantizable(graph, self.embeddings)
         names = sorted(targets)
         count = graph.source_param_count() or sum(t.numel() for t in graph.params.values())
-        objective = default_objective(self.objective, graph.meta.get("kind"))
-        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
-                                 progress=ctx.stats.get("progress", True))
-        groups = [int(g) for g in self.groups.split("-")]
-        costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
-        del fisher
         roles = weight_roles(graph)
         emitted = ctx.stats.get("emitted")  # the backend's files (kernels), counted like everything else
         pipeline = ctx.pipeline_specs()  # the manifest records every pass
@@ -62,6 +65,14 @@ class Allocate(Pass):
         fixed -= sum(float_bytes(graph, n) for n in names)
         target_bits = (self.bpw - MARGIN_BPW) * count
         alloc_budget = target_bits - 8 * fixed
+        if alloc_budget <= 0:  # known before the sensitivities (the long part): refuse now
+            raise self._no_room(ctx, fixed, count)
+        objective = default_objective(self.objective, graph.meta.get("kind"))
+        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
+                                 progress=ctx.stats.get("progress", True))
+        groups = [int(g) for g in self.groups.split("-")]
+        costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
+        del fisher
         # Bisect the bits given to the solver on the exact artifact size (the solver's size model amortizes
         # group and byte padding; metadata is outside it): land in [target - tolerance, target].
         tolerance = 0.002 * count
@@ -84,8 +95,8 @@ class Allocate(Pass):
             alloc_budget = (fits + over) / 2 if over is not None else alloc_budget + miss
             if over is not None and over - fits < 8:
                 break
-        if best is None and alloc_budget > 0:
-            raise PassError("allocation did not converge on the budget")
+        if best is None:
+            raise self._no_room(ctx, fixed, count) if alloc_budget <= 0 else PassError("allocation did not converge on the budget")
         if best is not None:
             result, plan, total = best
             slack = (target_bits + MARGIN_BPW * count) / 8 - total  # bytes left under the target itself
@@ -96,13 +107,6 @@ class Allocate(Pass):
                     break
             total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted,
                                    pipeline=pipeline)
-        if alloc_budget <= 0:
-            floor = bits_per_weight(fixed, count)
-            raise PassError(
-                f"--bpw {self.bpw} leaves no room for the quantized weights: the tensors kept in float and the "
-                f"artifact's metadata alone take {floor:.3f} bits per weight; raise --bpw"
-                + ("" if self.embeddings else " or add --quantize-embeddings")
-            )
         achieved = bits_per_weight(total, count)
         ctx.stats["plan"] = plan
         hist = np.bincount(np.concatenate([result.depths[n] for n in names]), minlength=9)
@@ -114,6 +118,14 @@ class Allocate(Pass):
         }
         ctx.log(f"allocate: {len(names)} tensors, predicted {achieved:.3f} bits per weight; columns by depth 0..8: {hist.tolist()}")
         return graph
+
+
+    def _no_room(self, ctx: PassContext, fixed: int, count: int) -> PassError:
+        floor = bits_per_weight(fixed, count)
+        return PassError(
+            f"--bpw {self.bpw} leaves no room for the quantized weights: the tensors kept in float and the "
+            f"artifact's metadata alone take {floor:.3f} bits per weight{budget_advice(ctx, count, floor, self.bpw, self.embeddings)}"
+        )
 
 
 def _tensor_bytes(shape, counts: np.ndarray, group: int, permute_uniform: bool) -> int:

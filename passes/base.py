@@ -24,6 +24,65 @@ class PassError(RuntimeError):
     pass
 
 
+MIN_BPW, MAX_BPW = 0.5, 32.0  # the whole-model bits per weight a size target may ask for
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric pass option accepts: lo <= v <= hi (either bound may be None); `above`: v > above."""
+
+    lo: float | None = None
+    hi: float | None = None
+    above: float | None = None
+
+    def admits(self, value: Any) -> bool:
+        if value is None:  # an optional option left unset
+            return True
+        return ((self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+                and (self.above is None or value > self.above))
+
+    def __str__(self) -> str:
+        if self.above is not None:
+            low = f"> {self.above:g}"
+            return low if self.hi is None else f"{low} and <= {self.hi:g}"
+        if self.lo is not None and self.hi is not None:
+            return f"{self.lo:g}..{self.hi:g}"
+        return f">= {self.lo:g}" if self.lo is not None else f"<= {self.hi:g}"
+
+
+def option(default: Any, lo: float | None = None, hi: float | None = None, *, above: float | None = None) -> Any:
+    """A pass option (dataclass field) with a declared range, checked when the pass is built:
+    `bits: int | None = option(None, 1, 8)`."""
+    return field(default=default, metadata={"range": Range(lo, hi, above)})
+
+
+def option_ranges(cls: type["Pass"] | "Pass") -> dict[str, Range]:
+    return {f.name: f.metadata["range"] for f in dataclasses.fields(cls) if "range" in f.metadata}
+
+
+def describe_options(cls: type["Pass"]) -> str:
+    """'bits=None (1..8), group=None (>= 0), embeddings=False': each option, its default and its declared range."""
+    ranges = option_ranges(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else "?"
+        out.append(f"{f.name}={default}" + (f" ({ranges[f.name]})" if f.name in ranges else ""))
+    return ", ".join(out)
+
+
+def check_ranges(p: "type[Pass] | Pass", values: dict[str, Any] | None = None) -> None:
+    """Refuse options outside their declared ranges, naming the pass and the option: those of the pass `p`, or
+    `values` (option -> value) meant for the pass class `p`."""
+    for key, rng in option_ranges(p).items():
+        if values is not None and key not in values:
+            continue
+        value = values[key] if values is not None else getattr(p, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and value is not None:
+            raise PassError(f"option {key}={value!r} of pass {p.name!r} must be a number ({rng})")
+        if not rng.admits(value):
+            raise PassError(f"option {key}={value} of pass {p.name!r} is out of range: it must be {rng}")
+
+
 @dataclass
 class PassContext:
     """What passes share beyond the graph: calibration data, the model loader's tokenizer, logs, settings."""
@@ -104,6 +163,7 @@ def coerce_options(cls: type[Pass], opts: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             raise PassError(f"pass {cls.name!r} has no option {key!r} (options: {', '.join(fields) or 'none'})")
         out[key] = _coerce(val, str(fields[key].type), cls.name, key)
+    check_ranges(cls, out)
     return out
 
 
@@ -128,6 +188,8 @@ def _coerce(val: Any, typ: str, pname: str, key: str) -> Any:
 
 class PassManager:
     def __init__(self, passes: list[Pass], dump_dir: Path | None = None, verify_each: bool = True):
+        for p in passes:  # passes built in Python skip the spec parser: check their ranges before any work
+            check_ranges(p)
         self.passes = passes
         self.dump_dir = dump_dir
         self.verify_each = verify_each

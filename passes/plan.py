@@ -13,7 +13,7 @@ from xbitc.ir.graph import Graph
 from xbitc.footprint import FLOAT_BYTES, artifact_bytes
 from xbitc.size import bits_per_weight
 
-from .base import Pass, PassContext, PassError
+from .base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, option
 from .targets import quantizable, weight_roles
 
 GROUPS = (32, 64, 128, 256, 0)  # 0 = one group per row (per-channel)
@@ -33,13 +33,34 @@ def predict_bytes(graph: Graph, config: dict[str, tuple[int, int]], act_order: b
     return artifact_bytes(graph, plan, weight_roles(graph), permute_uniform=act_order, emitted=emitted, pipeline=pipeline)
 
 
+def budget_advice(ctx: PassContext, count: int, floor: float, target: float, embeddings: bool) -> str:
+    """The end of a refused budget's message: what takes the bits when the backend's own files (kernel objects) are a
+    large share of `floor` (the smallest bits per weight within reach), and the ways out of `target`."""
+    files = (ctx.stats.get("emitted") or ({}, {}))[0]
+    emitted = sum(files.values())
+    cost = bits_per_weight(emitted, count) if count else 0.0
+    text, ways = "", []
+    if emitted and cost >= 0.25 * floor:
+        folders = ", ".join(sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in files}))
+        backend = ctx.stats.get("backend", "the")
+        text = (f"; {cost:.3f} of them are the {backend} backend's own files ({folders}: {emitted:,} bytes), "
+                f"which a model of {count:,} weights cannot amortize")
+        ways.append("compile with --backend reference (its artifact carries no kernel objects and still runs on the "
+                    "host's fastest backend)")
+    if floor < MAX_BPW:
+        ways.append(f"raise --bpw above {floor:.3f}")
+    if not embeddings and not (emitted and cost >= target):  # with the kernels alone over the target it cannot help
+        ways.append("add --quantize-embeddings")
+    return text + "; " + (", or ".join(ways) if ways else "this model cannot be made smaller")
+
+
 @dataclass(frozen=True)
 class PlanUniform(Pass):
     name = "plan"
     provides = frozenset({"planned"})
-    bpw: float | None = None
-    bits: int | None = None
-    group: int | None = None
+    bpw: float | None = option(None, MIN_BPW, MAX_BPW)
+    bits: int | None = option(None, 1, 8)
+    group: int | None = option(None, 0)  # 0 = per-channel
     embeddings: bool = False
     act_order: bool = False  # must match quantize's: GPTQ with act-order stores a column permutation
 
@@ -61,8 +82,8 @@ class PlanUniform(Pass):
                     return self._choose(graph, ctx, config, bits, group, bpw)
         raise PassError(
             f"--bpw {self.bpw} is below what uniform quantization of this model can reach "
-            f"(smallest: {floor:.3f} bits per weight with {'embeddings' if self.embeddings else 'embeddings kept float'}); "
-            "raise --bpw" + ("" if self.embeddings else " or add --quantize-embeddings")
+            f"(smallest: {floor:.3f} bits per weight with {'embeddings' if self.embeddings else 'embeddings kept float'})"
+            + budget_advice(ctx, count, floor, self.bpw, self.embeddings)
         )
 
     def _choose(self, graph, ctx, config, bits, group, bpw) -> Graph:

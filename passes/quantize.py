@@ -16,7 +16,7 @@ from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import DEPTH_ORDERS
 from xbitc.quant.rtn import rtn_any
 
-from .base import Pass, PassContext, PassError
+from .base import Pass, PassContext, PassError, option
 from .tune import FLOAT_PARAMS, Tune
 
 METHODS = ("rtn", "gptq")
@@ -28,7 +28,7 @@ class Quantize(Pass):
     requires = frozenset({"planned"})
     provides = frozenset({"quantized"})
     method: str = "rtn"
-    damp: float = 0.01  # GPTQ: relative dampening of the Hessian diagonal
+    damp: float = option(0.01, 0.0, 1.0)  # GPTQ: relative dampening of the Hessian diagonal
     act_order: bool = True  # GPTQ: process columns by decreasing Hessian diagonal
     clip: bool = True  # search each group's range for the least squared error (xbitc.quant.grid)
     order: str = "ascending"  # GPTQ: depth order of the columns (xbitc.quant.gptq.DEPTH_ORDERS); see README

@@ -29,7 +29,7 @@ from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
 from xbitc.quant.tune import TunableScales, rebuilt_when_saved
 
-from .base import Pass, PassContext, PassError
+from .base import Pass, PassContext, PassError, option
 from .pack import stored_dtype
 
 FLOAT_PARAMS = "float_params"  # ctx.stats key: quantize leaves the float weights it replaced here, for tune
@@ -43,11 +43,11 @@ class Tune(Pass):
     name = "tune"
     requires = frozenset({"quantized"})
     provides = frozenset({"tuned"})
-    steps: int = 24
-    lr: float = 0.003  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
+    steps: int = option(24, 0)
+    lr: float = option(0.003, above=0.0)  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
     objective: str = "auto"  # as allocate's: kl for language models, mse otherwise
     norms: bool = True  # also tune 1-D float parameters (norm weights, biases)
-    checks: int = 4  # held-out checkpoints over the steps: the best is kept; two without progress stop early
+    checks: int = option(4, 1)  # held-out checkpoints over the steps: the best is kept; two without progress stop early
 
     @property
     def needs_calibration(self) -> bool:

@@ -7,6 +7,36 @@ from typing import Any, Callable
 import torch
 
 PACKAGE_TEXT = Path(__file__).parent / "data"
+CALIB_FIX = "give a UTF-8 text file (more tokens than --calib-len), --calib self for a language model, or leave --calib out"
+
+
+class TextError(ValueError):
+    """A calibration or evaluation text cannot be used; the message names the file, the problem and what to give."""
+
+
+def read_text(path: str | Path, what: str = "calibration text", fix: str = CALIB_FIX) -> str:
+    """The UTF-8 text of `path` (newlines as read_text makes them), or TextError when it is missing, a folder, empty
+    or binary; checked before any model is loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise TextError(f"{what} {path} does not exist; {fix}")
+    if path.is_dir():
+        raise TextError(f"{what} {path} is a folder, not a text file; {fix}")
+    if not path.is_file():
+        raise TextError(f"{what} {path} is not a regular file; {fix}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextError(f"cannot read {what} {path} ({err.strerror}); {fix}") from None
+    if not data.strip():
+        raise TextError(f"{what} {path} is empty; {fix}")
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextError(f"{what} {path} is not UTF-8 text (binary data at byte {err.start}); {fix}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
@@ -16,9 +46,10 @@ def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
 
 def text_windows(tokenizer: Any, path: Path, n: int, length: int, seed: int = 0) -> list[tuple[torch.Tensor]]:
     """`n` windows of `length` tokens at random offsets of the tokenized file (GPTQ's protocol)."""
-    ids = token_stream(tokenizer, Path(path).read_text(encoding="utf-8"))
+    ids = token_stream(tokenizer, read_text(path))
     if len(ids) <= length:
-        raise ValueError(f"calibration text {path} has {len(ids)} tokens, fewer than one window of {length}")
+        raise TextError(f"calibration text {path} has {len(ids)} tokens, too few for one window of {length} (it needs "
+                        f"more than {length}); give a longer text or lower --calib-len")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - length, (n,), generator=gen)
     return [(ids[s : s + length].unsqueeze(0),) for s in starts.tolist()]

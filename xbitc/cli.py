@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # The x86 kernels run row ranges on their own thread pool between torch ops. torch's OpenMP threads busy-wait after
@@ -14,15 +16,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from xbitc import registry
 
+
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message says which and what to give instead."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt: the same cleanup runs (a half-written
+    artifact's temporary folder is removed) and the command ends with one line."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from xbitc.artifact import ArtifactError
+    from xbitc.calibration import TextError
     from xbitc.frontend import LoadError
     from xbitc.importer import TraceError
     from xbitc.passes.base import PassError
 
     from xbitc.backends.base import BackendUnavailable
 
-    return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin, BackendUnavailable)
+    return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin, BackendUnavailable, TextError,
+            UsageError)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -41,21 +59,55 @@ def cmd_compile(a: argparse.Namespace) -> int:
     return 0
 
 
+def text_artifact(path: str, command: str, generates: bool) -> None:
+    """Refuse, before loading it, an artifact `xbitc run`/`eval` cannot read text with."""
+    from xbitc.artifact import TOKENIZER, read_manifest
+
+    m = read_manifest(Path(path))
+    if not any(f.startswith(TOKENIZER + "/") for f in m.files):
+        raise UsageError(
+            f"{path} has no tokenizer (its source model came without one), so xbitc {command} cannot turn text into "
+            "tokens; compile a Hugging Face folder that holds its tokenizer files, or call the model on token ids "
+            "from Python (xbitc.runtime.load)"
+        )
+    if m.kind != "causal-lm" and (generates or m.kind in ("encoder", "vision")):
+        raise UsageError(f"xbitc {command} needs a causal language model; {path} is a {m.kind} model "
+                         "(call it from Python with xbitc.runtime.load)")
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from xbitc.runtime import load
 
+    if not a.text:
+        raise UsageError('--text is empty; give the prompt to continue, e.g. --text "Once upon a time"')
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {a.max_new_tokens} must be 1 or more")
+    text_artifact(a.artifact, "run", generates=True)
     model = load(a.artifact, backend=a.backend)
+    if len(model.tokenizer(a.text).input_ids) == 0:
+        raise UsageError(f"--text {a.text!r} holds no tokens; give the prompt to continue")
     print(a.text + model.generate(a.text, a.max_new_tokens))
     return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from xbitc.evaluate import score
-    from xbitc.calibration import token_stream
+    from xbitc.calibration import read_text, token_stream
     from xbitc.runtime import load
 
+    if a.window < 2:
+        raise UsageError(f"--window {a.window} must be 2 or more (every window scores its tokens after the first); "
+                         "the default is 512")
+    if a.max_tokens is not None and a.max_tokens < a.window:
+        raise UsageError(f"--max-tokens {a.max_tokens} is less than one window of {a.window} tokens; "
+                         "raise --max-tokens or lower --window")
+    text = read_text(a.text_file, "text file", "give a UTF-8 text file of more tokens than --window")
+    text_artifact(a.artifact, "eval", generates=False)
     model = load(a.artifact, backend=a.backend)
-    ids = token_stream(model.tokenizer, Path(a.text_file).read_text(encoding="utf-8"))
+    ids = token_stream(model.tokenizer, text)
+    if len(ids) < a.window:
+        raise UsageError(f"text file {a.text_file} has {len(ids)} tokens, fewer than one window of {a.window}; "
+                         "give a longer text or lower --window")
     ref = None
     if a.reference:
         from xbitc import frontend
@@ -72,7 +124,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from xbitc.inspect import report
 
     for art in a.artifact:
-        print(report(Path(art)))
+        print(report(Path(art), verify=not a.no_verify))
     if a.plot:
         from xbitc.plot import plot
 
@@ -83,6 +135,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_list(group: str) -> int:
     for name in registry.names(group):
         print(f"{name:16s} {registry.origin(group, name)}")
+        if group == registry.PASS_GROUP:  # each pass's options, their defaults and the ranges they accept
+            from xbitc.passes.base import describe_options
+
+            try:
+                options = describe_options(registry.get(group, name))
+            except Exception as err:  # a broken plugin must not hide the others
+                options = f"(cannot be loaded: {type(err).__name__}: {err})"
+            if options:
+                print(f"{'':16s}   {options}")
     return 0
 
 
@@ -133,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an artifact's size, allocation and provenance")
     i.add_argument("artifact", nargs="+")
     i.add_argument("--plot", metavar="PNG", help="draw bits per component type per layer and column depth histograms")
+    i.add_argument("--no-verify", action="store_true", help="print the manifest's claims without checking the files")
     i.set_defaults(fn=cmd_inspect)
     sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
     sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))
@@ -141,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM (kill, a job scheduler, a container stop) ends a command like Ctrl-C: cleanup runs, one line is printed
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.fn(args)
     except _expected_errors() as err:
@@ -149,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"xbitc: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("xbitc: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("xbitc: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

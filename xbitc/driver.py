@@ -11,10 +11,8 @@ import torch
 
 from xbitc import artifact, calibration, frontend, registry, stepgraph
 from xbitc.manifest import Manifest
-from xbitc.passes.base import Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
+from xbitc.passes.base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
 from xbitc.passes.targets import weight_roles
-
-MIN_BPW, MAX_BPW = 0.5, 32.0
 
 
 @dataclass
@@ -84,49 +82,111 @@ def check_options(opts: CompileOptions) -> None:
         raise PassError(f"--group {opts.group} must be positive (0 = per-channel)")
     if opts.tune_steps is not None and opts.tune_steps < 0:
         raise PassError(f"--tune-steps {opts.tune_steps} must be 0 (off) or more")
+    if opts.calib_windows < 1:
+        raise PassError(f"--calib-windows {opts.calib_windows} must be 1 or more")
+    if opts.calib_len < 2:
+        raise PassError(f"--calib-len {opts.calib_len} must be 2 or more (tokens per calibration window)")
     if opts.allocator not in ("learned", "uniform"):
         raise PassError(f"--allocator {opts.allocator!r}: choose learned or uniform")
     if opts.bpw is None and opts.bits is None and not opts.passes:
         raise PassError("give a size target (--bpw B) or a uniform configuration (--bits N [--group G])")
 
 
+def budget_target(opts: CompileOptions, passes: list[Pass], spec: str) -> float | None:
+    """The whole-model bits per weight the artifact must meet (the manifest records it): --bpw, which some pass of
+    the pipeline must plan to (a pass with a `bpw` option set), else the last such pass's own target. A pipeline
+    that ignores --bpw is refused here, before the model is loaded."""
+    planners = [p for p in passes if getattr(p, "bpw", None) is not None]
+    if opts.bpw is None:
+        return float(planners[-1].bpw) if planners else None
+    if not planners:
+        raise PassError(
+            f"--bpw {opts.bpw}: no pass of the pipeline {spec!r} plans to a size target, so the artifact would miss it; "
+            f"give the target to plan or allocate (e.g. plan{{bpw={opts.bpw}}} or allocate{{bpw={opts.bpw}}}) or leave --bpw out"
+        )
+    for p in planners:
+        if p.bpw != opts.bpw:
+            raise PassError(f"--bpw {opts.bpw} disagrees with bpw={p.bpw} of pass {p.name!r} in --passes; give the size "
+                            "target once")
+    return opts.bpw
+
+
+def check_calib_file(opts: CompileOptions) -> None:
+    """A --calib file must be a non-empty UTF-8 text file: checked before the model is loaded."""
+    if opts.calib and opts.calib != "self":
+        calibration.read_text(opts.calib)
+
+
+def check_calib_model(model: frontend.LoadedModel, opts: CompileOptions) -> None:
+    """--calib must mean something for the loaded model; it is never ignored without a word."""
+    if not opts.calib:
+        return
+    kind = model.kind
+    if opts.calib == "self":
+        if kind != "causal-lm":
+            other = "give a text file with --calib FILE or leave" if model.tokenizer is not None else "leave"
+            raise calibration.TextError(
+                f"--calib self samples text from a causal language model; {model.source} is a {kind} model: "
+                f"{other} --calib out"
+            )
+        return
+    if model.tokenizer is None:
+        ways = "use --calib self (the model writes its own calibration text) or leave --calib out (random token ids)" \
+            if kind == "causal-lm" else "leave --calib out (calibration then uses random inputs shaped like the example)"
+        hf = ", or compile a Hugging Face folder that holds its tokenizer files" if kind in ("causal-lm", "encoder") else ""
+        raise calibration.TextError(f"--calib {opts.calib}: {model.source} has no tokenizer to read text with; {ways}{hf}")
+    if kind not in ("causal-lm", "encoder"):
+        raise calibration.TextError(f"--calib {opts.calib}: {model.source} is a {kind} model, which does not read text; "
+                                    "leave --calib out")
+
+
 def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> list[tuple]:
+    if model.kind == "causal-lm" and opts.calib == "self":
+        tok = model.tokenizer
+        vocab = model.module.model.config.vocab_size
+        bos = tok.bos_token_id if tok is not None else None
+        return calibration.self_windows(model.module, vocab, bos, opts.calib_windows, opts.calib_len, opts.seed)
     if model.tokenizer is None or model.kind not in ("causal-lm", "encoder"):
         return calibration.random_inputs(model.example_inputs, opts.calib_windows, opts.seed)
+    path = Path(opts.calib) if opts.calib and opts.calib != "self" else calibration.PACKAGE_TEXT / "calib.txt"
     if model.kind == "encoder":  # text windows with a full attention mask
-        path = Path(opts.calib) if opts.calib and opts.calib != "self" else calibration.PACKAGE_TEXT / "calib.txt"
         length = min(opts.calib_len, model.max_seq)
         wins = calibration.text_windows(model.tokenizer, path, opts.calib_windows, length, opts.seed)
         return [(w[0], torch.ones_like(w[0])) for w in wins]
-    if opts.calib == "self":
-        tok = model.tokenizer
-        vocab = model.module.model.config.vocab_size
-        return calibration.self_windows(model.module, vocab, tok.bos_token_id, opts.calib_windows, opts.calib_len, opts.seed)
-    path = Path(opts.calib) if opts.calib else calibration.PACKAGE_TEXT / "calib.txt"
-    if not path.exists():
-        raise PassError(f"calibration text {path} does not exist")
     return calibration.text_windows(model.tokenizer, path, opts.calib_windows, opts.calib_len, opts.seed)
 
 
 def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions) -> Manifest:
     """Compile `source` (a path/spec, or a model already loaded with frontend.load) into the artifact `out`."""
+    # Bad input is refused before the long work: options, the output path, the pipeline, the calibration file.
     check_options(opts)
+    artifact.check_output(out)  # an unwritable -o is found now, not after the compile
     backend = registry.get(registry.BACKEND_GROUP, opts.backend)()
     spec = opts.passes or default_pipeline(opts)
     extra = backend.passes()
     if extra and not opts.passes:
         spec = ",".join([spec, *extra])
     passes = build_passes(spec)  # unknown passes / options fail here, before any model is loaded
+    target_bpw = budget_target(opts, passes, spec)
+    needs_calib = any(p.needs_calibration for p in passes)
+    check_calib_file(opts)
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
+    calib_inputs = None
+    if opts.calib and not needs_calib:
+        opts.log(f"note: --calib {opts.calib} is not used: no pass of {spec!r} reads calibration data")
+    elif needs_calib:
+        check_calib_model(model, opts)
+        if opts.calib != "self":  # text windows are cheap: a too-short text is refused before tracing
+            calib_inputs = calibration_inputs(model, opts)
     graph = frontend.trace(model, log=opts.log)
     graph.meta["float_dtype"] = opts.float_dtype
-    needs_calib = any(p.needs_calibration for p in passes)
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress
+    ctx.stats["backend"] = backend.name
     ctx.stats["emitted"] = backend.emitted(graph)  # e.g. kernel objects: the size planners count them too
     if needs_calib:
-        ctx.calib_inputs = calibration_inputs(model, opts)
+        ctx.calib_inputs = calib_inputs if calib_inputs is not None else calibration_inputs(model, opts)
     if not isinstance(source, frontend.LoadedModel):
         model.module = None  # the graph holds its own copy of the weights: free the source model's (peak memory)
         gc.collect()  # the traced module sits in reference cycles: free it before the first pass, not whenever
@@ -139,7 +199,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
         graph.step = None
     roles = weight_roles(graph)
     manifest = artifact.write(
-        graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=opts.bpw,
+        graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=target_bpw,
         roles=roles, tokenizer=model.tokenizer, emit=backend.emit, notes={"plan": ctx.stats.get("plan_summary", {})},
     )
     return manifest

@@ -29,6 +29,10 @@ class LMScores:
 
 
 def windows(ids: torch.Tensor, window: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    if window < 2:
+        raise ValueError(f"a window of {window} tokens scores nothing; use 2 or more")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens {max_tokens} must be 1 or more (None: the whole text)")
     ids = ids[:max_tokens] if max_tokens else ids
     n = len(ids) // window
     if n == 0:
