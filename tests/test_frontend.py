@@ -1,4 +1,6 @@
 """Model loading details that the equivalence tests do not see."""
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -37,3 +39,44 @@ def test_one_gguf_reader_restores_the_reader_after_an_error(tmp_path):
     with pytest.raises(FileNotFoundError), one_gguf_reader():
         gguf.GGUFReader(tmp_path / "missing.gguf")
     assert gguf.GGUFReader is real
+
+
+def tiny_program(path, store_inputs=True):
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_lm
+
+    m, x = tiny_lm()
+    ep = torch.export.export(m, x, dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    if not store_inputs:
+        ep.example_inputs = None
+    torch.export.save(ep, path)
+    return path
+
+
+@pytest.mark.parametrize("store_inputs", [True, False])
+def test_readme_first_example_compiles_an_exported_program_with_bpw(tmp_path, capsys, store_inputs):
+    """`xbitc compile model.pt2 --bpw B` with the default (learned) allocator needs example inputs: the archive's,
+    or made from the program's input specs when it stores none."""
+    import json
+
+    from xbitc.cli import main
+
+    pt2 = tiny_program(tmp_path / "model.pt2", store_inputs)
+    out = tmp_path / "model.xbitc"
+    assert main(["compile", str(pt2), "--bpw", "4", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "generic"
+
+
+def test_inputs_made_from_the_specs_of_a_program_without_stored_ones(tmp_path):
+    import torch
+
+    from xbitc.frontend import exported_inputs
+
+    ep = torch.export.load(str(tiny_program(tmp_path / "m.pt2", store_inputs=False)))
+    assert ep.example_inputs is None
+    (ids,) = exported_inputs(ep, "m.pt2")
+    assert ids.shape == (2, 12) and ids.dtype == torch.int64 and 0 <= int(ids.min()) and int(ids.max()) < 96

@@ -232,9 +232,67 @@ def load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
         ep = torch.export.load(str(path))
     except Exception as err:  # torch raises many types for a bad archive
         raise LoadError(f"{path} is not a readable torch.export program: {_first_line(err)}") from None
-    loaded = LoadedModel(ep.module(), (), "generic", str(path), file_hash(path))
+    loaded = LoadedModel(ep.module(), exported_inputs(ep, str(path)), "generic", str(path), file_hash(path))
     loaded.exported = ep  # type: ignore[attr-defined]
     return loaded
+
+
+def exported_inputs(ep: torch.export.ExportedProgram, source: str) -> tuple:
+    """Example inputs of an exported program, one tensor per user input in the graph's order: those stored in the
+    archive, else made from the input specs (symbolic sizes at their example value, else their least size >= 2;
+    integer inputs that index an embedding in [0, its rows), other integers 0/1)."""
+    from torch.utils import _pytree
+
+    kinds = torch.export.graph_signature.InputKind
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind is kinds.USER_INPUT]
+    if ep.example_inputs is not None:
+        leaves = _pytree.tree_leaves(ep.example_inputs)
+        if len(leaves) == len(user) and all(isinstance(t, torch.Tensor) for t in leaves):
+            return tuple(t.detach().clone() for t in leaves)
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    params = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind is not kinds.USER_INPUT}
+    gen = torch.Generator().manual_seed(0)
+    made = []
+    for name in user:
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if not isinstance(val, torch.Tensor):
+            raise LoadError(
+                f"{source} stores no example inputs and its input {name!r} is not a tensor xbitc can make; "
+                "pass --input NAME:SHAPE:DTYPE for each input (see xbitc compile --help)"
+            )
+        shape = tuple(_example_size(d, ep) for d in val.shape)
+        if val.dtype.is_floating_point:
+            made.append(torch.randn(shape, generator=gen).to(val.dtype))
+        elif val.dtype == torch.bool:
+            made.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            rows = _embedding_rows(nodes[name], params, ep)
+            made.append(torch.randint(0, rows or 2, shape, generator=gen).to(val.dtype))
+    return tuple(made)
+
+
+def _example_size(dim: Any, ep: torch.export.ExportedProgram) -> int:
+    if isinstance(dim, int):
+        return dim
+    hint = getattr(dim.node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    rng = ep.range_constraints.get(dim.node.expr)
+    low = int(rng.lower) if rng is not None and rng.lower.is_finite else 2
+    high = int(rng.upper) if rng is not None and rng.upper.is_finite else 1 << 30
+    return min(max(low, 2), high)
+
+
+def _embedding_rows(node: Any, params: dict[str, str], ep: torch.export.ExportedProgram) -> int | None:
+    """Rows of the smallest embedding table this input indexes directly (None if it indexes none)."""
+    rows = []
+    for use in node.users:
+        if "embedding" in str(use.target) and len(use.args) > 1 and use.args[1] is node:
+            table = params.get(getattr(use.args[0], "name", ""))
+            value = ep.state_dict.get(table) if table in ep.state_dict else ep.constants.get(table)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                rows.append(int(value.shape[0]))
+    return min(rows) if rows else None
 
 
 def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = lambda s: None) -> Graph:
