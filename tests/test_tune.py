@@ -302,9 +302,9 @@ def test_quantize_keeps_float_weights_only_for_a_tune_pass():
 def test_tune_refuses_bad_options_and_packed_weights():
     with pytest.raises(PassError, match="not one of"):
         build_passes("tune{objective=klx}")
-    with pytest.raises(PassError, match="lr > 0"):
+    with pytest.raises(PassError, match="option lr=0.0 of pass 'tune' is out of range: it must be > 0"):
         build_passes("tune{lr=0}")
-    with pytest.raises(PassError, match="checks >= 1"):
+    with pytest.raises(PassError, match="option checks=0 of pass 'tune' is out of range: it must be >= 1"):
         build_passes("tune{checks=0}")
     with pytest.raises(PassError, match="before pack"):
         run(PLAN + ",pack,tune{steps=2}")
