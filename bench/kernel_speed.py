@@ -1,11 +1,11 @@
 """Benchmark of the LLVM gemv kernels (backends/llvm) against the machine's read bandwidth and torch float32.
 
-    python bench/kernels.py            # all shapes, depths 1..8, 1 and 2 threads (a few minutes)
-    python bench/kernels.py --quick    # two shapes
-    python bench/kernels.py --act q8   # the int8-activation strategy (layout il32w8)
-    python bench/kernels.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
-    python bench/kernels.py --compute  # cache-resident compute ceiling of every strategy (Gweights/s)
-    python bench/kernels.py --layout rows   # the row-lane kernel the runtime uses (one call per matrix)
+    python bench/kernel_speed.py            # all shapes, depths 1..8, 1 and 2 threads (a few minutes)
+    python bench/kernel_speed.py --quick    # two shapes
+    python bench/kernel_speed.py --act q8   # the int8-activation strategy (layout il32w8)
+    python bench/kernel_speed.py --avx2     # kernels compiled with the host's AVX-512 / AVX-VNNI features switched off
+    python bench/kernel_speed.py --compute  # cache-resident compute ceiling of every strategy (Gweights/s)
+    python bench/kernel_speed.py --layout rows   # the row-lane kernel the runtime uses (one call per matrix)
 
 Every run appends what it printed to BENCHMARKS.md (bench/common.py `append`); --no-append only prints.
 
@@ -82,7 +82,7 @@ def append_report(title: str, argv) -> None:
         out.append(line)
     body = "\n".join(out)
     args = list(sys.argv[1:] if argv is None else argv)
-    append(title, body, " ".join(["python bench/kernels.py", *args]))
+    append(title, body, " ".join(["python bench/kernel_speed.py", *args]))
 
 
 FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 576), (1536, 576), (576, 1536), (192, 576)]
