@@ -100,7 +100,7 @@ def test_calib_without_tokenizer_is_refused(tmp_path, capsys):
     # --calib self on a model that is not a language model was ignored just the same
     assert main(["compile", "conftest:tiny_lm", "--bits", "4", "--method", "gptq", "--calib", "self",
                  "-o", str(tmp_path / "m.xbitc")]) == 2
-    one_error_line(capsys.readouterr().err, "--calib self samples text from a causal language model", "generic")
+    one_error_line(capsys.readouterr().err, "--calib self samples text from a causal language model", "its kind: generic")
 
 
 def test_calib_too_short_is_refused_before_tracing(tmp_path, capsys, monkeypatch):
@@ -146,6 +146,17 @@ def test_unwritable_output_is_refused_first(tmp_path, capsys, no_load):
     out = blocker / "sub" / "m.xbitc"
     assert main(["compile", "conftest:tiny_lm", "--bits", "4", "-o", str(out)]) == 2
     one_error_line(capsys.readouterr().err, f"cannot write {out}", "is a file, not a folder", "choose another -o path")
+
+
+def test_unwritable_dump_folder_is_refused_first(tmp_path, capsys, no_load):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    assert main(["compile", "conftest:tiny_lm", "--bits", "4", "-o", str(tmp_path / "m.xbitc"),
+                 "--dump-ir", str(blocker / "ir")]) == 2
+    one_error_line(capsys.readouterr().err, "--dump-ir", "is a file, not a folder", "choose another --dump-ir folder")
+    assert main(["compile", "conftest:tiny_lm", "--bits", "4", "-o", str(tmp_path / "m.xbitc"),
+                 "--dump-ir", str(blocker)]) == 2
+    one_error_line(capsys.readouterr().err, "is a file, not a folder")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")

@@ -71,8 +71,8 @@ def text_artifact(path: str, command: str, generates: bool) -> None:
             "from Python (xbitc.runtime.load)"
         )
     if m.kind != "causal-lm" and (generates or m.kind in ("encoder", "vision")):
-        raise UsageError(f"xbitc {command} needs a causal language model; {path} is a {m.kind} model "
-                         "(call it from Python with xbitc.runtime.load)")
+        raise UsageError(f"xbitc {command} needs a causal language model, and {path} is not one (its kind: {m.kind}); "
+                         "call it from Python with xbitc.runtime.load")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.max_tokens is not None and a.max_tokens < a.window:
         raise UsageError(f"--max-tokens {a.max_tokens} is less than one window of {a.window} tokens; "
                          "raise --max-tokens or lower --window")
-    text = read_text(a.text_file, "text file", "give a UTF-8 text file of more tokens than --window")
+    text = read_text(a.text_file, "text file", "give a UTF-8 text file of at least --window tokens")
     text_artifact(a.artifact, "eval", generates=False)
     model = load(a.artifact, backend=a.backend)
     ids = token_stream(model.tokenizer, text)

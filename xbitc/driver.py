@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import tempfile
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +113,22 @@ def budget_target(opts: CompileOptions, passes: list[Pass], spec: str) -> float 
     return opts.bpw
 
 
+def check_dump_dir(path: Path) -> None:
+    """--dump-ir must name a folder this process can create files in (it is written while the passes run)."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise PassError(f"--dump-ir {path} is a file, not a folder; choose another --dump-ir folder")
+    folder = path
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PassError(f"--dump-ir {path}: {folder} is a file, not a folder; choose another --dump-ir folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".xbitc-probe.", dir=folder))
+    except OSError as err:
+        raise PassError(f"--dump-ir {path}: {folder} is not writable ({err.strerror}); choose another --dump-ir folder") from None
+
+
 def check_calib_file(opts: CompileOptions) -> None:
     """A --calib file must be a non-empty UTF-8 text file: checked before the model is loaded."""
     if opts.calib and opts.calib != "self":
@@ -126,8 +144,8 @@ def check_calib_model(model: frontend.LoadedModel, opts: CompileOptions) -> None
         if kind != "causal-lm":
             other = "give a text file with --calib FILE or leave" if model.tokenizer is not None else "leave"
             raise calibration.TextError(
-                f"--calib self samples text from a causal language model; {model.source} is a {kind} model: "
-                f"{other} --calib out"
+                f"--calib self samples text from a causal language model, and {model.source} is not one (its kind: "
+                f"{kind}); {other} --calib out"
             )
         return
     if model.tokenizer is None:
@@ -136,7 +154,7 @@ def check_calib_model(model: frontend.LoadedModel, opts: CompileOptions) -> None
         hf = ", or compile a Hugging Face folder that holds its tokenizer files" if kind in ("causal-lm", "encoder") else ""
         raise calibration.TextError(f"--calib {opts.calib}: {model.source} has no tokenizer to read text with; {ways}{hf}")
     if kind not in ("causal-lm", "encoder"):
-        raise calibration.TextError(f"--calib {opts.calib}: {model.source} is a {kind} model, which does not read text; "
+        raise calibration.TextError(f"--calib {opts.calib}: {model.source} does not read text (its kind: {kind}); "
                                     "leave --calib out")
 
 
@@ -161,6 +179,8 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     # Bad input is refused before the long work: options, the output path, the pipeline, the calibration file.
     check_options(opts)
     artifact.check_output(out)  # an unwritable -o is found now, not after the compile
+    if opts.dump_ir is not None:
+        check_dump_dir(opts.dump_ir)
     backend = registry.get(registry.BACKEND_GROUP, opts.backend)()
     spec = opts.passes or default_pipeline(opts)
     extra = backend.passes()
