@@ -64,7 +64,16 @@ def rehash(folder: Path, edit_manifest=None) -> None:
             sizes[rel] = f.stat().st_size
     if edit_manifest:
         edit_manifest(m)
-    mf.write_text(json.dumps(m))
+    size = m["size"]
+    for _ in range(10):  # the manifest's own size and the totals that follow from it, as the writer makes them
+        size["counted_bytes"] = sum(size["files"].values())
+        size["bits_per_weight"] = round(8 * size["counted_bytes"] / m["source"]["param_count"], 4)
+        text = json.dumps(m)
+        if len(text) <= size["files"]["manifest.json"]:
+            text += " " * (size["files"]["manifest.json"] - len(text))
+            break
+        size["files"]["manifest.json"] = len(text)
+    mf.write_text(text)
 
 
 def inject(folder: Path, graph_file: str, target: str, marker: Path, **extra) -> None:

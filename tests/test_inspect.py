@@ -41,3 +41,39 @@ def test_inspect_plot_side_by_side(two_artifacts, tmp_path, capsys):
     assert main(["inspect", *map(str, two_artifacts), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert capsys.readouterr().out.count("bits per weight over") == 2
+
+
+def test_inspect_verifies_like_load(two_artifacts, tmp_path, capsys):
+    import json
+    import shutil
+
+    art = tmp_path / "x.xbitc"
+    shutil.copytree(two_artifacts[0], art)
+    assert main(["inspect", str(art)]) == 0
+    assert "files verified" in capsys.readouterr().out
+    (art / "weights.safetensors").unlink()  # used to print the manifest's size as if the file were there
+    assert main(["inspect", str(art)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights.safetensors" in err[0] and "missing" in err[0]
+    assert main(["inspect", "--no-verify", str(art)]) == 0
+    assert "NOT VERIFIED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("claim", ["counted_bytes", "bits_per_weight", "manifest_size"])
+def test_inspect_refuses_size_claims_the_files_do_not_back(two_artifacts, tmp_path, capsys, claim):
+    import json
+    import shutil
+
+    art = tmp_path / "x.xbitc"
+    shutil.copytree(two_artifacts[0], art)
+    m = json.loads((art / "manifest.json").read_text())
+    if claim == "counted_bytes":
+        m["size"]["counted_bytes"] = 1000
+    elif claim == "bits_per_weight":
+        m["size"]["bits_per_weight"] = 1.0
+    text = json.dumps(m, indent=1)
+    if claim == "manifest_size":
+        text += " " * 7
+    (art / "manifest.json").write_text(text)
+    assert main(["inspect", str(art)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -136,7 +136,9 @@ def write(
                 files=files, notes=extra_notes,
             )
             text = manifest.model_dump_json(indent=1)
-            if len(text.encode()) == manifest_bytes:
+            if len(text.encode()) <= manifest_bytes:
+                # a shorter rendering (e.g. a bits-per-weight figure with fewer digits) would oscillate: pad it
+                text += " " * (manifest_bytes - len(text.encode()))
                 break
             manifest_bytes = len(text.encode())
         (tmp / MANIFEST).write_bytes(text.encode())
@@ -270,6 +272,7 @@ def verify_files(path: Path, manifest: Manifest) -> None:
     folder, regular files (no links, devices or pipes), sizes as recorded (checked before hashing, so a listed
     /dev/zero or a huge file is refused at once), sha256 as recorded; required files listed, no unlisted files."""
     sizes = {**manifest.size.files, **manifest.size.uncounted}
+    _check_size_claims(path, manifest)
     for rel in (GRAPH, WEIGHTS):
         if rel not in manifest.files:
             raise ArtifactError(f"{path}: the manifest does not list {rel}; the artifact is corrupt, compile it again")
@@ -279,13 +282,31 @@ def verify_files(path: Path, manifest: Manifest) -> None:
         raise ArtifactError(f"{path}: {unlisted[0]} is not listed in the manifest; remove it or compile the artifact again")
     for rel, digest in manifest.files.items():
         _check_name(path, rel)
-        if rel not in sizes:
-            raise ArtifactError(f"{path}: the manifest lists {rel} without its size; the artifact is corrupt")
         if rel not in present:
             raise ArtifactError(f"{path}: file {rel} listed in the manifest is missing")
         _regular_file(path, rel, sizes[rel], exact=True)
         if sha256(path / rel) != digest:
             raise ArtifactError(f"{path}: {rel} does not match its sha256 in the manifest (corrupt or modified)")
+
+
+def _check_size_claims(path: Path, manifest: Manifest) -> None:
+    """The reported size is the sum of the files' sizes, the bits per weight follow from it, and every listed file
+    has a size; the files' real sizes are then checked against these numbers one by one."""
+    size = manifest.size
+    mf_bytes = (path / MANIFEST).stat().st_size
+    if size.files.get(MANIFEST) != mf_bytes:
+        raise ArtifactError(f"{path}: {MANIFEST} has {mf_bytes:,} bytes where it records {size.files.get(MANIFEST)!r} "
+                            "(modified after it was written)")
+    if size.counted_bytes != sum(size.files.values()):
+        raise ArtifactError(f"{path}: the manifest's size ({size.counted_bytes:,} bytes) is not the sum of its files' "
+                            f"({sum(size.files.values()):,}); corrupt or modified")
+    bpw = bits_per_weight(size.counted_bytes, manifest.source.param_count)
+    if abs(bpw - size.bits_per_weight) > 1e-3:
+        raise ArtifactError(f"{path}: the manifest claims {size.bits_per_weight} bits per weight where its bytes give "
+                            f"{bpw:.4f}; corrupt or modified")
+    unsized = sorted(set(manifest.files) - set(size.files) - set(size.uncounted))
+    if unsized:
+        raise ArtifactError(f"{path}: the manifest lists {unsized[0]} without its size; corrupt or modified")
 
 
 def _check_name(root: Path, rel: str) -> None:

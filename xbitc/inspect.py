@@ -1,4 +1,5 @@
-"""`xbitc inspect`: size, bit allocation and provenance of an artifact, from its manifest."""
+"""`xbitc inspect`: size, bit allocation and provenance of an artifact, from its manifest, after checking that the
+files are what the manifest says (as loading does), unless the user asks for the manifest's claims alone."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,14 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from xbitc.artifact import read_manifest
+from xbitc.artifact import read_manifest, verify_files
 
 
-def report(path: Path) -> str:
+def report(path: Path, verify: bool = True) -> str:
     m = read_manifest(path)
+    if verify:
+        verify_files(path, m)
     s = m.size
     lines = [
         f"{path}: {m.kind} model from {m.source.path}",
+        "  files verified: sizes and sha256 match the manifest" if verify else
+        "  NOT VERIFIED (--no-verify): what follows is what the manifest claims; the files were not checked",
         f"  backend {m.backend}; pipeline {m.pipeline}",
         f"  size {s.counted_bytes:,} bytes = {s.bits_per_weight:.4f} bits per weight over {m.source.param_count:,} "
         f"source parameters (target {s.target_bpw})",
