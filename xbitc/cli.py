@@ -49,7 +49,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     opts = CompileOptions(
         bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
         quantize_embeddings=a.quantize_embeddings, allocator=a.allocator, objective=a.objective, float_dtype=a.float_dtype, calib=a.calib,
-        calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle,
+        calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle, inputs=tuple(a.input or ()),
         clip=not a.no_clip, tune_steps=a.tune_steps, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
     )
     m = compile_model(a.model, Path(a.output), opts)
@@ -175,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-len", type=int, default=256)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--trust-pickle", action="store_true", help="allow .pt pickles (loading them runs their code)")
+    c.add_argument("--input", action="append", metavar="NAME:SHAPE[:DTYPE]",
+                   help="an input of forward, repeated in order, for a plain nn.Module (.pt, factory) or a .pt2: "
+                        "e.g. ids:1x16:int64 (static) or ids:batchxseq:int64 (named sizes stay dynamic; NAME=N traces "
+                        "at N, default 2 for batch, 8 otherwise). Without it xbitc uses the model's example inputs or "
+                        "infers them from a first Embedding, Linear or Conv layer")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="generate text greedily from a compiled language model")

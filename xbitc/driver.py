@@ -36,6 +36,7 @@ class CompileOptions:
     calib_len: int = 256
     seed: int = 0
     trust_pickle: bool = False
+    inputs: tuple[str, ...] = ()  # --input NAME:SHAPE[:DTYPE] for plain modules and .pt2 programs (frontend.INPUT_HELP)
     dump_ir: Path | None = None
     log: Callable[[str], None] = print
     progress: bool = True
@@ -190,7 +191,7 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     target_bpw = budget_target(opts, passes, spec)
     needs_calib = any(p.needs_calibration for p in passes)
     check_calib_file(opts)
-    model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle)
+    model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle, inputs=opts.inputs)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     calib_inputs = None
     if opts.calib and not needs_calib:

@@ -33,6 +33,8 @@ class CompiledModel:
         self._tokenizer = None
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self.graph.meta.get("input_sizes_exact"):  # traced by this xbitc; older artifacts' INPUT types hold
+            check_inputs(self.graph, inputs)  # the traced example size for dynamic sizes too, so cannot be checked
         return self.program(*inputs)
 
     @property
@@ -81,6 +83,38 @@ class CompiledModel:
         tok = self.tokenizer
         ids = tok(text, return_tensors="pt").input_ids
         return tok.decode(self.generate_ids(ids, max_new_tokens, tok.eos_token_id, use_cache), skip_special_tokens=True)
+
+
+class InputShapeError(ValueError):
+    """A call's inputs do not fit the shapes the artifact was traced for; the message names the input."""
+
+
+def check_inputs(graph: Any, inputs: tuple) -> None:
+    """Refuse, before running, inputs whose count, rank or static sizes differ from the graph's INPUT types (str
+    sizes are dynamic: any size). A static size the caller changes would otherwise fail deep in the graph."""
+    expected = graph.inputs()
+    if len(inputs) != len(expected):
+        names = ", ".join(n.name for n in expected)
+        raise InputShapeError(f"this model takes {len(expected)} input{'s' * (len(expected) != 1)} ({names}), "
+                              f"{len(inputs)} given")
+    for node, x in zip(expected, inputs):
+        if node.type is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise InputShapeError(f"input {node.name!r} must be a tensor, got {type(x).__name__}")
+        want = node.type.shape
+        if len(want) == x.dim() and all(not isinstance(w, int) or w == g for w, g in zip(want, x.shape)):
+            continue
+        shown = "[" + ", ".join(str(w) if isinstance(w, int) else "N" for w in want) + "]"
+        named = "x".join(
+            str(w) if isinstance(w, int) and (i >= x.dim() or w == x.shape[i]) else ("batch" if i == 0 else f"d{i}")
+            for i, w in enumerate(want)
+        )
+        raise InputShapeError(
+            f"input {node.name!r} has shape {list(x.shape)}, but this model was compiled for {shown} (N: any size); "
+            f"pass that shape, or compile again with the sizes that vary named, e.g. --input {node.name}:{named}:"
+            f"{node.type.dtype}"
+        )
 
 
 def host_backend(artifact_backend: str) -> str:
