@@ -18,9 +18,8 @@ from xbitc.alloc.solve import allocate, column_costs
 from xbitc.ir.graph import Graph
 from xbitc.footprint import artifact_bytes
 from xbitc.objectives import default_objective
-from xbitc.quant.format import Segment
-from xbitc.size import packed_bytes
-from xbitc.size import bits_per_weight
+from xbitc.quant.segments import segments, stored_runs, stores_perm
+from xbitc.size import bits_per_weight, packed_bytes
 
 from .base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, option
 from .plan import budget_advice, float_bytes
@@ -129,13 +128,9 @@ class Allocate(Pass):
 
 
 def _tensor_bytes(shape, counts: np.ndarray, group: int, permute_uniform: bool) -> int:
-    segs, start = [], 0
-    for d in range(8, -1, -1):
-        n = int(counts[d])
-        if n:
-            segs.append(Segment(d, min(group or shape[1], n) if d else 1, start, start + n))
-            start += n
-    return packed_bytes(shape, segs, len(segs) > 1 or permute_uniform)
+    """Exact packed bytes of a tensor with `counts[d]` columns at depth d."""
+    segs = segments(stored_runs(counts), group)
+    return packed_bytes(shape, segs, stores_perm(segs, permute_uniform))
 
 
 def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool) -> tuple[dict, float]:

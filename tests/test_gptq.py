@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xbitc.quant.format import QuantizedMatrix
-from xbitc.quant.gptq import _gptq, gptq_quantize
+from xbitc.quant.gptq import DEPTH_ORDERS, _column_order, _gptq, gptq_quantize
 from xbitc.quant.rtn import rtn_quantize
 
 
@@ -89,16 +89,10 @@ def test_per_column_depths_are_honoured(seed, out, inp, group_size, act_order, d
     deq = qm.dequantize()
     assert torch.equal(deq, wq)
     assert torch.all(deq[:, torch.from_numpy(depths == 0)] == 0)
-    # Segments are maximal runs of one depth, in the requested depth order, group size capped at the width.
-    seg_bits = [s.bits for s in qm.segments]
-    assert len(set(seg_bits)) == len(seg_bits)
-    nonzero = [b for b in seg_bits if b]
-    if depth_order == "ascending":
-        assert seg_bits == sorted(seg_bits)
-    else:
-        assert nonzero == sorted(nonzero, reverse=True)
-        assert (seg_bits[0] == 0) if depth_order == "drop_first" else (seg_bits[-1] == 0)
-    assert all(s.group_size == min(group_size, s.ncols) for s in qm.segments)
+    # Stored whatever the order GPTQ worked in: one segment per depth, finest first, group size capped at the width
+    # (a dropped segment has no groups and records 1).
+    assert [s.bits for s in qm.segments] == sorted(set(depths.tolist()), reverse=True)
+    assert all(s.group_size == (min(group_size, s.ncols) if s.bits else 1) for s in qm.segments)
     # The GPTQ losses add up to the damped quadratic error of the stored matrix (exact in exact arithmetic).
     assert qm.meta["loss"] == pytest.approx(_damped_proxy(w, h, deq, 0.01), rel=1e-3)
 
@@ -127,19 +121,22 @@ def test_dequantize_reproduces_gptq_and_losses_add_up(seed, out, inp, bits, grou
         np.testing.assert_array_equal(qm.column_bits(), np.full(inp, bits))
 
 
-def test_perm_orders_by_depth_then_hessian_diagonal():
+def test_columns_are_worked_through_by_depth_order_then_hessian_diagonal_and_stored_finest_first():
     w, x, h = _problem(3, 8, 12)
     h = h + torch.diag(10.0 * torch.arange(12))  # distinct diagonal, ascending with the index
     depths = np.array([2, 4, 2, 4, 0, 2, 4, 2, 0, 4, 2, 4])
-    by_index = gptq_quantize(w, h, depths, 4, act_order=False, depth_order="descending").perm.tolist()
-    assert by_index == [1, 3, 6, 9, 11, 0, 2, 5, 7, 10, 4, 8]
-    assert gptq_quantize(w, h, depths, 4, act_order=False).perm.tolist() == [4, 8, 0, 2, 5, 7, 10, 1, 3, 6, 9, 11]
-    by_diag = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="descending").perm.tolist()
-    assert by_diag == [11, 9, 6, 3, 1, 10, 7, 5, 2, 0, 8, 4]
-    asc = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="ascending").perm.tolist()
-    assert asc == [8, 4, 10, 7, 5, 2, 0, 11, 9, 6, 3, 1]
-    drop_first = gptq_quantize(w, h, depths, 4, act_order=True, depth_order="drop_first").perm.tolist()
-    assert drop_first == [8, 4, 11, 9, 6, 3, 1, 10, 7, 5, 2, 0]
+    diag = h.diagonal().numpy()
+    by_index = [1, 3, 6, 9, 11, 0, 2, 5, 7, 10, 4, 8]
+    assert _column_order(depths, diag, False, "descending").tolist() == by_index
+    assert _column_order(depths, diag, False, "ascending").tolist() == [4, 8, 0, 2, 5, 7, 10, 1, 3, 6, 9, 11]
+    by_diag = [11, 9, 6, 3, 1, 10, 7, 5, 2, 0, 8, 4]
+    assert _column_order(depths, diag, True, "descending").tolist() == by_diag
+    assert _column_order(depths, diag, True, "ascending").tolist() == [8, 4, 10, 7, 5, 2, 0, 11, 9, 6, 3, 1]
+    assert _column_order(depths, diag, True, "drop_first").tolist() == [8, 4, 11, 9, 6, 3, 1, 10, 7, 5, 2, 0]
+    # Stored: the same columns per depth, in the order worked through, the finest depth first in every order.
+    for order in DEPTH_ORDERS:
+        assert gptq_quantize(w, h, depths, 4, act_order=False, depth_order=order).perm.tolist() == by_index
+        assert gptq_quantize(w, h, depths, 4, act_order=True, depth_order=order).perm.tolist() == by_diag
     # Uniform depth given as an array behaves as the int.
     assert gptq_quantize(w, h, np.full(12, 3), 4, act_order=False).perm is None
 
@@ -223,8 +220,8 @@ def test_rejects_bad_arguments():
 
 @pytest.mark.parametrize("order", ["ascending", "drop_first", "descending"])
 def test_quantize_pass_passes_its_column_order_to_gptq(order):
-    """quantize{order=...} decides where GPTQ puts the dropped columns: first (their error compensated by every
-    other column) or last (nothing left to absorb it)."""
+    """quantize{order=...} decides where GPTQ works through the dropped columns: first (their error compensated by
+    every other column) or last (nothing left to absorb it). The stored layout is the same in every order."""
     from conftest import tiny_lm
 
     from xbitc import frontend
@@ -240,8 +237,8 @@ def test_quantize_pass_passes_its_column_order_to_gptq(order):
     ctx.stats.update(progress=False, plan={name: {"bits": depths, "group": 8}})
     (quantize,) = build_passes(f"quantize{{method=gptq,order={order}}}")
     q = quantize.run(g, ctx).params[name]
-    bits = [s.bits for s in q.segments]
-    assert bits == {"ascending": [0, 2, 3], "drop_first": [0, 3, 2], "descending": [3, 2, 0]}[order]
+    assert q.meta["depth_order"] == order
+    assert [s.bits for s in q.segments] == [3, 2, 0]
     np.testing.assert_array_equal(q.column_bits(), depths)
 
 

@@ -43,7 +43,7 @@ def test_permuted_mixed_depth_size_is_predicted_exactly(rows, cols, seed):
     depths = torch.randint(0, 9, (cols,), generator=g).numpy()
     q = gptq_quantize(w, 2 * x.T @ x / len(x), depths, 16)
     p = PackedMatrix.from_quantized(q)
-    assert p.perm is None or p.perm.dtype == np.uint16  # identity orders store no permutation
+    assert p.perm is None or p.perm.dtype == np.uint16  # column indices under 2^16: uint16
     assert p.nbytes == packed_bytes((rows, cols), q.segments, permuted=p.perm is not None)
     assert torch.equal(p.dequantize(), q.dequantize())
 

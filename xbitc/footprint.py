@@ -15,46 +15,26 @@ from xbitc.ir import serialize
 from xbitc.ir.graph import Graph, Op
 from xbitc.manifest import Manifest, Size, Source, TensorEntry
 from xbitc.quant.format import Segment
-from xbitc.quant.pack import row_bytes
+from xbitc.quant.packed import planned_tensors
+from xbitc.quant.segments import segments, stored_segments, stores_perm
+from xbitc.size import array_bytes
 
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 PASS_RECORD_BYTES = 130  # one {"pass", "fingerprint", "seconds"} entry in the manifest, indent=1
 
 
-def segments_of(bits, group: int, inp: int) -> tuple[list[Segment], bool]:
-    """Segments a plan entry will produce (depth descending) and whether it stores a permutation."""
-    if isinstance(bits, (int, np.integer)):
-        return [Segment(int(bits), min(group or inp, inp), 0, inp)], False
-    depths = np.asarray(bits)
-    segs, start = [], 0
-    for d in sorted(set(depths.tolist()), reverse=True):
-        n = int((depths == d).sum())
-        segs.append(Segment(int(d), min(group or inp, n) if d else 1, start, start + n))
-        start += n
-    return segs, len(segs) > 1
-
-
-def planned_arrays(name: str, shape: tuple[int, int], segs: list[Segment], permuted: bool) -> dict[str, tuple[str, list[int]]]:
-    out, inp = shape
-    arrays = {}
-    if permuted:
-        arrays[f"{name}.perm"] = ("U16" if inp <= 1 << 16 else "I32", [inp])
-    for i, s in enumerate(segs):
-        if s.bits:
-            arrays[f"{name}.s{i}.codes"] = ("U8", [out, row_bytes(s.ncols, s.bits)])
-            arrays[f"{name}.s{i}.scales"] = ("F16", [out, s.ngroups])
-            arrays[f"{name}.s{i}.zeros"] = ("U8", [out, row_bytes(s.ngroups, s.bits)])
-    return arrays
-
-
-_ITEM = {"U8": 1, "U16": 2, "I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}
+def segments_of(bits, group: int, inp: int, reorders: bool = False) -> tuple[list[Segment], bool]:
+    """Segments a plan entry will be stored as and whether a permutation is stored with them (`reorders`: the
+    quantizer orders columns by their data, GPTQ's act_order)."""
+    segs = segments([(int(bits), inp)], group) if isinstance(bits, (int, np.integer)) else stored_segments(bits, group)
+    return segs, stores_perm(segs, reorders)
 
 
 def safetensors_bytes(arrays: dict[str, tuple[str, list[int]]]) -> int:
     header, offset = {"__metadata__": {"format": "xbitc", "version": "1"}}, 0
     for name in sorted(arrays):
         dtype, shape = arrays[name]
-        n = _ITEM[dtype] * int(np.prod(shape))
+        n = array_bytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":"))
@@ -74,14 +54,13 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
     for name, t in graph.params.items():
         shape = [int(s) for s in t.shape]
         if name in plan:
-            segs, permuted = segments_of(plan[name]["bits"], plan[name]["group"], shape[1])
-            permuted = permuted or permute_uniform
-            part = planned_arrays(name, tuple(shape), segs, permuted)
+            segs, permuted = segments_of(plan[name]["bits"], plan[name]["group"], shape[1], permute_uniform)
+            part = planned_tensors(name, tuple(shape), segs, permuted)
             arrays.update(part)
             entries[name] = TensorEntry(
                 role=roles.get(name, "linear"), shape=shape, storage="packed", layout="lsb-rows", permuted=permuted,
                 segments=[[s.bits, s.group_size, s.start, s.stop] for s in segs],
-                bytes=sum(_ITEM[d] * int(np.prod(s)) for d, s in part.values()),
+                bytes=sum(array_bytes(*a) for a in part.values()),
             )
         else:
             is_param = t.is_floating_point() and kinds.get(name, "parameter") == "parameter"
@@ -89,7 +68,7 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
             arrays[name] = (code, shape)
             entries[name] = TensorEntry(
                 role=roles.get(name, "float"), shape=shape, storage="float", dtype=str(t.dtype).removeprefix("torch."),
-                bytes=_ITEM[code] * int(np.prod(shape)),
+                bytes=array_bytes(code, shape),
             )
     weights = safetensors_bytes(arrays)
     # graph.json, and step.json for the cached decode step: both have their planned linears renamed by packing

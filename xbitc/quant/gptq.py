@@ -6,9 +6,9 @@ applied lazily once per block (the paper's Algorithm 1). Everything here is per 
 work is O(out * in^2) and the memory O(in^2 + out * in).
 
 Mixed precision: every input column has its own depth (0..8; 0 drops the column to exactly 0, its error compensated
-by the later columns like any other quantization error). Columns are processed -- and stored -- in the order of
-`perm`: grouped by depth so that equal depths are contiguous `Segment`s, then Hessian diagonal descending
-(act_order) or original index.
+by the later columns like any other quantization error). Columns are processed grouped by depth, then by Hessian
+diagonal descending (act_order) or original index, and stored in the layout every quantizer writes
+(xbitc.quant.segments): the same runs of columns, one segment per depth, finest first.
 
 The depth order matters, because GPTQ can only push a column's error onto the columns after it. `depth_order`:
 "ascending" (the default: coarsest first, so dropped columns come first and the finest columns, whose own error is
@@ -31,8 +31,9 @@ from bisect import bisect_right
 import numpy as np
 import torch
 
-from .format import QuantizedMatrix, Segment
+from .format import QuantizedMatrix
 from .grid import dequantize_codes, grid_params, quantize_codes
+from .segments import runs, segments, stored_order, stored_segments, stores_perm
 
 MAX_DAMP_RETRIES = 4  # damp, 10x, 100x, ... before giving up on the Cholesky
 DEPTH_ORDERS = ("descending", "ascending", "drop_first")
@@ -53,12 +54,13 @@ def gptq_quantize(
     """GPTQ-quantize a [out, in] weight matrix given the [in, in] Hessian (2/N) sum x x^T of its inputs.
 
     `bits` is one depth for every column or an int array of `in` depths in 0..8 (0 drops the column). Columns whose
-    Hessian diagonal is 0 never saw a nonzero input and are zeroed. `perm` orders the columns by depth (`depth_order`:
+    Hessian diagonal is 0 never saw a nonzero input and are zeroed. Columns are processed by depth (`depth_order`:
     "descending", "ascending" or "drop_first", i.e. dropped columns first, then descending), then by Hessian diagonal
-    descending (act_order) or index; it is None when that order is the identity (always so for uniform bits without
-    act_order). `clip` searches each group's range (xbitc.quant.grid) on the error-updated weights. `meta["loss"]` is the sum of the
-    per-weight GPTQ losses (w - q)^2 / (2 [U]_qq^2) (U the upper Cholesky factor of the damped H^-1), which equals
-    tr(dW H_damped dW^T) / 2 for dW = W - Wq; `meta["damp"]` is the relative damping actually used.
+    descending (act_order) or index; `perm` stores them one segment per depth, finest first, each in processing order
+    (None only for uniform bits without act_order). `clip` searches each group's range (xbitc.quant.grid) on the
+    error-updated weights. `meta["loss"]` is the sum of the per-weight GPTQ losses (w - q)^2 / (2 [U]_qq^2) (U the
+    upper Cholesky factor of the damped H^-1), which equals tr(dW H_damped dW^T) / 2 for dW = W - Wq; `meta["damp"]`
+    is the relative damping actually used.
     """
     return _gptq(w, hessian, bits, group_size, damp, act_order, block_size, depth_order, want_result=False, clip=clip)[0]
 
@@ -101,31 +103,32 @@ def _gptq(
     H[dead, dead] = 1.0  # a column that never saw a nonzero input: nothing to fit, nothing to compensate with
     WT[dead] = 0.0
 
-    perm = _column_order(depths, diag.numpy(), act_order, depth_order)
-    if perm is not None:
-        p = torch.from_numpy(perm.astype(np.int64))
+    perm = _column_order(depths, diag.numpy(), act_order, depth_order)  # processing order
+    moved = not np.array_equal(perm, np.arange(inp))
+    if moved:  # else spare the [in, in] copy of H
+        p = torch.from_numpy(perm)
         WT = WT[p]
         H = H[p][:, p]
         depths = depths[perm]
     Hinv, damp_used = _inverse_cholesky_upper(H, damp)
     del H
 
-    segments = _segments(depths, group_size)
-    # Group g of a segment spans stored columns [start, stop); blocks are cut so that a group starting inside a
+    segs = segments(runs(depths), group_size)  # in processing order
+    # Group g of a run spans processed columns [start, stop); blocks are cut so that a group starting inside a
     # block lies wholly in it, and a group reaching past its block starts at the block's first column. Either way
     # the group's current weights are at hand when it starts (W1 in the block, W beyond it, all updates applied).
-    group_at: dict[int, tuple[int, int, int]] = {}  # first stored column -> (segment index, group index, stop)
-    for si, seg in enumerate(segments):
+    group_at: dict[int, tuple[int, int, int]] = {}  # first processed column -> (run index, group index, stop)
+    for si, seg in enumerate(segs):
         if seg.bits:
             for gi, g0 in enumerate(range(seg.start, seg.stop, seg.group_size)):
                 group_at[g0] = (si, gi, min(g0 + seg.group_size, seg.stop))
-    breaks = sorted({s.start for s in segments} | set(group_at) | {inp})
+    breaks = sorted({s.start for s in segs} | set(group_at) | {inp})
 
     codes = torch.zeros(inp, out, dtype=torch.uint8)
-    scales = [torch.zeros(s.ngroups, out) for s in segments]
-    zeros = [torch.zeros(s.ngroups, out) for s in segments]
+    scales = [torch.zeros(s.ngroups, out) for s in segs]
+    zeros = [torch.zeros(s.ngroups, out) for s in segs]
     losses = torch.zeros(out, dtype=torch.float64)
-    seg_of = np.repeat(np.arange(len(segments)), [s.ncols for s in segments])
+    seg_of = np.repeat(np.arange(len(segs)), [s.ncols for s in segs])
 
     scale = zero = None  # of the group in progress, which may have started in an earlier block
     i1 = 0
@@ -137,7 +140,7 @@ def _gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(count):
             col = i1 + i
-            seg = segments[seg_of[col]]
+            seg = segs[seg_of[col]]
             if col in group_at:
                 si, gi, g1 = group_at[col]
                 cur = W1[i : i + g1 - col] if g1 <= i2 else WT[col:g1]  # the latter only when i == 0
@@ -166,13 +169,18 @@ def _gptq(
             WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
         i1 = i2
 
+    # Stored layout: the processed runs reordered finest first, whole (so the groups and codes are unchanged).
+    to_stored = stored_order(depths)
+    stored = stored_segments(depths, group_size)
+    run_of = {s.bits: i for i, s in enumerate(segs)}
+    codes = codes[torch.from_numpy(to_stored)]
     qm = QuantizedMatrix(
         shape=(out, inp),
-        segments=segments,
-        codes=[codes[s.start : s.stop].T.numpy().copy() if s.bits else np.zeros((out, 0), np.uint8) for s in segments],
-        scales=[sc.T.numpy().astype(np.float16) for sc in scales],
-        zeros=[z.T.numpy().astype(np.uint8) for z in zeros],
-        perm=perm,
+        segments=stored,
+        codes=[codes[s.start : s.stop].T.numpy().copy() if s.bits else np.zeros((out, 0), np.uint8) for s in stored],
+        scales=[scales[run_of[s.bits]].T.numpy().astype(np.float16) for s in stored],
+        zeros=[zeros[run_of[s.bits]].T.numpy().astype(np.uint8) for s in stored],
+        perm=perm[to_stored] if stores_perm(stored, act_order) else None,
         meta={
             "method": "gptq",
             "loss": float(losses.sum()),
@@ -183,9 +191,9 @@ def _gptq(
     )
     if not want_result:
         return qm, None
-    if perm is not None:
+    if moved:
         Wq = torch.empty_like(WT)
-        Wq[torch.from_numpy(perm.astype(np.int64))] = WT
+        Wq[p] = WT
         WT = Wq
     return qm, WT.T.contiguous()
 
@@ -205,10 +213,9 @@ def _column_depths(bits: int | np.ndarray, inp: int) -> np.ndarray:
     return depths
 
 
-def _column_order(depths: np.ndarray, diag: np.ndarray, act_order: bool, depth_order: str) -> np.ndarray | None:
-    """Processing/storage order: by depth (see DEPTH_ORDERS), then Hessian diagonal descending (act_order) or
-    original index. Stable, so ties keep original index order. None when the order is the identity.
-    """
+def _column_order(depths: np.ndarray, diag: np.ndarray, act_order: bool, depth_order: str) -> np.ndarray:
+    """Processing order: by depth (see DEPTH_ORDERS), then Hessian diagonal descending (act_order) or original index.
+    Stable, so ties keep original index order."""
     if depth_order == "ascending":
         primary = depths
     elif depth_order == "drop_first":
@@ -216,22 +223,7 @@ def _column_order(depths: np.ndarray, diag: np.ndarray, act_order: bool, depth_o
     else:
         primary = -depths
     keys = (-diag, primary) if act_order else (primary,)
-    perm = np.lexsort(keys).astype(np.int32)
-    return None if np.array_equal(perm, np.arange(len(depths))) else perm
-
-
-def _segments(depths: np.ndarray, group_size: int) -> list[Segment]:
-    """Maximal runs of equal depth in stored order; the group size is capped at the segment width."""
-    segments = []
-    start = 0
-    n = len(depths)
-    while start < n:
-        stop = start + 1
-        while stop < n and depths[stop] == depths[start]:
-            stop += 1
-        segments.append(Segment(int(depths[start]), min(group_size, stop - start), start, stop))
-        start = stop
-    return segments
+    return np.lexsort(keys)
 
 
 def _block_end(breaks: list[int], i1: int, block_size: int) -> int:

@@ -1,25 +1,34 @@
 """Packed form of a QuantizedMatrix: what the artifact stores and kernels read.
 
 Per segment of equal depth b: codes bit-packed per output row (see pack.py), float16 scales [out, ngroups], and
-zero points packed at the same depth b (a zero point is a code). The column permutation is stored as int32 only when
-it is not the identity. `layout` names the code layout; backends may repack into their own at load time.
+zero points packed at the same depth b (a zero point is a code), and the column permutation when there is one
+(xbitc.quant.segments). The arrays' names, dtypes and shapes are `planned_tensors`, sized in xbitc.size. `layout`
+names the code layout; backends may repack into their own at load time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from xbitc.size import perm_array, segment_arrays
+
 from .format import QuantizedMatrix, Segment
-from .pack import pack, row_bytes, unpack
+from .pack import pack, unpack
+from .segments import perm_dtype
 
 LAYOUT = "lsb-rows"
 
 
-def perm_dtype(in_features: int) -> type:
-    """Column permutations are stored as uint16 whenever they fit: half the bytes of int32."""
-    return np.uint16 if in_features <= 1 << 16 else np.int32
+def planned_tensors(prefix: str, shape: tuple[int, int], segs: list[Segment],
+                    permuted: bool) -> dict[str, tuple[str, list[int]]]:
+    """What `PackedMatrix.tensors(prefix)` will hold, before there is data: name -> (safetensors dtype, shape)."""
+    out = {f"{prefix}.perm": perm_array(shape[1])} if permuted else {}
+    for i, seg in enumerate(segs):
+        out.update({f"{prefix}.s{i}.{part}": a for part, a in segment_arrays(shape[0], seg).items()})
+    return out
 
 
 @dataclass
@@ -123,9 +132,8 @@ def _check(name: str, shape: tuple[int, int], segs: list[PackedSegment], perm: n
             raise ValueError(f"{name}: segment {seg} does not continue the columns at {pos} (corrupt artifact)")
         pos = seg.stop
         if seg.bits:
-            want = {"codes": out * row_bytes(seg.ncols, seg.bits), "scales": out * seg.ngroups,
-                    "zeros": out * row_bytes(seg.ngroups, seg.bits)}
-            for part, n in want.items():
+            for part, (_, dims) in segment_arrays(out, seg).items():
+                n = math.prod(dims)
                 if getattr(ps, part).size != n:
                     raise ValueError(f"{name}: {part} of segment {seg} hold {getattr(ps, part).size} values, "
                                      f"expected {n} (corrupt artifact)")

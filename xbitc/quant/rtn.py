@@ -4,15 +4,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .format import QuantizedMatrix, Segment
+from .format import QuantizedMatrix
 from .grid import grid_params, quantize_codes
+from .segments import segments, stored_order, stored_segments, stores_perm
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> QuantizedMatrix:
     """Uniform b-bit asymmetric RTN of a [out, in] matrix, groups of `group_size` input columns."""
     w = w.detach().to(torch.float32)
     out, inp = w.shape
-    group_size = min(group_size, inp)
+    (seg,) = segments([(bits, inp)], group_size)
+    group_size = seg.group_size
     codes, scales, zeros = [], [], []
     for g0 in range(0, inp, group_size):
         block = w[:, g0 : g0 + group_size]
@@ -20,7 +22,6 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False
         codes.append(quantize_codes(block, scale, zero, bits))
         scales.append(scale)
         zeros.append(zero)
-    seg = Segment(bits=bits, group_size=group_size, start=0, stop=inp)
     return QuantizedMatrix(
         shape=(out, inp),
         segments=[seg],
@@ -31,8 +32,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False
 
 
 def rtn_any(w: torch.Tensor, bits, group_size: int, clip: bool = False) -> QuantizedMatrix:
-    """RTN at one depth, or at per-column depths (a sequence of 0..8): columns are ordered by depth, descending
-    (stable, so equal depths keep their order), and each run of equal depth is one RTN segment."""
+    """RTN at one depth, or at per-column depths (a sequence of 0..8) in the stored layout of xbitc.quant.segments:
+    each segment is an RTN of its columns."""
     if isinstance(bits, (int, np.integer)):
         return rtn_quantize(w, int(bits), group_size, clip)
     depths = np.asarray(bits, dtype=np.int64)
@@ -40,23 +41,17 @@ def rtn_any(w: torch.Tensor, bits, group_size: int, clip: bool = False) -> Quant
     out, inp = w.shape
     if depths.shape != (inp,):
         raise ValueError(f"per-column depths must have {inp} entries, got shape {depths.shape}")
-    order = np.argsort(-depths, kind="stable")
-    segments, codes, scales, zeros = [], [], [], []
-    start = 0
-    for d in sorted(set(depths.tolist()), reverse=True):
-        cols = order[start : start + int((depths == d).sum())]
-        if d == 0:
-            segments.append(Segment(0, 1, start, start + len(cols)))
-            codes.append(np.zeros((out, len(cols)), np.uint8))
+    order = stored_order(depths)
+    segs = stored_segments(depths, group_size)
+    codes, scales, zeros = [], [], []
+    for seg in segs:
+        if seg.bits == 0:
+            codes.append(np.zeros((out, seg.ncols), np.uint8))
             scales.append(np.zeros((out, 0), np.float16))
             zeros.append(np.zeros((out, 0), np.uint8))
         else:
-            q = rtn_quantize(w[:, torch.from_numpy(cols)], int(d), group_size, clip)
-            seg = q.segments[0]
-            segments.append(Segment(seg.bits, seg.group_size, start, start + len(cols)))
+            q = rtn_quantize(w[:, torch.from_numpy(order[seg.start : seg.stop])], seg.bits, seg.group_size, clip)
             codes += q.codes
             scales += q.scales
             zeros += q.zeros
-        start += len(cols)
-    perm = None if np.array_equal(order, np.arange(inp)) else order.astype(np.int64)
-    return QuantizedMatrix((out, inp), segments, codes, scales, zeros, perm)
+    return QuantizedMatrix((out, inp), segs, codes, scales, zeros, order if stores_perm(segs, False) else None)
