@@ -70,8 +70,8 @@ def compile_interpreter(interp: Any) -> Callable[..., Any]:
             break
         elif n.op in TARGET_OPS or n.op is Op.FUSED:
             args = ", ".join(expr(a) for a in n.args)
-            # keyword names come from the artifact: only plain identifiers are written into the source
-            kwargs = ", ".join(f"{k}={expr(x)}" if k.isidentifier() and not keyword.iskeyword(k)
+            # keyword names come from the artifact: only plain ASCII identifiers (Python NFKC-folds others) go in the source
+            kwargs = ", ".join(f"{k}={expr(x)}" if k.isascii() and k.isidentifier() and not keyword.iskeyword(k)
                                else f"**{{{const(k)}: {expr(x)}}}" for k, x in n.kwargs.items())
             lines.append(f"    {v} = FN[{i}]({', '.join(p for p in (args, kwargs) if p)})")
         else:

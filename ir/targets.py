@@ -36,7 +36,15 @@ ATEN_OPS = frozenset("""
     _unsafe_view _native_batch_norm_legit_no_training native_batch_norm batch_norm to
     erfc erfinv lgamma digamma logit sinc hypot xlogy nan_to_num i0 frac special_erfcx special_expit special_logit
     special_xlogy special_i0 special_ndtr special_ndtri special_log_ndtr
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_max_pool1d adaptive_max_pool2d _adaptive_avg_pool2d
+    max_pool1d_with_indices max_pool2d_with_indices upsample_nearest1d upsample_nearest2d upsample_bilinear2d
+    upsample_linear1d upsample_bicubic2d linalg_vector_norm instance_norm conv_transpose1d conv_transpose2d
+    conv_transpose3d mish pixel_shuffle pixel_unshuffle
 """.split())
+
+# In-place operators traced graphs contain (detach_ by HF's rotary code, add_ by T5's position bias). They write
+# their first operand, which ir/verify.py requires to be a value the graph made itself, never a parameter or input.
+IN_PLACE = frozenset("detach_ add_ sub_ mul_ div_ masked_fill_ fill_ index_put_ copy_".split())
 
 # Python callables torch.export leaves for symbolic sizes and tuple results: pure functions of numbers.
 PY_CALLABLES: dict[str, Callable] = {
@@ -54,9 +62,57 @@ class UnknownTarget(ValueError):
     pass
 
 
-def _aten_allowed(packet: str, overload: str) -> bool:
-    # `out` overloads write into a caller's tensor; nothing traced needs them
-    return packet in ATEN_OPS and overload != "out" and not overload.endswith("_out")
+def _aten_overload(packet: str, overload: str) -> torch._ops.OpOverload | None:
+    """The listed operator overload, or None. The overload name must be one torch declares (never an attribute such
+    as `__getattribute__` or `_op`), and only IN_PLACE operators may write an argument (`out=` variants never)."""
+    if packet not in ATEN_OPS:
+        return None
+    ops = getattr(torch.ops.aten, packet)
+    if overload not in ops.overloads():
+        return None
+    op = getattr(ops, overload)
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    writes = [a for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if writes and (packet not in IN_PLACE or writes != op._schema.arguments[:1]):
+        return None
+    return op
+
+
+def writes_first_operand(name: Any) -> bool:
+    """Whether the (resolvable) operator `name` writes its first operand in place."""
+    parts = name.split(".") if isinstance(name, str) else []
+    return len(parts) == 3 and parts[0] == "aten" and parts[1] in IN_PLACE
+
+
+# operators whose result may share memory with their first operand: writing the result writes that operand
+MAY_ALIAS = frozenset("""
+    alias broadcast_to chunk contiguous detach detach_ expand expand_as flatten permute reshape select slice split
+    split_with_sizes squeeze t tensor_split to transpose type_as unbind unflatten unsqueeze view _unsafe_view
+    add_ sub_ mul_ div_ masked_fill_ fill_ index_put_ copy_
+""".split()) | {"getitem"}
+
+
+def in_place_errors(nodes: list) -> list[str]:
+    """In-place operators may write only values the graph computed itself: a write that reaches a parameter or an
+    input (directly or through views) would change the model's weights or the caller's tensors between calls."""
+    by_name = {n.name: n for n in nodes}
+    errors = []
+    for n in nodes:
+        target = n.attrs.get("target")
+        if not writes_first_operand(target):
+            continue
+        src = n.args[0] if n.args else None
+        while getattr(src, "name", None) in by_name:
+            producer = by_name[src.name]
+            if producer.op.value in ("param", "input"):
+                errors.append(f"node {n.name!r} ({target}) writes {producer.op.value} %{producer.name} in place")
+                break
+            packet = str(producer.attrs.get("target") or producer.attrs.get("kernel") or "").split(".")
+            if len(packet) < 2 or packet[1] not in MAY_ALIAS or not producer.args:
+                break
+            src = producer.args[0]
+    return errors
 
 
 def target_name(target: Any) -> str:
@@ -64,7 +120,7 @@ def target_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         packet = target._schema.name.split("::")[1]
         name = f"{target.namespace}.{packet}.{target._overloadname}"
-        if target.namespace == "aten" and _aten_allowed(packet, target._overloadname):
+        if target.namespace == "aten" and _aten_overload(packet, target._overloadname) is target:
             return name
         raise UnknownTarget(f"operator {name} is not in xbitc's list of pure tensor operators (ir/targets.py)")
     if isinstance(target, torch._ops.OpOverloadPacket):
@@ -82,12 +138,15 @@ def resolve(name: Any) -> Callable:
     if name in PY_CALLABLES:
         return PY_CALLABLES[name]
     parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "aten" or not _aten_allowed(parts[1], parts[2]):
+    op = None
+    if len(parts) == 3 and parts[0] == "aten":
+        try:
+            op = _aten_overload(parts[1], parts[2])
+        except (AttributeError, RuntimeError):  # a listed packet this torch does not have
+            raise UnknownTarget(f"torch {torch.__version__} has no operator {name!r}") from None
+    if op is None:
         raise UnknownTarget(f"operator {name!r} is not in xbitc's list of pure tensor operators")
-    try:
-        return getattr(getattr(torch.ops.aten, parts[1]), parts[2])
-    except (AttributeError, RuntimeError) as err:
-        raise UnknownTarget(f"torch {torch.__version__} has no operator {name!r}") from err
+    return op
 
 
 def is_resolvable(name: Any) -> bool:
@@ -98,4 +157,5 @@ def is_resolvable(name: Any) -> bool:
         return False
 
 
-__all__ = ["target_name", "resolve", "is_resolvable", "UnknownTarget", "ATEN_OPS", "PY_CALLABLES"]
+__all__ = ["target_name", "resolve", "is_resolvable", "writes_first_operand", "UnknownTarget", "ATEN_OPS",
+           "PY_CALLABLES", "IN_PLACE", "in_place_errors"]

@@ -96,12 +96,50 @@ def test_targets_never_resolve_arbitrary_callables():
 @pytest.mark.parametrize("name", ["builtins.exec", "builtins.eval", "builtins.open", "builtins.__import__",
                                   "builtins.getattr", "torch.load", "torch.save", "os.system", "aten.from_file.default",
                                   "aten.add.out", "aten.__class__.__init__", "operator.attrgetter", "operator.methodcaller",
-                                  "torch.ops.aten.add", "prims.add.default", "higher_order.cond.default", 3, None])
+                                  "torch.ops.aten.add", "prims.add.default", "higher_order.cond.default", 3, None,
+                                  # the overload slot names only overloads torch declares, never attributes
+                                  "aten.add.__getattribute__", "aten.sub.__setattr__", "aten.add._op",
+                                  "aten.mul.__call__", "aten.add.__class__", "aten.add.__init__",
+                                  # out= variants write a caller's tensor
+                                  "aten.sort.values", "aten.max.dim_max"])
 def test_closed_operator_list_refuses(name):
     from xbitc.ir.targets import UnknownTarget, resolve
 
     with pytest.raises(UnknownTarget):
         resolve(name)
+
+
+@pytest.mark.parametrize("layer", [
+    torch.nn.AdaptiveAvgPool2d(2), torch.nn.Upsample(scale_factor=2), torch.nn.InstanceNorm2d(3),
+    torch.nn.ConvTranspose2d(3, 3, 2), torch.nn.Mish(), torch.nn.MaxPool2d(2), torch.nn.GELU(approximate="tanh")])
+def test_standard_layers_stay_traceable(layer):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.layer = layer
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.layer(self.conv(x)), dim=1)
+
+    x = torch.randn(2, 3, 8, 8)
+    net = Net().eval()
+    g = frontend.trace(frontend._from_module(net, (x,), "net", "0"))
+    assert torch.allclose(Interpreter(g)(x), net(x).detach(), rtol=0, atol=0)
+
+
+def test_in_place_writes_to_parameters_are_refused():
+    class Bump(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(4))
+
+        def forward(self, x):
+            self.count.view(2, 2).add_(1)  # through a view: still the buffer
+            return x + self.count
+
+    with pytest.raises(TraceError, match="writes|mutates"):
+        frontend.trace(frontend._from_module(Bump(), (torch.randn(2, 4),), "bump", "0"))
 
 
 def test_tracing_refuses_operators_outside_the_list():

@@ -332,8 +332,21 @@ def _from_module(module: Any, example: Any, source: str, digest: str, inputs: li
         return LoadedModel(module, tensors, "generic", source, digest, dynamic_dims=dynamic,
                            input_note=f"inputs from --input {' '.join(s.name for s in inputs)}")
     if example is not None:
-        return LoadedModel(module, tuple(example), "generic", source, digest)
+        example = tuple(example)
+        return LoadedModel(module, example, "generic", source, digest, dynamic_dims=_guess_dynamic(example))
     return _inferred(module, source, digest)
+
+
+def _guess_dynamic(example: tuple) -> dict[int, tuple[str, ...]]:
+    """Axes of given example inputs to keep dynamic: the batch (a leading axis of 2 or more) and, for 2-D integer
+    inputs (token ids), the sequence. Where the model fixes them, export falls back to the traced shapes."""
+    dims: dict[int, tuple[str, ...]] = {}
+    for i, x in enumerate(example):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < 2:
+            continue
+        ids = x.dim() == 2 and not x.is_floating_point() and x.shape[1] >= 2
+        dims[i] = ("batch", "seq") if ids else ("batch",)
+    return dims
 
 
 def _first_embedding_rows(module: torch.nn.Module) -> int | None:

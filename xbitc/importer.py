@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from xbitc.ir.graph import Graph, Node, Op, Ref, TensorType
-from xbitc.ir.targets import UnknownTarget, target_name
+from xbitc.ir.targets import UnknownTarget, in_place_errors, target_name
 
 
 class TraceError(RuntimeError):
@@ -143,4 +143,7 @@ def from_fx_graph(graph: fx.Graph, params: dict[str, torch.Tensor], placeholder_
             )
         else:
             raise TraceError(f"unsupported fx node kind {fn.op} ({fn.name}: {fn.target})")
+    writes = in_place_errors(nodes)
+    if writes:
+        raise TraceError(f"{writes[0]}; xbitc compiles models whose forward leaves weights and inputs unchanged")
     return Graph(nodes=nodes, params=params)
