@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the kernel cache's signing key: the tests' own, not the user's (children inherit it)
+os.environ.setdefault("XBITC_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="xbitc-key-"), "kernel-cache.key"))
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -68,7 +68,6 @@ def test_a_damaged_entry_is_rebuilt_with_one_warning(warm_cache, tmp_path, damag
     cache.mkdir(mode=0o700)
     for f in warm_cache.iterdir():
         (cache / f.name).write_bytes(f.read_bytes())
-    (cache / diskcache.SECRET).chmod(0o600)
     entries = [f for f in cache.glob("*.o")]
     assert len(entries) == 1
     entries[0].write_bytes(damage(entries[0].read_bytes()))
@@ -89,14 +88,38 @@ def test_an_entry_under_another_key_fails(tmp_path, monkeypatch):
     assert diskcache.read("bbbb") is None and not (tmp_path / "c" / "bbbb.o").exists()
 
 
-def test_an_entry_signed_with_another_secret_fails(tmp_path, monkeypatch):
+def test_a_cache_made_with_another_key_is_rejected(warm_cache, tmp_path):
+    """A cache folder someone hands over (a tarball, a CI cache) cannot vouch for its own entries: the key that
+    signs them is this user's, outside every cache folder."""
+    cache = tmp_path / "handed-over"
+    cache.mkdir(mode=0o700)
+    for f in warm_cache.iterdir():
+        (cache / f.name).write_bytes(f.read_bytes())
+    env_key = tmp_path / "other.key"
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, XBITC_CACHE_DIR=str(cache), XBITC_KEY_FILE=str(env_key),
+                                PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    codegen, hits, err = r.stdout.split()
+    assert (codegen, hits) == ("1", "0") and float(err) < 1e-3
+    assert "failed its check" in r.stderr
+
+
+def test_an_entry_signed_with_another_key_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBITC_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("XBITC_KEY_FILE", str(tmp_path / "k1"))
+    assert diskcache.write("k", b"code")
+    assert diskcache.read("k") == b"code"
+    monkeypatch.setenv("XBITC_KEY_FILE", str(tmp_path / "k2"))
+    assert diskcache.read("k") is None
+
+
+def test_a_fifo_entry_does_not_block(tmp_path, monkeypatch):
     monkeypatch.setenv("XBITC_CACHE_DIR", str(tmp_path / "c"))
     assert diskcache.write("k", b"code")
-    entry = (tmp_path / "c" / "k.o").read_bytes()
-    (tmp_path / "c" / diskcache.SECRET).unlink()  # an attacker without the secret writes a new one
-    assert diskcache.write("other", b"x")
-    (tmp_path / "c" / "k.o").write_bytes(entry)
-    assert diskcache.read("k") is None
+    (tmp_path / "c" / "k.o").unlink()
+    os.mkfifo(tmp_path / "c" / "k.o")
+    assert diskcache.read("k") is None  # would block forever reading a FIFO
 
 
 def test_a_folder_others_can_write_is_not_used(tmp_path, monkeypatch, capsys):
@@ -118,8 +141,9 @@ def test_a_folder_others_can_write_is_not_used(tmp_path, monkeypatch, capsys):
 
 def test_a_readable_secret_is_not_trusted(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XBITC_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("XBITC_KEY_FILE", str(tmp_path / "key"))
     assert diskcache.write("k", b"code")
-    (tmp_path / "c" / diskcache.SECRET).chmod(0o644)
+    (tmp_path / "key").chmod(0o644)
     diskcache._warned.clear()
     assert diskcache.read("k") is None
     assert "not a private" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """The kernel disk cache: compiled objects the runtime made itself, checked on every read before LLVM sees them.
 
 An entry is `<key>.o` = MAGIC + HMAC-SHA256(secret, key || object) + object. The key is the kernel's fingerprint
-(generator source, spec, target triple, cpu, features, LLVM and llvmlite versions); the secret is 32 random bytes in
-`<cache>/secret`, readable by its owner only. A damaged entry (truncated, zeroed, flipped bits), one copied under
-another key, or one patched by anyone who cannot read the secret fails the check: it is discarded and rebuilt with
-one warning line. A cache folder or secret that others can write is not used at all (the kernels are compiled in
-memory instead), since whoever can write them could forge entries.
+(generator source, spec, target triple, cpu, features, LLVM and llvmlite versions). The secret is 32 random bytes
+this user's runtime made, kept outside every cache folder (`$XBITC_KEY_FILE`, else
+`$XDG_STATE_HOME/xbitc/kernel-cache.key`, else `~/.local/state/xbitc/kernel-cache.key`) and readable by its owner
+only, so a cache folder someone hands over (a tarball, a CI cache, `XBITC_CACHE_DIR` pointed at their folder)
+cannot vouch for its own entries. A damaged entry (truncated, zeroed, flipped bits), one under another key, or one
+not made with this secret fails the check: it is discarded and rebuilt with one warning line. A cache folder or key
+that others can write is not used at all (the kernels are compiled in memory instead).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 MAGIC = b"XBITC-KERNEL-1\n\0"
-SECRET = "secret"
+MAX_ENTRY_BYTES = 256 << 20  # kernel objects are kilobytes to a few megabytes
 _DIGEST = 32
 _warned: set[str] = set()
 
@@ -39,28 +41,40 @@ def _private(st: os.stat_result) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
+def key_file() -> Path:
+    if os.environ.get("XBITC_KEY_FILE"):
+        return Path(os.environ["XBITC_KEY_FILE"])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "xbitc" / "kernel-cache.key"
+
+
 def _secret(folder: Path) -> bytes | None:
-    """The cache's secret, made on first use; None (no disk cache) where the folder or secret is not private."""
+    """This user's secret, made on first use; None (no disk cache) where the cache folder or the key is not private."""
+    path = key_file()
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not _private(os.stat(folder)):
             warn(f"kernel cache {folder} is writable by other users; not used (compiling in memory)")
             return None
-        path = folder / SECRET
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # mode 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(_DIGEST))
-        except FileExistsError:
-            pass
+            try:
+                os.link(tmp, path)  # whole or not at all: a racing process sees no key or this one, never half
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode) or not _private(st) or st.st_mode & 0o077 or st.st_size != _DIGEST:
-            warn(f"kernel cache secret {path} is not a private {_DIGEST}-byte file; cache not used "
-                 f"(remove {folder} to start a fresh cache)")
+            warn(f"kernel cache key {path} is not a private {_DIGEST}-byte file; cache not used "
+                 f"(remove it to make a new one)")
             return None
         return path.read_bytes()
     except OSError as err:
-        warn(f"kernel cache {folder} is not usable ({err.strerror}); compiling in memory")
+        warn(f"kernel cache {folder} or its key {path} is not usable ({err.strerror}); compiling in memory")
         return None
 
 
@@ -78,7 +92,11 @@ def read(key: str) -> bytes | None:
     if secret is None:
         return None
     try:
-        data = path.read_bytes()
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_ENTRY_BYTES:  # a FIFO or device would block or flood
+            data = b""
+        else:
+            data = path.read_bytes()
     except OSError:
         return None
     head = len(MAGIC) + _DIGEST
