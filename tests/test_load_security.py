@@ -200,3 +200,59 @@ def test_a_file_that_is_not_an_archive_gets_one_line(program, tmp_path, capsys, 
     assert main(["compile", str(bad), "--bits", "4", "-o", str(tmp_path / "o.xbitc")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not a torch.export archive" in err and "torch.export.save" in err
+
+
+# --- found by review: hostile Hugging Face folders, shape expressions that never finish, zip bombs -----------------
+
+def _llama_folder(tmp_path):
+    import transformers as t
+
+    cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    folder = tmp_path / "hf"
+    t.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_a_config_naming_code_or_a_non_model_attribute_gets_one_line(tmp_path):
+    import json
+
+    from xbitc.frontend import LoadError, load
+
+    folder = _llama_folder(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    custom = {k: v for k, v in cfg.items() if k != "model_type"}  # only the folder's own code could read it
+    (folder / "config.json").write_text(json.dumps({**custom, "auto_map": {"AutoConfig": "evil.Config"}}))
+    with pytest.raises(LoadError, match="transformers cannot load this model"):
+        load(str(folder))
+    assert not marker.exists()
+    # `architectures` names a class; any other attribute of transformers (a function here) is not taken
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["pipeline"]}))
+    assert load(str(folder)).kind in ("causal-lm", "encoder")
+
+
+def test_shape_expressions_that_would_never_finish_are_refused():
+    from xbitc.pt2safety import plain_expression
+
+    assert plain_expression("Add(Symbol('s0'), Integer(1))")
+    assert plain_expression("Pow(Symbol('s0'), Integer(2))")
+    assert not plain_expression("Pow(Integer(10), Pow(Integer(10), Integer(10)))")
+    assert not plain_expression("Pow(Integer(10), Integer(10000000000))")
+    assert not plain_expression("10**10**10")
+
+
+def test_a_zip_bomb_entry_is_refused_before_reading(tmp_path):
+    import zipfile
+
+    from xbitc.pt2safety import MAX_JSON_BYTES, NotAnArchive, findings
+
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("model/models/model.json", "w", force_zip64=True) as f:
+            chunk = b" " * (1 << 24)
+            for _ in range(MAX_JSON_BYTES // len(chunk) + 1):
+                f.write(chunk)
+    with pytest.raises(NotAnArchive, match="unpacks to"):
+        findings(bomb)

@@ -158,15 +158,22 @@ def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
     with one_gguf_reader() if gguf_file else nullcontext():
         if gguf_file:
             check_gguf(path / gguf_file)  # parsed once here; transformers' readers below reuse it
-        config = tf.AutoConfig.from_pretrained(path, **kw)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(tf, arch, None) if arch else None
-        if cls is None:
-            cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
-        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
         try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(path, **kw)
-        except (OSError, ValueError):
+            # trust_remote_code stays off: a config's auto_map names code in the folder, which never runs
+            config = tf.AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
+            arch = (getattr(config, "architectures", None) or [None])[0]
+            # the config names a class: only a transformers model class is taken, never any other attribute
+            cls = getattr(tf, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+            if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+                cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
+            model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kw)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            first = " ".join(str(err).split())[:300]
+            raise LoadError(f"{path / gguf_file if gguf_file else path}: transformers cannot load this model "
+                            f"({type(err).__name__}: {first}); give a supported Hugging Face folder or GGUF file") from None
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
+        except (OSError, ValueError, KeyError, TypeError):
             tokenizer = None
     src = path / gguf_file if gguf_file else path
     return wrap_hf(model, tokenizer, str(src), file_hash(src))

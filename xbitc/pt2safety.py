@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
 MAX_NOTED = 60  # characters of an offending expression quoted in a message
+MAX_JSON_BYTES = 256 << 20  # a program's JSON or a payload config; what a zip entry claims is checked before reading
+MAX_PICKLE_BYTES = 4 << 30  # pickles checked with the weights-only loader are read whole
 
 
 class NotAnArchive(ValueError):
@@ -68,7 +70,7 @@ def plain_expression(text: str, guard: bool = False) -> bool:
     """True when `text` is arithmetic over symbols (and, for guards, input sizes) that evaluates nothing else."""
     if not isinstance(text, str) or len(text) > 20_000:
         return False
-    pos = 0
+    pos, powers, widest = 0, 0, 0
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None or (m.group("ref") and not guard):
@@ -76,8 +78,14 @@ def plain_expression(text: str, guard: bool = False) -> bool:
         name = m.group("name")
         if name is not None and name not in SAFE_NAMES and not re.fullmatch(r"OpaqueUnaryFn_[a-z0-9]+", name):
             return False
+        powers += m.group("op") == "**" or name in _POWERS
+        widest = max(widest, len(m.group("num") or ""))
         pos = m.end()
-    return True
+    # sympify evaluates integer powers: Pow(10, Pow(10, 10)) would never finish (a hang, not code, but refused)
+    return powers == 0 or (powers == 1 and widest <= 4)
+
+
+_POWERS = {"Pow", "PowByNatural", "FloatPow"}
 
 
 def _root_stripped(name: str) -> str:
@@ -149,6 +157,8 @@ def _weights_only_loads(data: bytes) -> bool:
 def _payload_findings(z: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], config: str, folder: str,
                       what: str) -> tuple[list[str], set[str]]:
     """Pickled entries of one payload config, and the names of its raw (never unpickled) tensor files."""
+    if entries[config].file_size > MAX_JSON_BYTES:
+        raise NotAnArchive(f"entry {config} unpacks to {entries[config].file_size:,} bytes")
     try:
         spec = json.loads(z.read(entries[config]))
         items = spec["config"].items()
@@ -202,6 +212,9 @@ def findings(path: Path) -> list[str]:
         for name, info in sorted(entries.items()):
             if name in raw or info.is_dir() or info.file_size == 0:  # torch reads an empty pickle file as nothing
                 continue
+            limit = MAX_JSON_BYTES if name.endswith(".json") else MAX_PICKLE_BYTES
+            if info.file_size > limit:  # a zip bomb would exhaust memory before torch ever saw it
+                raise NotAnArchive(f"entry {name} unpacks to {info.file_size:,} bytes, over the {limit:,} xbitc reads")
             try:
                 head = z.open(info).read(4) if info.file_size else b""
                 if name.endswith(".json"):  # the program (models/<name>.json, or the pre-2.8 layout's) and configs
