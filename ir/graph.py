@@ -95,6 +95,8 @@ class Graph:
     meta: dict[str, Any] = field(default_factory=dict)
     # a language model's cached decode step over the same parameters (xbitc.stepgraph), stored beside the graph
     step: Graph | None = None
+    # node -> "file:line" of the model code that made it, as tracing saw it (for messages; never stored)
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -146,4 +146,14 @@ def from_fx_graph(graph: fx.Graph, params: dict[str, torch.Tensor], placeholder_
     writes = in_place_errors(nodes)
     if writes:
         raise TraceError(f"{writes[0]}; xbitc compiles models whose forward leaves weights and inputs unchanged")
-    return Graph(nodes=nodes, params=params)
+    return Graph(nodes=nodes, params=params, sources={fn.name: _source(fn) for fn in graph.nodes if _source(fn)})
+
+
+def _source(fn: fx.Node) -> str:
+    """'file:line' of the innermost frame of the model's code that made the node (export records the stack)."""
+    lines = [ln.strip() for ln in str(fn.meta.get("stack_trace") or "").splitlines() if ln.strip().startswith("File ")]
+    if not lines:
+        return ""
+    parts = lines[-1].split('"')
+    line = lines[-1].split("line ")[-1].split(",")[0]
+    return f"{parts[1]}:{line}" if len(parts) > 2 else ""
