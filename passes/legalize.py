@@ -146,6 +146,8 @@ def recognise_mask(mask_node: str, g: Graph) -> int | None:
         return None
     if not all(isinstance(m, torch.Tensor) and m.dtype is torch.bool and m.dim() >= 2 for m in masks):
         return None
+    if max(m.shape[-1] for m in masks) <= max(candidates):  # sizes fixed at trace time: windows indistinguishable
+        return None
     for window in candidates:
         if all(torch.equal(m, _causal(m.shape[-2], m.shape[-1], window).expand_as(m)) for m in masks):
             return window

@@ -110,10 +110,13 @@ class MaskNet(torch.nn.Module):
 
 @pytest.mark.parametrize("kind, window", [("causal", 0), ("window", 5), ("anti", None)])
 def test_masks_are_recognised_by_what_they_compute(kind, window):
+    """Recognition evaluates the mask at sizes past every candidate window; a static sequence length, where windows
+    cannot be told apart, is never recognised (tested by the step graphs above, whose caches vary)."""
     from xbitc.ir.fuse import simplify
 
     x = torch.randn(2, 7, 4)
-    g = simplify(frontend.trace(frontend._from_module(MaskNet(kind), (x,), kind, "0"), step=False))
+    loaded = frontend.LoadedModel(MaskNet(kind), (x,), "generic", kind, "0", dynamic_dims={0: ("batch", "seq")})
+    g = simplify(frontend.trace(loaded, step=False))
     sdpa = next(n for n in g.nodes if n.attrs.get("target") == "aten.scaled_dot_product_attention.default")
     assert recognise_mask(sdpa.args[3].name, g) == window
 
@@ -183,3 +186,31 @@ def test_scalar_operands_follow_torch_promotion(scalar, dtype):
         got = CORE_OPS[name].reference(x, scalar)
         if name != "maximum":
             assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_decode_steps_with_a_kv_cache_lower_too(family):
+    """The cached decode step (prefill from empty caches, then one token at a time) lowers like the main graph."""
+    from xbitc.stepgraph import empty_cache
+
+    torch.manual_seed(0)
+    step = frontend.trace(frontend.wrap_hf(FAMILIES[family]())).step
+    core = legalize(step)
+    weight = lambda name: materialize(step.params[name])
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (2, 9), generator=gen)
+    want, got = Interpreter(step)(ids, *empty_cache(step, 2)), run(core, ids, *empty_cache(step, 2), weight=weight)
+    for _ in range(12):  # past Mistral's 16-token window
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        ids = torch.randint(0, V, (2, 1), generator=gen)
+        want, got = Interpreter(step)(ids, *want[1:]), run(core, ids, *got[1:], weight=weight)
+
+
+def test_a_mask_over_a_static_length_is_not_guessed():
+    """With the sequence fixed at 7 a window of 5 and one of 7 or more give the same mask: nothing is recognised."""
+    from xbitc.ir.fuse import simplify
+
+    x = torch.randn(2, 7, 4)
+    g = simplify(frontend.trace(frontend._from_module(MaskNet("window"), (x,), "w", "0"), step=False))
+    sdpa = next(n for n in g.nodes if n.attrs.get("target") == "aten.scaled_dot_product_attention.default")
+    assert recognise_mask(sdpa.args[3].name, g) is None

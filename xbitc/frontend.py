@@ -553,9 +553,7 @@ def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = la
     if ep is None:
         ep = _export(model, log)
     prefix = "model." if isinstance(model.module, (CausalLMLogits, EncoderHidden, VisionOutput, AudioEncoderHidden)) else ""
-    dynamic = _dynamic_input_sizes(ep)  # before importing: the importer's int() of a size specialises it
-    graph = from_exported(ep, strip_prefix=prefix)
-    _mark_dynamic_inputs(graph, dynamic)
+    graph = from_exported(ep, strip_prefix=prefix)  # dynamic input sizes named in the INPUT types
     if isinstance(model.module, CausalLMLogits) and step:
         graph.step = _trace_step(model, graph, log)
     graph.meta.update(
@@ -568,31 +566,6 @@ def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = la
         }
     )
     return graph
-
-
-def _dynamic_input_sizes(ep: torch.export.ExportedProgram) -> dict[str, dict[int, str]]:
-    """Per user input, its dynamic axes and their symbols' names."""
-    found: dict[str, dict[int, str]] = {}
-    for n in ep.graph.nodes:
-        val = n.meta.get("val") if n.op == "placeholder" else None
-        if isinstance(val, torch.Tensor):
-            for axis, dim in enumerate(val.shape):
-                expr = getattr(getattr(dim, "node", None), "expr", None)
-                if expr is not None and not getattr(expr, "is_number", False):
-                    found.setdefault(n.name, {})[axis] = str(expr)
-    return found
-
-
-def _mark_dynamic_inputs(graph: Graph, dynamic: dict[str, dict[int, str]]) -> None:
-    """Write each input's dynamic sizes into its INPUT node type as the symbol's name (str) and keep its static
-    sizes as ints: the runtime refuses a call whose static sizes differ, up front (xbitc.runtime). The importer's
-    types hold the traced example size for every dimension, dynamic or not (int() of a SymInt is its hint)."""
-    for node in graph.inputs():
-        axes = dynamic.get(node.name)
-        if node.type is None or not axes:
-            continue
-        shape = tuple(axes.get(axis, size) for axis, size in enumerate(node.type.shape))
-        node.type = type(node.type)(shape, node.type.dtype)
 
 
 def _trace_step(model: LoadedModel, graph: Graph, log: Callable[[str], None]) -> Graph | None:

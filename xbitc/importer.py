@@ -98,9 +98,36 @@ def from_exported(ep: torch.export.ExportedProgram, strip_prefix: str = "") -> G
                 f"the model mutates state during forward ({spec.kind.name} of {spec.target}); "
                 "compile it in eval mode without caches"
             )
+    dynamic = _dynamic_input_sizes(ep)  # before importing: the importer's int() of a size specialises it
     graph = from_fx_graph(ep.graph, params, placeholder_param)
+    _mark_dynamic_inputs(graph, dynamic)
     graph.meta["param_kinds"] = param_kinds
     return graph
+
+
+def _dynamic_input_sizes(ep: torch.export.ExportedProgram) -> dict[str, dict[int, str]]:
+    """Per user input, its dynamic axes and their symbols' names."""
+    found: dict[str, dict[int, str]] = {}
+    for n in ep.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            for axis, dim in enumerate(val.shape):
+                expr = getattr(getattr(dim, "node", None), "expr", None)
+                if expr is not None and not getattr(expr, "is_number", False):
+                    found.setdefault(n.name, {})[axis] = str(expr)
+    return found
+
+
+def _mark_dynamic_inputs(graph: Graph, dynamic: dict[str, dict[int, str]]) -> None:
+    """Write each input's dynamic sizes into its INPUT node type as the symbol's name (str) and keep its static
+    sizes as ints: the runtime refuses a call whose static sizes differ, up front (xbitc.runtime). The importer's
+    types hold the traced example size for every dimension, dynamic or not (int() of a SymInt is its hint)."""
+    for node in graph.inputs():
+        axes = dynamic.get(node.name)
+        if node.type is None or not axes:
+            continue
+        shape = tuple(axes.get(axis, size) for axis, size in enumerate(node.type.shape))
+        node.type = type(node.type)(shape, node.type.dtype)
 
 
 def from_fx_graph(graph: fx.Graph, params: dict[str, torch.Tensor], placeholder_param: dict[str, str]) -> Graph:
