@@ -8,7 +8,8 @@ oracle every target is tested against). Operands are tensors, Python scalars, ot
 of them; attributes are plain data.
 
 Semantics that are not obvious from the name:
-  - broadcasting binary ops follow numpy rules; a scalar operand is a 0-d value of the other operand's dtype;
+  - broadcasting binary ops follow numpy rules; a scalar operand takes the tensor's dtype unless it is of a higher
+    kind (a float with an integer tensor: both float32), as Python numbers do in torch;
   - `rope(x, cos, sin)` is x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x[..., h:], x[..., :h]), h = d/2;
   - `attention(q [B,Hq,S,D], k [B,Hk,T,D], v [B,Hk,T,Dv], mask?)`: softmax(q kᵀ·scale + bias) v, query head h
     reading key head h // (Hq/Hk); query i sits at position T-S+i (keys before it come from a cache). `causal`
@@ -251,3 +252,16 @@ def _table() -> dict[str, CoreOp]:
 
 
 CORE_OPS: dict[str, CoreOp] = _table()
+
+
+def markdown() -> str:
+    """The table as docs/core-ops.md shows it (tests/test_legalize.py keeps the two equal)."""
+    head = __doc__.split("\n\n", 1)[1].strip()
+    rows = ["| op | operands | attributes | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{op.name}` | {op.operands} | {', '.join(op.attrs) or '-'} | {op.doc} |" for op in CORE_OPS.values()]
+    return ("# Core ops\n\nGenerated from `ir/core.py` (`python -m xbitc.ir.core > docs/core-ops.md`); shape rules and "
+            "reference implementations are the code there.\n\n" + head + "\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

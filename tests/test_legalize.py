@@ -214,3 +214,12 @@ def test_a_mask_over_a_static_length_is_not_guessed():
     g = simplify(frontend.trace(frontend._from_module(MaskNet("window"), (x,), "w", "0"), step=False))
     sdpa = next(n for n in g.nodes if n.attrs.get("target") == "aten.scaled_dot_product_attention.default")
     assert recognise_mask(sdpa.args[3].name, g) is None
+
+
+def test_the_documented_table_is_the_code():
+    from pathlib import Path
+
+    from xbitc.ir.core import markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "core-ops.md"
+    assert doc.read_text() == markdown(), "regenerate: python -m xbitc.ir.core > docs/core-ops.md"
