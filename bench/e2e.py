@@ -18,8 +18,8 @@ Method.
   tokens differ.
 * Prefill: one forward of `--prefill` tokens (the packaged calibration text), median of `--reps`.
 * 1-token forward: one forward of the main graph on a single token (the kernels' gemv path), median of 20.
-* Threads: torch.set_num_threads(n) and the x86 backend's pool (`xbitc.backends.x86.set_num_threads(n)`), same n.
-  All engines run in the same process, in turn, for every thread count.
+* Threads: torch.set_num_threads(n) and the x86 backend's pool (`xbitc.backends.cpu.threads.set_num_threads(n)`),
+  same n. All engines run in the same process, in turn, for every thread count.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append, table  # noqa: E402
 
 from xbitc import frontend, models, runtime  # noqa: E402
-from xbitc.backends import x86  # noqa: E402
+from xbitc.backends.cpu import threads as cpu_threads  # noqa: E402
 from xbitc.driver import CompileOptions, compile_model  # noqa: E402
 from xbitc.stepgraph import empty_cache  # noqa: E402
 
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        x86.set_num_threads(n)
+        cpu_threads.set_num_threads(n)
         tokens = {}
         # cached decode, the headline number: engines take turns for --rounds rounds, so a noisy neighbour on the
         # shared machine slows all of them alike; tok/s = 1 / the median over every round's steps

@@ -15,8 +15,10 @@ Tolerances.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,7 +29,9 @@ import torch
 
 from conftest import tiny_lm
 from xbitc import frontend, registry, runtime
-from xbitc.backends import x86
+from xbitc.backends import cpu, x86
+from xbitc.backends.cpu import emit, linears, segments, targets, threads
+from xbitc.backends.cpu import rows as row_lane
 from xbitc.backends.llvm import Target, clear_memory_cache, compile_stats, host_target
 from xbitc.backends.llvm.layout import repack
 from xbitc.driver import CompileOptions, compile_model
@@ -85,7 +89,7 @@ def test_logits_match_reference(tmp_path, bits, group, kernels):
     fast = runtime.load(out)  # the manifest names the x86 backend
     ref = runtime.load(out, backend="reference")
     impl = fast.program.interp.linear_impl
-    assert isinstance(impl, x86.X86Linears)
+    assert isinstance(impl, linears.CpuLinears)
     if kernels == "rows":
         assert len(impl.linears) == 4 and all(lin.rows is not None and not lin.segs for lin in impl.linears.values())
     else:
@@ -176,10 +180,10 @@ NARROW = {4: 100, 3: 20, 0: 4}  # group 20 over 100 columns has no fast kernel; 
     (20, NARROW, {"canonical", "interleaved"}),
 ])
 def test_mixed_depth_permuted_matrix(group, counts, hows, kernels, monkeypatch, caplog):
-    monkeypatch.setattr(x86, "_logged", set())
+    monkeypatch.setattr(cpu, "_logged", set())
     q, pm = _mixed_matrix(group, counts=counts) if counts is MIXED else _random_matrix(group, counts)
     bias = torch.linspace(-1, 1, q.shape[0])
-    with caplog.at_level(logging.INFO, logger="xbitc.backends.x86"):
+    with caplog.at_level(logging.INFO, logger="xbitc.backends.cpu"):
         prog = x86.X86Backend().lower(_linear_graph("lin.weight", pm, bias))
     if kernels == "segments":
         plans = prog.interp.linear_impl.plans()["lin.weight"]
@@ -205,10 +209,11 @@ def test_mixed_depth_permuted_matrix(group, counts, hows, kernels, monkeypatch, 
 
 
 def test_kernel_plan_choices():
-    wide = Target("x86_64-unknown-linux-gnu", "x86-64-v4", x86._V4)
-    narrow = Target("x86_64-unknown-linux-gnu", "x86-64-v3", x86._V3)
-    plan = lambda b, g, t, n: (x86.kernel_plan(b, g, t, n).how, x86.kernel_plan(b, g, t, n).spec.layout,
-                               x86.kernel_plan(b, g, t, n).kernel_group)
+    level = {lv.suffix: lv for lv in targets.X86_64.levels}
+    wide = Target(targets.X86_64.triple, level["avx512"].cpu, level["avx512"].features)
+    narrow = Target(targets.X86_64.triple, level["avx2"].cpu, level["avx2"].features)
+    plan = lambda b, g, t, n: (segments.kernel_plan(b, g, t, n).how, segments.kernel_plan(b, g, t, n).spec.layout,
+                               segments.kernel_plan(b, g, t, n).kernel_group)
     assert plan(3, 128, wide, 1536) == ("interleaved", "il16w32", 128)  # 3 whole 512-column blocks
     assert plan(3, 128, wide, 576) == ("interleaved", "il8w32", 128)  # 768 padded columns instead of 1024
     assert plan(3, 128, narrow, 1536) == ("interleaved", "il8w32", 128)
@@ -229,15 +234,15 @@ def test_threaded_row_ranges_give_identical_results(monkeypatch, kernels, pool, 
     prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
     x = torch.randn(4, q.shape[1])
     one = [prog(x), prog(x[:1])]
-    monkeypatch.setattr(x86, "MIN_TASK_MACS", 1)
-    monkeypatch.setattr(x86, "MIN_SPIN_TASK_MACS", 1)
-    assert x86.row_ranges(72, 10**6, threads=3) == [(0, 32), (32, 64), (64, 72)]
-    before = x86.num_threads()
-    x86.set_num_threads(3)
+    monkeypatch.setattr(threads, "MIN_TASK_MACS", 1)
+    monkeypatch.setattr(threads, "MIN_SPIN_TASK_MACS", 1)
+    assert threads.row_ranges(72, 10**6, threads=3) == [(0, 32), (32, 64), (64, 72)]
+    before = threads.num_threads()
+    threads.set_num_threads(3)
     try:
         many = [prog(x), prog(x[:1])]
     finally:
-        x86.set_num_threads(before)
+        threads.set_num_threads(before)
     for a, b in zip(one, many):
         assert torch.equal(a, b)  # rows are computed independently of the split
 
@@ -250,31 +255,32 @@ def test_spinning_pool_replaced_or_unbuildable_falls_back(monkeypatch, kernels):
     prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
     x = torch.randn(1, q.shape[1])
     want = prog(x)
-    monkeypatch.setattr(x86, "MIN_SPIN_TASK_MACS", 1)
-    before = x86.num_threads()
-    x86.set_num_threads(3)
+    monkeypatch.setattr(threads, "MIN_SPIN_TASK_MACS", 1)
+    before = threads.num_threads()
+    threads.set_num_threads(3)
     try:
         assert torch.equal(prog(x), want)
-        pool = x86._spin
+        pool = threads._spin
         if pool:  # the row-lane kernel ran through it: close it behind the model's back
             pool.close()
             assert torch.equal(prog(x), want)
-        monkeypatch.setattr(x86, "_spin", False)
-        x86.set_num_threads(2)  # must not try to close False
-        assert x86._spin is None
+        monkeypatch.setattr(threads, "_spin", False)
+        threads.set_num_threads(2)  # must not try to close False
+        assert threads._spin is None
     finally:
-        x86.set_num_threads(before)
+        threads.set_num_threads(before)
 
 
 def test_reference_fallback_when_no_kernel_builds(monkeypatch, caplog):
-    monkeypatch.setattr(x86, "_logged", set())
+    monkeypatch.setattr(cpu, "_logged", set())
 
     def broken(*a, **k):
         raise RuntimeError("LLVM says no")
 
-    monkeypatch.setattr(x86, "compile_kernel", broken)
+    for module in (row_lane, segments):  # the row-lane kernel and every segment kernel fail to build
+        monkeypatch.setattr(module, "compile_kernel", broken)
     q, pm = _mixed_matrix(32, seed=5)
-    with caplog.at_level(logging.WARNING, logger="xbitc.backends.x86"):
+    with caplog.at_level(logging.WARNING, logger="xbitc.backends.cpu"):
         prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
     assert "reference float path" in caplog.text
     x = torch.randn(3, q.shape[1])
@@ -285,7 +291,7 @@ def test_reference_fallback_when_no_kernel_builds(monkeypatch, caplog):
 def test_artifact_has_kernels_and_header(artifact_4b):
     out, manifest = artifact_4b
     note = manifest.notes["kernels"]
-    assert note["abi_version"] == x86.ABI_VERSION and note["header"] == "kernels/xbitc_kernels.h"
+    assert note["abi_version"] == emit.ABI_VERSION and note["header"] == "kernels/xbitc_kernels.h"
     # the row-lane kernels for every level and activation strategy: what the runtime runs, any depth and group
     assert sorted((r["target"], r["act"]) for r in note["rows"]) == sorted(
         (t, a) for t in ("x86_64", "avx2", "avx512") for a in ("f32", "q8"))
@@ -296,6 +302,31 @@ def test_artifact_has_kernels_and_header(artifact_4b):
     assert "#define XBITC_KERNELS_ABI_VERSION 1" in header and 'extern "C"' in header
     assert "void xbitc_rows_gemm_avx2(" in header and "int64_t ldy" in header and "void xbitc_rows_q8_x86_64(" in header
     assert json.loads((out / "manifest.json").read_text())["notes"]["kernels"]["rows"] == note["rows"]
+
+
+def test_the_target_table_drives_emission_and_host_detection(artifact_4b, tmp_path, monkeypatch):
+    """kernels/ and the hosts that execute are read from the x86-64 entry of the CPU target table: the artifact holds
+    one object per level and activation strategy for the entry's triple, an entry with one level emits that level
+    only, and the entry's machine names decide where the backend runs."""
+    fam = targets.X86_64
+    assert x86.X86Backend.family is fam and targets.host_family() is fam
+    out, manifest = artifact_4b
+    note = manifest.notes["kernels"]
+    assert note["triple"] == fam.triple
+    assert [(r["target"], r["cpu"], r["act"]) for r in note["rows"]] == [
+        (lv.suffix, lv.cpu, a) for lv in fam.levels for a in linears.ACTIVATIONS]
+    graph = runtime.load(out, backend="reference").graph
+    monkeypatch.setattr(x86.X86Backend, "family", dataclasses.replace(fam, levels=fam.levels[1:2]))
+    rows = x86.X86Backend().emit(graph, tmp_path)["kernels"]["rows"]
+    assert [(r["target"], r["act"]) for r in rows] == [("avx2", a) for a in linears.ACTIVATIONS]
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == sorted(
+        [f"xbitc_rows_{a}_avx2.o" for a in linears.ACTIVATIONS] + [emit.HEADER])
+    header = (tmp_path / "kernels" / emit.HEADER).read_text().replace("\n * ", " ")  # comment lines rejoined
+    assert "suffix avx2 = x86-64-v3 (AVX2, FMA, F16C). Pick one" in header and "_avx512" not in header
+    for machine, runs in [("x86_64", True), ("AMD64", True), ("aarch64", False), ("arm64", False)]:
+        monkeypatch.setattr(platform, "machine", lambda m=machine: m)
+        assert x86.is_x86_host() is runs and x86.X86Backend().capabilities().executes_here is runs
+        assert (targets.host_family() is fam) is runs
 
 
 def test_emitted_objects_link_and_match_the_jit(artifact_4b, tmp_path):
@@ -337,8 +368,7 @@ def test_emitted_objects_link_and_match_the_jit(artifact_4b, tmp_path):
     x = rng.standard_normal((3, cols)).astype(np.float32)
     exact = x.astype(np.float64) @ pm.dequantize().double().numpy().T
     host = host_target()
-    runnable = {"x86_64": True, "avx2": host.has("avx2") and host.has("fma") and host.has("f16c"),
-                "avx512": all(host.has(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"))}
+    runnable = {lv.suffix: lv.runs_on(host.features) for lv in targets.X86_64.levels}
     p = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
     i64 = ctypes.c_int64
     ran = 0
@@ -385,7 +415,7 @@ def test_second_lower_compiles_nothing(tmp_path, monkeypatch):
 
 
 def test_non_x86_host_is_refused_clearly(monkeypatch, artifact_4b):
-    monkeypatch.setattr(x86.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert not x86.X86Backend().capabilities().executes_here
     with pytest.raises(x86.X86BackendUnavailable, match=r"can't execute on this aarch64 host.*--backend reference"):
         runtime.load(artifact_4b[0])
@@ -403,14 +433,14 @@ def test_portable_artifacts_run_on_the_x86_kernels_by_default(tmp_path, monkeypa
     assert json.loads((out / "manifest.json").read_text())["backend"] == "reference"
     assert not (out / "kernels").exists()
     fast = runtime.load(out)
-    assert fast.backend_name == "x86" and isinstance(fast.program.interp.linear_impl, x86.X86Linears)
+    assert fast.backend_name == "x86" and isinstance(fast.program.interp.linear_impl, linears.CpuLinears)
     ref = runtime.load(out, backend="reference")
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
     a, b = fast(ids), ref(ids)
     assert float((a - b).abs().max()) <= 2e-5 * float(b.abs().max())
     monkeypatch.setenv("XBITC_BACKEND", "reference")
     assert runtime.load(out).backend_name == "reference"
-    monkeypatch.setattr(x86.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("XBITC_BACKEND")
     assert runtime.load(out).backend_name == "reference"
 
@@ -454,7 +484,7 @@ def test_long_batches_run_in_chunks_with_the_same_result(monkeypatch):
     prog = x86.X86Backend().lower(_linear_graph("w", pm, None))
     x = torch.randn(23, q.shape[1])
     whole = prog(x)
-    monkeypatch.setattr(x86, "GEMM_STACK_BYTES", 1)  # one token per call
+    monkeypatch.setattr(row_lane, "GEMM_STACK_BYTES", 1)  # one token per call
     assert torch.equal(prog(x), whole)
 
 
@@ -484,17 +514,17 @@ def test_pool_choice_avoids_spinning_beside_busy_waiting_openmp(monkeypatch):
     try:
         torch.set_num_threads(2)
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-        assert x86.pool_kind() == "python"
+        assert threads.pool_kind() == "python"
         monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-        assert x86.pool_kind() == "spin"
+        assert threads.pool_kind() == "spin"
         monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-        assert x86.pool_kind() == "python"
+        assert threads.pool_kind() == "python"
         torch.set_num_threads(1)
-        assert x86.pool_kind() == "spin"
+        assert threads.pool_kind() == "spin"
         monkeypatch.setenv("XBITC_X86_POOL", "python")
-        assert x86.pool_kind() == "python"
+        assert threads.pool_kind() == "python"
         monkeypatch.setenv("XBITC_X86_POOL", "busy")
         with pytest.raises(ValueError, match="XBITC_X86_POOL='busy': expected one of auto, python, spin"):
-            x86.pool_kind()
+            threads.pool_kind()
     finally:
         torch.set_num_threads(before)

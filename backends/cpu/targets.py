@@ -1,0 +1,76 @@
+"""The table of CPU targets: for each ISA family, the triple its artifact objects are emitted for, the
+`platform.machine()` names of hosts that run it, and the micro-architecture levels an artifact carries one object
+each for (LLVM cpu and features; the suffix goes on every symbol so that all levels link into one binary). A new
+family or level is a new entry here, not new code: emit.py writes what the table lists, a backend runs where
+`runs_here` says."""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Level:
+    """One micro-architecture level: `suffix` of its symbols and file names, LLVM `cpu` and `features`, and a
+    `summary` for the C header."""
+
+    suffix: str
+    cpu: str
+    features: str
+    summary: str
+
+    def runs_on(self, features: str) -> bool:
+        """Whether a CPU with LLVM feature string `features` (e.g. host_target().features) has all of this level's."""
+        have = set(features.split(","))
+        return all(f in have for f in self.features.split(",") if f)
+
+
+@dataclass(frozen=True)
+class CpuFamily:
+    """One ISA family: `triple` of its emitted objects (described as `object_format`), the `machines` (lowercase
+    platform.machine() values) of hosts that run it, its `levels`, and `pick_hint`: how a C program chooses a level
+    at run time (a sentence of the header)."""
+
+    name: str
+    triple: str
+    object_format: str
+    machines: tuple[str, ...]
+    levels: tuple[Level, ...]
+    pick_hint: str
+
+    def runs_here(self) -> bool:
+        return platform.machine().lower() in self.machines
+
+
+_X86_V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
+_X86_V4 = _X86_V3 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd"
+
+X86_64 = CpuFamily(
+    name="x86-64",
+    triple="x86_64-unknown-linux-gnu",
+    object_format="ELF x86-64",
+    machines=("x86_64", "amd64", "x64"),
+    levels=(
+        Level("x86_64", "x86-64", "", "baseline (SSE2)"),
+        Level("avx2", "x86-64-v3", _X86_V3, "x86-64-v3 (AVX2, FMA, F16C)"),
+        Level("avx512", "x86-64-v4", _X86_V4, "x86-64-v4 (AVX-512 F/BW/VL/DQ/CD)"),
+    ),
+    pick_hint='Pick one at run time, e.g. with __builtin_cpu_supports("avx512f") / ("avx2") && ("fma").',
+)
+
+# AArch64 (issue 16) comes next as one more entry: aarch64-linux-gnu, machines ("aarch64", "arm64"), levels baseline
+# NEON / +dotprod / +i8mm, picked by getauxval(AT_HWCAP). Only families whose objects are tested belong here.
+FAMILIES: tuple[CpuFamily, ...] = (X86_64,)
+
+
+def family(name: str) -> CpuFamily:
+    """The table's entry called `name`."""
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise KeyError(f"no CPU target family {name!r}; the table has {', '.join(f.name for f in FAMILIES)}")
+
+
+def host_family() -> CpuFamily | None:
+    """The family this host runs, or None."""
+    return next((fam for fam in FAMILIES if fam.runs_here()), None)
