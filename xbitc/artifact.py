@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,8 +26,10 @@ from safetensors.numpy import load_file, save_file
 from xbitc import __version__
 from xbitc.ir import serialize
 from xbitc.ir.graph import Graph
-from xbitc.quant.packed import PackedMatrix
-from xbitc.size import bits_per_weight
+from xbitc.ir.verify import VerifyError, dry_run, verify
+from xbitc.quant.format import Segment
+from xbitc.quant.packed import LAYOUT, PackedMatrix
+from xbitc.size import bits_per_weight, perm_array, segment_arrays
 
 from .manifest import MANIFEST_VERSION, Manifest, Size, Source, TensorEntry
 
@@ -244,6 +247,24 @@ def remove_stale(out: Path) -> list[Path]:
 
 
 MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is kilobytes; this bounds what a hostile one makes us read
+MAX_JSON_DEPTH = 64  # lists and objects in a manifest or stored graph nest a few levels; a hostile file, thousands
+
+
+def _parse_json(text: str | bytes) -> Any:
+    """json.loads, refusing as ValueError what would otherwise escape as RecursionError in the parser or in any
+    later walk over the value (nesting deeper than MAX_JSON_DEPTH); integers past Python's digit limit already are."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"values nest deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the value may be nested just under the parser's own limit
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"values nest deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return value
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -253,8 +274,8 @@ def read_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{path} is not an xbitc artifact (no {MANIFEST}); compile one with `xbitc compile`")
     _regular_file(path, MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        raw = json.loads(mf.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raw = _parse_json(mf.read_bytes())
+    except ValueError as err:
         raise ArtifactError(f"{mf} is not valid JSON ({err}); the artifact is corrupt, compile it again") from None
     if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
         found = raw.get("version") if isinstance(raw, dict) else None
@@ -262,9 +283,25 @@ def read_manifest(path: Path) -> Manifest:
             f"{path} has manifest version {found!r}; this xbitc {__version__} reads version {MANIFEST_VERSION}"
         )
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as err:
         raise ArtifactError(f"{mf} does not match the manifest schema: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+    _check_entries(mf, manifest)
+    return manifest
+
+
+def _check_entries(mf: Path, m: Manifest) -> None:
+    """What the schema leaves open and readers (the loader, `xbitc inspect`) index into: tensor shapes, a packed
+    tensor's [out, in] and [bits, group, start, stop] segments, each pass's name and seconds."""
+    for name, e in m.tensors.items():
+        packed_ok = e.storage != "packed" or (len(e.shape) == 2 and e.segments is not None
+                                              and all(len(s) == 4 and min(s) >= 0 for s in e.segments))
+        if not packed_ok or any(d < 0 for d in e.shape):
+            raise ArtifactError(f"{mf}: tensor {name} has shape {e.shape} and segments {e.segments}; a packed tensor "
+                                "is [out, in] with [bits, group, start, stop] segments, and no size is negative")
+    for p in m.passes:
+        if not isinstance(p.get("pass"), str) or type(p.get("seconds")) not in (int, float):
+            raise ArtifactError(f"{mf}: pass record {p!r:.200} lacks its name (pass) or its time (seconds)")
 
 
 def verify_files(path: Path, manifest: Manifest) -> None:
@@ -354,17 +391,32 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise ArtifactError(f"{path}: {WEIGHTS} is not a readable safetensors file ({err})") from None
     params: dict[str, Any] = {}
+    limit = 64 * (path / WEIGHTS).stat().st_size + (1 << 20)  # generous even for matrices whose columns are 0-bit
     for name, entry in manifest.tensors.items():
         try:
-            params[name] = _param(name, entry, arrays)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            params[name] = _param(name, entry, arrays, limit)
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as err:
             raise ArtifactError(f"{path}: tensor {name}: {err} (the file does not describe a valid tensor)") from None
-    try:
-        graph = serialize.loads(_text(path, GRAPH), params)
-        if (path / STEP).exists():  # with check, an unlisted step.json was refused above
-            graph.step = serialize.loads(_text(path, STEP), params)
-    except serialize.GraphFormatError as err:
-        raise ArtifactError(f"{path}: {err}") from None
+    graphs = {}
+    for rel in (GRAPH, STEP):
+        if rel == GRAPH or (path / STEP).exists():  # with check, an unlisted step.json was refused above
+            try:
+                doc = _parse_json(_text(path, rel))
+            except ValueError as err:
+                raise ArtifactError(f"{path}: {rel} is not valid JSON ({err}); the artifact is corrupt") from None
+            try:
+                graphs[rel] = serialize.graph_from_dict(doc, params)
+            except serialize.GraphFormatError as err:
+                raise ArtifactError(f"{path}: {rel}: {err}") from None
+    graph = graphs[GRAPH]
+    graph.step = graphs.get(STEP)
+    for rel, g in graphs.items():
+        try:  # what cannot run is refused here, naming the file, not as some error in the middle of a call
+            verify(g)
+            dry_run(g)
+        except VerifyError as err:
+            first, *rest = (line.strip() for line in str(err).splitlines())
+            raise ArtifactError(f"{path}: {rel}: {first} {'; '.join(rest)}".rstrip()) from None
     return graph, manifest
 
 
@@ -375,16 +427,49 @@ def _text(path: Path, rel: str) -> str:
         raise ArtifactError(f"{path}: cannot read {rel} ({err})") from None
 
 
-def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray]) -> Any:
+def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray], limit: int) -> Any:
+    if math.prod(entry.shape) > limit:
+        raise ValueError(f"shape {entry.shape} is more than {WEIGHTS} can hold")
     if entry.storage == "packed":
+        _check_packed(name, entry, arrays)
         desc = {"shape": entry.shape, "layout": entry.layout, "permuted": entry.permuted, "segments": entry.segments}
         return PackedMatrix.from_tensors(name, desc, arrays)
     if entry.storage != "float":
         raise ValueError(f"storage {entry.storage!r} cannot be loaded")
-    array = arrays[name]
-    if list(array.shape) != list(entry.shape):
-        raise ValueError(f"shape {list(array.shape)} where the manifest records {entry.shape}")
+    try:  # bfloat16 is stored as its raw bits (numpy has no bfloat16)
+        dtype = np.dtype(np.int16 if entry.dtype == "bfloat16" else entry.dtype) if entry.dtype else None
+    except TypeError:
+        dtype = None
+    if dtype is None:
+        raise ValueError(f"dtype {entry.dtype!r} is not one xbitc stores")
+    array = _array(arrays, name, dtype, tuple(entry.shape))
     t = torch.from_numpy(array.copy())
     if entry.dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     return t
+
+
+_NUMPY = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "F16": np.float16}  # the codes xbitc.size plans with
+
+
+def _check_packed(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray]) -> None:
+    """Every packed array exactly the dtype and shape the kernels read it as (xbitc.size plans them); segment order,
+    bit depths and the permutation's values are PackedMatrix.from_tensors' checks."""
+    if entry.layout != LAYOUT:
+        raise ValueError(f"code layout {entry.layout!r} is not {LAYOUT!r}")
+    out, inp = entry.shape
+    planned = {f"{name}.perm": perm_array(inp)} if entry.permuted else {}
+    for i, (bits, group, start, stop) in enumerate(entry.segments):  # their form: _check_entries
+        if bits <= 8 and group >= 1 and stop >= start:  # other segments are refused by from_tensors
+            planned.update({f"{name}.s{i}.{part}": a for part, a in segment_arrays(out, Segment(bits, group, start, stop)).items()})
+    for key, (code, shape) in planned.items():
+        _array(arrays, key, np.dtype(_NUMPY[code]), tuple(shape))
+
+
+def _array(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    if key not in arrays:
+        raise ValueError(f"{WEIGHTS} has no array {key}")
+    a = arrays[key]
+    if a.dtype != dtype or a.shape != shape:
+        raise ValueError(f"array {key} is {a.dtype} {list(a.shape)} where {dtype} {list(shape)} is expected")
+    return a
