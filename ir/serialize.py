@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .graph import TARGET_OPS, Graph, Node, Op, Ref, TensorType
-from .targets import UnknownTarget, resolve
+from .targets import UnknownTarget, in_place_errors, resolve
 
 FORMAT_VERSION = 1
 
@@ -93,6 +93,9 @@ def graph_from_dict(d: dict, params: dict | None = None) -> Graph:
     if not isinstance(d.get("nodes"), list) or not isinstance(d.get("meta"), dict):
         raise GraphFormatError("the graph needs a list of nodes and a meta object")
     nodes = [_node_from_dict(i, nd) for i, nd in enumerate(d["nodes"])]
+    writes = in_place_errors(nodes)
+    if writes:
+        raise GraphFormatError(f"{writes[0]}; refused")
     try:
         meta = {k: decode_value(v) for k, v in d["meta"].items()}
     except (ValueError, TypeError, AttributeError) as err:

@@ -110,7 +110,9 @@ def assert_refused_everywhere(art: Path, match: str, tmp_path: Path, marker: Pat
 @pytest.mark.parametrize("graph_file", ["graph.json", "step.json"])
 @pytest.mark.parametrize("target", ["builtins.exec", "builtins.eval", "builtins.open", "builtins.__import__",
                                     "torch.load", "os.system", "builtins.getattr", "operator.attrgetter",
-                                    "aten.__class__.__init__", "aten.from_file.default"])
+                                    "aten.__class__.__init__", "aten.from_file.default",
+                                    "aten.add.__getattribute__", "aten.sub.__setattr__", "aten.mul.__call__",
+                                    "aten.add._op", "aten.sort.values"])
 def test_operators_outside_the_closed_list_are_refused(art, tmp_path, graph_file, target):
     marker = tmp_path / "marker"
     inject(art, graph_file, target, marker)
@@ -138,6 +140,20 @@ def test_named_ops_carry_their_target_through_the_same_check(art, tmp_path, op):
     with pytest.raises(ArtifactError, match="evil"):
         runtime.load(art)
     assert not marker.exists()
+
+
+def test_in_place_writes_to_weights_are_refused(art):
+    g = json.loads((art / "graph.json").read_text())
+    param = next(n for n in g["nodes"] if n["op"] == "param")
+    view = {"name": "v", "op": "torch_op", "args": [{"ref": param["name"]}, [-1]], "kwargs": {},
+            "attrs": {"target": "aten.view.default"}, "type": None}
+    bump = {"name": "bump", "op": "torch_op", "args": [{"ref": "v"}, 1.0], "kwargs": {},
+            "attrs": {"target": "aten.add_.Tensor"}, "type": None}
+    g["nodes"][g["nodes"].index(param) + 1:g["nodes"].index(param) + 1] = [view, bump]
+    (art / "graph.json").write_text(json.dumps(g))
+    rehash(art)
+    with pytest.raises(ArtifactError, match="bump.*writes param"):
+        runtime.load(art)
 
 
 def test_fused_nodes_are_never_read_from_a_file(art):
