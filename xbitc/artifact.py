@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save_file
 
 from xbitc import __version__
 from xbitc.ir import serialize
@@ -268,13 +269,17 @@ def _parse_json(text: str | bytes) -> Any:
 
 
 def read_manifest(path: Path) -> Manifest:
-    path = Path(path)
+    return _manifest(Path(path))[0]
+
+
+def _manifest(path: Path) -> tuple[Manifest, int]:
+    """The manifest and its size in bytes as read."""
     mf = path / MANIFEST
     if not path.is_dir() or not mf.exists():
         raise ArtifactError(f"{path} is not an xbitc artifact (no {MANIFEST}); compile one with `xbitc compile`")
-    _regular_file(path, MANIFEST, MAX_MANIFEST_BYTES)
+    data = _read(path, MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        raw = _parse_json(mf.read_bytes())
+        raw = _parse_json(data)
     except ValueError as err:
         raise ArtifactError(f"{mf} is not valid JSON ({err}); the artifact is corrupt, compile it again") from None
     if not isinstance(raw, dict) or raw.get("version") != MANIFEST_VERSION:
@@ -287,7 +292,7 @@ def read_manifest(path: Path) -> Manifest:
     except ValidationError as err:
         raise ArtifactError(f"{mf} does not match the manifest schema: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
     _check_entries(mf, manifest)
-    return manifest
+    return manifest, len(data)
 
 
 def _check_entries(mf: Path, m: Manifest) -> None:
@@ -304,12 +309,13 @@ def _check_entries(mf: Path, m: Manifest) -> None:
             raise ArtifactError(f"{mf}: pass record {p!r:.200} lacks its name (pass) or its time (seconds)")
 
 
-def verify_files(path: Path, manifest: Manifest) -> None:
+def verify_files(path: Path, manifest: Manifest, manifest_bytes: int | None = None) -> dict[str, bytes]:
     """Check every file the runtime reads against the manifest before any is read: names relative and inside the
     folder, regular files (no links, devices or pipes), sizes as recorded (checked before hashing, so a listed
-    /dev/zero or a huge file is refused at once), sha256 as recorded; required files listed, no unlisted files."""
+    /dev/zero or a huge file is refused at once), sha256 as recorded; required files listed, no unlisted files.
+    Returns the verified bytes of the files the loader parses (graph, step, weights): it never reads them again."""
     sizes = {**manifest.size.files, **manifest.size.uncounted}
-    _check_size_claims(path, manifest)
+    _check_size_claims(path, manifest, manifest_bytes)
     for rel in (GRAPH, WEIGHTS):
         if rel not in manifest.files:
             raise ArtifactError(f"{path}: the manifest does not list {rel}; the artifact is corrupt, compile it again")
@@ -317,23 +323,28 @@ def verify_files(path: Path, manifest: Manifest) -> None:
     unlisted = sorted(present - set(manifest.files) - {MANIFEST})
     if unlisted:
         raise ArtifactError(f"{path}: {unlisted[0]} is not listed in the manifest; remove it or compile the artifact again")
+    kept = {}
     for rel, digest in manifest.files.items():
         _check_name(path, rel)
         if rel not in present:
             raise ArtifactError(f"{path}: file {rel} listed in the manifest is missing")
-        _regular_file(path, rel, sizes[rel], exact=True)
-        if sha256(path / rel) != digest:
+        data = _read(path, rel, sizes[rel], exact=True)
+        if hashlib.sha256(data).hexdigest() != digest:
             raise ArtifactError(f"{path}: {rel} does not match its sha256 in the manifest (corrupt or modified)")
+        if rel in (GRAPH, STEP, WEIGHTS):
+            kept[rel] = data
+    return kept
 
 
-def _check_size_claims(path: Path, manifest: Manifest) -> None:
+def _check_size_claims(path: Path, manifest: Manifest, manifest_bytes: int | None = None) -> None:
     """The reported size is the sum of the files' sizes, the bits per weight follow from it, and every listed file
     has a size; the files' real sizes are then checked against these numbers one by one."""
     size = manifest.size
-    mf_bytes = (path / MANIFEST).stat().st_size
+    mf_bytes = (path / MANIFEST).stat().st_size if manifest_bytes is None else manifest_bytes
     if size.files.get(MANIFEST) != mf_bytes:
         raise ArtifactError(f"{path}: {MANIFEST} has {mf_bytes:,} bytes where it records {size.files.get(MANIFEST)!r} "
-                            "(modified after it was written)")
+                            "(modified, or written by an xbitc before 2026-12-05 whose size record could be a byte off: "
+                            "compile it again)")
     if size.counted_bytes != sum(size.files.values()):
         raise ArtifactError(f"{path}: the manifest's size ({size.counted_bytes:,} bytes) is not the sum of its files' "
                             f"({sum(size.files.values()):,}); corrupt or modified")
@@ -353,11 +364,11 @@ def _check_name(root: Path, rel: str) -> None:
         raise ArtifactError(f"{root}: the manifest lists {rel!r}, which is not a plain path inside the artifact; refused")
 
 
-def _regular_file(root: Path, rel: str, size: int, exact: bool = False) -> None:
-    """`rel` is a regular file inside `root`, reached without following links, of `size` bytes (at most, unless
-    exact)."""
+def _read(root: Path, rel: str, size: int, exact: bool = False) -> bytes:
+    """The bytes of `rel`, a regular file inside `root` reached without following links, of `size` bytes (at most,
+    unless exact). Checked and read through one descriptor, so what was checked is what is read."""
     here = root
-    for part in rel.split("/"):
+    for part in rel.split("/")[:-1]:
         here = here / part
         try:
             st = os.lstat(here)
@@ -365,10 +376,24 @@ def _regular_file(root: Path, rel: str, size: int, exact: bool = False) -> None:
             raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing") from None
         if stat.S_ISLNK(st.st_mode):
             raise ArtifactError(f"{root}: {rel} is reached through a symbolic link; an artifact holds plain files only")
-    if not stat.S_ISREG(st.st_mode):
-        raise ArtifactError(f"{root}: {rel} is not a regular file; an artifact holds plain files only")
-    if st.st_size != size if exact else st.st_size > size:
-        raise ArtifactError(f"{root}: {rel} has {st.st_size:,} bytes where the manifest records {size:,} (corrupt or modified)")
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as not a regular file
+        fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing") from None
+    except OSError as err:
+        if os.path.islink(root / rel):
+            raise ArtifactError(f"{root}: {rel} is reached through a symbolic link; an artifact holds plain files only") from None
+        raise ArtifactError(f"{root}: cannot open {rel} ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{root}: {rel} is not a regular file; an artifact holds plain files only")
+        if st.st_size != size if exact else st.st_size > size:
+            raise ArtifactError(f"{root}: {rel} has {st.st_size:,} bytes where the manifest records {size:,} (corrupt or modified)")
+        data = f.read(size + 1)
+    if len(data) != st.st_size:  # it changed while being read
+        raise ArtifactError(f"{root}: {rel} changed while it was read; load it again when nothing writes to it")
+    return data
 
 
 def _files_in(root: Path) -> set[str]:
@@ -383,15 +408,19 @@ def _files_in(root: Path) -> set[str]:
 
 def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest, manifest_bytes = _manifest(path)
     if check:
-        verify_files(path, manifest)
+        files = verify_files(path, manifest, manifest_bytes)
+    else:  # the caller's choice: read by path, unverified
+        files = {rel: (path / rel).read_bytes() for rel in (GRAPH, STEP, WEIGHTS) if (path / rel).is_file()}
+    if WEIGHTS not in files or GRAPH not in files:
+        raise ArtifactError(f"{path}: {GRAPH} or {WEIGHTS} is missing; compile the artifact again")
     try:
-        arrays = load_file(str(path / WEIGHTS))
+        arrays = safetensors_load(files[WEIGHTS])
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise ArtifactError(f"{path}: {WEIGHTS} is not a readable safetensors file ({err})") from None
     params: dict[str, Any] = {}
-    limit = 64 * (path / WEIGHTS).stat().st_size + (1 << 20)  # generous even for matrices whose columns are 0-bit
+    limit = 64 * len(files[WEIGHTS]) + (1 << 20)  # generous even for matrices whose columns are 0-bit
     for name, entry in manifest.tensors.items():
         try:
             params[name] = _param(name, entry, arrays, limit)
@@ -399,9 +428,9 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
             raise ArtifactError(f"{path}: tensor {name}: {err} (the file does not describe a valid tensor)") from None
     graphs = {}
     for rel in (GRAPH, STEP):
-        if rel == GRAPH or (path / STEP).exists():  # with check, an unlisted step.json was refused above
+        if rel in files:  # with check, an unlisted step.json was refused above
             try:
-                doc = _parse_json(_text(path, rel))
+                doc = _parse_json(files[rel])
             except ValueError as err:
                 raise ArtifactError(f"{path}: {rel} is not valid JSON ({err}); the artifact is corrupt") from None
             try:
@@ -418,13 +447,6 @@ def load_graph(path: Path, check: bool = True) -> tuple[Graph, Manifest]:
             first, *rest = (line.strip() for line in str(err).splitlines())
             raise ArtifactError(f"{path}: {rel}: {first} {'; '.join(rest)}".rstrip()) from None
     return graph, manifest
-
-
-def _text(path: Path, rel: str) -> str:
-    try:
-        return (path / rel).read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as err:
-        raise ArtifactError(f"{path}: cannot read {rel} ({err})") from None
 
 
 def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray], limit: int) -> Any:
