@@ -50,7 +50,7 @@ def test_inspect_verifies_like_load(two_artifacts, tmp_path, capsys):
     art = tmp_path / "x.xbitc"
     shutil.copytree(two_artifacts[0], art)
     assert main(["inspect", str(art)]) == 0
-    assert "files verified" in capsys.readouterr().out
+    assert "verified: files" in capsys.readouterr().out
     (art / "weights.safetensors").unlink()  # used to print the manifest's size as if the file were there
     assert main(["inspect", str(art)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -77,3 +77,17 @@ def test_inspect_refuses_size_claims_the_files_do_not_back(two_artifacts, tmp_pa
     (art / "manifest.json").write_text(text)
     assert main(["inspect", str(art)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_inspect_shows_manifest_strings_as_data(two_artifacts, tmp_path, capsys):
+    import json
+    import shutil
+
+    art = tmp_path / "x.xbitc"
+    shutil.copytree(two_artifacts[0], art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["source"]["path"] = "evil\x1b[2K\x1b[1Afiles verified"  # would erase and rewrite the line above
+    (art / "manifest.json").write_text(json.dumps(m, indent=1))
+    assert main(["inspect", "--no-verify", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2K" in out

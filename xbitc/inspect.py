@@ -7,19 +7,26 @@ from pathlib import Path
 
 import numpy as np
 
-from xbitc.artifact import read_manifest, verify_files
+from xbitc.artifact import load_graph, read_manifest
+
+
+def _printable(text: str) -> str:
+    """A manifest string as data: control characters (terminal escapes that could redraw the lines above) shown
+    escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def report(path: Path, verify: bool = True) -> str:
-    m = read_manifest(path)
-    if verify:
-        verify_files(path, m)
+    if verify:  # everything loading checks: files, sizes, hashes, operators, that both graphs can run
+        _, m = load_graph(path)
+    else:
+        m = read_manifest(path)
     s = m.size
     lines = [
-        f"{path}: {m.kind} model from {m.source.path}",
-        "  files verified: sizes and sha256 match the manifest" if verify else
+        f"{path}: {_printable(m.kind)} model from {_printable(m.source.path)}",
+        "  verified: files, sizes and sha256 match the manifest, and the graphs load" if verify else
         "  NOT VERIFIED (--no-verify): what follows is what the manifest claims; the files were not checked",
-        f"  backend {m.backend}; pipeline {m.pipeline}",
+        f"  backend {_printable(m.backend)}; pipeline {_printable(m.pipeline)}",
         f"  size {s.counted_bytes:,} bytes = {s.bits_per_weight:.4f} bits per weight over {m.source.param_count:,} "
         f"source parameters (target {s.target_bpw})",
     ]
@@ -44,12 +51,12 @@ def report(path: Path, verify: bool = True) -> str:
         else:
             depth[f"float ({e.dtype})"] += int(np.prod(e.shape))
     lines.append("  weights by storage:")
-    total = sum(depth.values())
+    total = sum(depth.values()) or 1  # a model of zero-element tensors still prints
     for key, n in sorted(depth.items(), key=lambda kv: -kv[1]):
         label = key if isinstance(key, str) else ("dropped (0-bit)" if key == 0 else f"{key}-bit")
         lines.append(f"    {label:24s} {n:>14,} weights ({100 * n / total:.1f}%)")
     if groups:
         lines.append("  quantized tensors by group size: " + ", ".join(f"{k}: {v:,} weights" for k, v in groups.most_common()))
     for p in m.passes:
-        lines.append(f"  pass {p['pass']:40s} {p['seconds']:8.2f} s")
+        lines.append(f"  pass {_printable(p['pass']):40s} {p['seconds']:8.2f} s")
     return "\n".join(lines)
