@@ -371,7 +371,7 @@ def legalize(graph: Graph) -> CoreGraph:
         args, kw = n.args, dict(n.kwargs)
         try:
             value = _lower_node(c, n, args, kw, masks)
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
+        except (KeyError, IndexError, TypeError, AttributeError):
             target = n.attrs.get("target") or n.attrs.get("kernel") or n.op.value
             unsupported.append((n.name, str(target), graph.sources.get(n.name, "")))
             continue

@@ -43,3 +43,31 @@ def tiny_lm():
 @pytest.fixture
 def tiny():
     return tiny_lm()
+
+
+def word_tokenizer():
+    """A 64-word tokenizer made here, so `xbitc run` and `eval` can read text without a hub."""
+    import transformers as t
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "hello", "world", "hi"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return t.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def tiny_llama_artifact(out, bits: int, group: int):
+    """A random-weight one-layer Llama with its cached decode step (graph.json and step.json) and a tokenizer,
+    compiled uniformly to `out`."""
+    import transformers as t
+
+    from xbitc import frontend
+    from xbitc.driver import CompileOptions, compile_model
+
+    torch.manual_seed(0)
+    cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    loaded = frontend.wrap_hf(t.LlamaForCausalLM(cfg), word_tokenizer(), "llama", "0")
+    compile_model(loaded, out, CompileOptions(log=lambda s: None, progress=False, bits=bits, group=group))
+    assert (out / "step.json").exists()
+    return out

@@ -12,37 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from xbitc import frontend, runtime
+from conftest import tiny_llama_artifact
+from xbitc import runtime
 from xbitc.artifact import ArtifactError, load_graph
-from xbitc.driver import CompileOptions, compile_model
 
 HERE = Path(__file__).parent
-
-
-def word_tokenizer():
-    """A 64-word tokenizer made here, so `xbitc run` and `eval` get past their own checks to the loader's."""
-    import transformers as t
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["[UNK]", "hello", "world", "hi"] + [f"w{i}" for i in range(60)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return t.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A random-weight Llama with its cached decode step (graph.json and step.json), 8-bit RTN."""
-    import transformers as t
-
-    torch.manual_seed(0)
-    cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp("trust") / "llama.xbitc"
-    loaded = frontend.wrap_hf(t.LlamaForCausalLM(cfg), word_tokenizer(), "llama", "0")
-    compile_model(loaded, out, CompileOptions(log=lambda s: None, progress=False, bits=8, group=32))
-    assert (out / "step.json").exists()
-    return out
+    return tiny_llama_artifact(tmp_path_factory.mktemp("trust") / "llama.xbitc", bits=8, group=32)
 
 
 @pytest.fixture

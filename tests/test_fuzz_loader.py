@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from conftest import tiny_lm
+from conftest import tiny_llama_artifact, tiny_lm
 from xbitc import frontend, runtime
 from xbitc.artifact import ArtifactError
 from xbitc.cli import main
@@ -58,18 +58,9 @@ def tiny_art(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_art(tmp_path_factory) -> Path:
-    """A random-weight Llama with its decode step (step.json) and a tokenizer, as test_artifact_trust builds it."""
-    import transformers as t
-
-    from test_artifact_trust import word_tokenizer
-
-    torch.manual_seed(0)
-    cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp("fuzz") / "llama.xbitc"
-    loaded = frontend.wrap_hf(t.LlamaForCausalLM(cfg), word_tokenizer(), "llama", "0")
-    compile_model(loaded, out, CompileOptions(log=lambda s: None, progress=False, bits=4, group=16))
-    assert (out / "step.json").exists() and outcome(out) == "ran"
+    """A random-weight Llama with its decode step (step.json) and a tokenizer."""
+    out = tiny_llama_artifact(tmp_path_factory.mktemp("fuzz") / "llama.xbitc", bits=4, group=16)
+    assert outcome(out) == "ran"
     return out
 
 
