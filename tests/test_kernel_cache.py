@@ -75,7 +75,10 @@ def test_a_damaged_entry_is_rebuilt_with_one_warning(warm_cache, tmp_path, damag
     assert out[0] == "1" and out[1] == "0", "the bad entry must not be used"
     assert float(out[2]) < 1e-3
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "failed its check" in lines[0] and "discarded and rebuilt" in lines[0], err
+    if damage is damage_strip_header:  # an unsigned object, as caches before signing held: replaced quietly
+        assert not lines, err
+    else:
+        assert len(lines) == 1 and "failed its check" in lines[0] and "discarded and rebuilt" in lines[0], err
     out, err = child(cache)  # and the rebuilt entry is good again
     assert out[:2] == ["0", "1"] and not err.strip()
 

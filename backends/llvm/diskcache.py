@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 MAGIC = b"XBITC-KERNEL-1\n\0"
+_BARE_OBJECTS = (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\x64\x86")  # ELF, Mach-O, COFF x86-64: unsigned entries
 MAX_ENTRY_BYTES = 256 << 20  # kernel objects are kilobytes to a few megabytes
 _DIGEST = 32
 _warned: set[str] = set()
@@ -103,7 +104,8 @@ def read(key: str) -> bytes | None:
     if (len(data) > head and data.startswith(MAGIC)
             and hmac.compare_digest(data[len(MAGIC):head], _tag(secret, key, data[head:]))):
         return data[head:]
-    warn(f"kernel cache entry {path.name} failed its check (damaged or modified); discarded and rebuilt")
+    if not data.startswith(_BARE_OBJECTS):  # a bare object is an older xbitc's entry: replaced without a word
+        warn(f"kernel cache entry {path.name} failed its check (damaged or modified); discarded and rebuilt")
     try:
         path.unlink()
     except OSError:
