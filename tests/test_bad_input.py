@@ -370,3 +370,38 @@ def test_kernel_objects_that_take_the_budget_are_named(tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err, "x86 backend's own files (kernels/:", "--backend reference")
     assert "bytes)" in line and "--quantize-embeddings" not in line  # quantizing embeddings cannot help here
     assert nothing_written(tmp_path)
+
+
+def test_eval_reference_that_does_not_exist_is_refused_before_loading(tmp_path, capsys):
+    from xbitc.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello " * 100)
+    code = main(["eval", str(tmp_path / "no-artifact"), "--text-file", str(text), "--reference", str(tmp_path / "gone.pt2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--reference" in err[0] and "does not exist" in err[0]
+
+
+def test_an_artifact_of_a_missing_backend_plugin_says_how_to_run_it(tmp_path):
+    import json
+
+    from conftest import tiny_lm
+    from xbitc import frontend, registry, runtime
+    from xbitc.driver import CompileOptions, compile_model
+
+    m, x = tiny_lm()
+    out = tmp_path / "p.xbitc"
+    compile_model(frontend._from_module(m, x, "tiny", "0"), out,
+                  CompileOptions(bits=4, group=32, log=lambda s: None, progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["backend"] = "not-installed"  # as if compiled by a plugin this machine lacks
+    text = json.dumps(manifest, indent=1)  # then the size records, as the writer makes them (padded to fit)
+    manifest["size"]["files"]["manifest.json"] = len(text) + 8
+    manifest["size"]["counted_bytes"] = sum(manifest["size"]["files"].values())
+    manifest["size"]["bits_per_weight"] = round(8 * manifest["size"]["counted_bytes"] / manifest["source"]["param_count"], 4)
+    text = json.dumps(manifest, indent=1)
+    text += " " * (manifest["size"]["files"]["manifest.json"] - len(text))
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(registry.UnknownPlugin, match="not installed here.*--backend reference"):
+        runtime.load(out)
+    assert runtime.load(out, backend="reference")(x[0]).shape == (2, 12, 96)

@@ -102,6 +102,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise UsageError(f"--max-tokens {a.max_tokens} is less than one window of {a.window} tokens; "
                          "raise --max-tokens or lower --window")
     text = read_text(a.text_file, "text file", "give a UTF-8 text file of at least --window tokens")
+    if a.reference and not Path(a.reference).exists() and ":" not in a.reference:  # a factory spec has a colon
+        raise UsageError(f"--reference {a.reference} does not exist; give the float source model the artifact was "
+                         "compiled from (a .pt2, Hugging Face folder, .gguf or package.module:function)")
     text_artifact(a.artifact, "eval", generates=False)
     model = load(a.artifact, backend=a.backend)
     ids = token_stream(model.tokenizer, text)

@@ -25,7 +25,16 @@ class CompiledModel:
         self.graph, self.manifest = load_graph(self.path, check=check)
         verify(self.graph)
         self.backend_name = backend or os.environ.get("XBITC_BACKEND") or host_backend(self.manifest.backend)
-        self.backend = registry.get(registry.BACKEND_GROUP, self.backend_name)()
+        try:
+            self.backend = registry.get(registry.BACKEND_GROUP, self.backend_name)()
+        except registry.UnknownPlugin:
+            if backend or os.environ.get("XBITC_BACKEND"):
+                raise
+            # every artifact carries the portable packed format, so a missing plugin is never a dead end
+            raise registry.UnknownPlugin(
+                f"{self.path} was compiled for backend {self.backend_name!r}, which is not installed here; install "
+                "the package that provides it, or run the artifact with the portable reference format "
+                "(--backend reference, or backend='reference')") from None
         self.program = self.backend.lower(self.graph)
         if self.graph.step is not None:
             verify(self.graph.step)
