@@ -90,9 +90,8 @@ def main() -> None:
 
     model = TinyLM().eval()
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
-    # a plain module is traced from example inputs; batch and sequence length stay dynamic
-    loaded = frontend.LoadedModel(model, (ids,), "generic", "TinyLM (random weights)", "tinylm-seed0",
-                                  dynamic_dims={0: ("batch", "seq")})
+    # a plain module is traced from example inputs; batch and sequence length (token ids) stay dynamic
+    loaded = frontend.from_module(model, (ids,), name="TinyLM (random weights)")
     with torch.no_grad():
         want = model(ids)
     base = f"canonicalize,plan{{bits={args.bits},group=64}}"

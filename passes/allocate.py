@@ -60,16 +60,20 @@ class Allocate(Pass):
         roles = weight_roles(graph)
         emitted = ctx.stats.get("emitted")  # the backend's files (kernels), counted like everything else
         pipeline = ctx.pipeline_specs()  # the manifest records every pass
-        fixed = artifact_bytes(graph, {}, roles, emitted=emitted, pipeline=pipeline)  # all but the quantized tensors' data (and headers)
+        objective = default_objective(self.objective, graph.meta.get("kind"))
+        groups = [int(g) for g in self.groups.split("-")]
+        # every size below counts the manifest as it will be written: backend name, this pass's summary at its longest
+        sized = dict(emitted=emitted, pipeline=pipeline, backend=ctx.stats.get("backend"),
+                     summary=_summary(objective, [sum(graph.params[n].shape[1] for n in names)] * 9,
+                                      {g: len(names) for g in groups}, -1.2345678901234567e-300))
+        fixed = artifact_bytes(graph, {}, roles, **sized)  # all but the quantized tensors' data (and headers)
         fixed -= sum(float_bytes(graph, n) for n in names)
         target_bits = (self.bpw - MARGIN_BPW) * count
         alloc_budget = target_bits - 8 * fixed
         if alloc_budget <= 0:  # known before the sensitivities (the long part): refuse now
             raise self._no_room(ctx, fixed, count)
-        objective = default_objective(self.objective, graph.meta.get("kind"))
         fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
                                  progress=ctx.stats.get("progress", True))
-        groups = [int(g) for g in self.groups.split("-")]
         costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
         del fisher
         # Bisect the bits given to the solver on the exact artifact size (the solver's size model amortizes
@@ -82,8 +86,7 @@ class Allocate(Pass):
                 break
             result = allocate(costs, alloc_budget)
             plan = {n: {"bits": result.depths[n].tolist(), "group": result.groups[n]} for n in names}
-            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted,
-                                   pipeline=pipeline)
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, **sized)
             miss = target_bits - 8 * total
             if miss >= 0:
                 fits, best = alloc_budget, (result, plan, total)
@@ -104,17 +107,14 @@ class Allocate(Pass):
                 slack -= spent
                 if spent == 0:
                     break
-            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, emitted=emitted,
-                                   pipeline=pipeline)
+            total = artifact_bytes(graph, plan, roles, permute_uniform=self.act_order, **sized)
         achieved = bits_per_weight(total, count)
         ctx.stats["plan"] = plan
         hist = np.bincount(np.concatenate([result.depths[n] for n in names]), minlength=9)
-        ctx.stats["plan_summary"] = {
-            "allocator": "learned", "objective": objective, "predicted_bpw": round(achieved, 4),
-            "predicted_cost": result.cost, "lambda": result.lam,
-            "column_depth_histogram": hist.tolist(),
-            "groups": {str(g): sum(1 for n in names if result.groups[n] == g) for g in sorted(set(result.groups.values()))},
-        }
+        used = sorted(set(result.groups.values()))
+        ctx.stats["plan_summary"] = _summary(objective, hist.tolist(),
+                                             {g: sum(1 for n in names if result.groups[n] == g) for g in used},
+                                             result.cost, result.lam, round(achieved, 4))
         ctx.log(f"allocate: {len(names)} tensors, predicted {achieved:.3f} bits per weight; columns by depth 0..8: {hist.tolist()}")
         return graph
 
@@ -169,3 +169,11 @@ def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool)
             counts[t.name][d] += 1
             counts[t.name][d + 1] -= 1
     return {n: {"bits": depths[n].tolist(), "group": plan[n]["group"]} for n in plan}, start - slack
+
+
+def _summary(objective: str, histogram: list[int], groups: dict[int, int], cost: float, lam: float | None = None,
+             bpw: float = 99.9999) -> dict:
+    """What the manifest records of a learned plan; the size planning renders it with its numbers at their longest."""
+    return {"allocator": "learned", "objective": objective, "predicted_bpw": bpw, "predicted_cost": cost,
+            "lambda": cost if lam is None else lam, "column_depth_histogram": histogram,
+            "groups": {str(g): n for g, n in groups.items()}}

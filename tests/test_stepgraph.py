@@ -73,5 +73,6 @@ def test_allocation_predicts_the_artifact_bytes_with_the_step_graph(tmp_path, mo
                                                   calib_len=16, log=lambda s: None, progress=False))
     assert (out / "step.json").exists()
     # placeholders (durations, sizes, the plan summary) are written at their longest: the prediction errs one way
-    assert 0 <= predicted[-1] - m.size.counted_bytes <= 256  # measured: 84 bytes
+    # (the plan summary's numbers at their longest: measured 235 bytes on 2026-12-05)
+    assert 0 <= predicted[-1] - m.size.counted_bytes <= 320
     assert m.size.bits_per_weight <= 12.0

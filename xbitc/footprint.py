@@ -42,10 +42,13 @@ def safetensors_bytes(arrays: dict[str, tuple[str, list[int]]]) -> int:
 
 
 def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_uniform: bool = False, passes: int = 4,
-                   emitted: tuple[dict[str, int], dict] | None = None, pipeline: list[str] | None = None) -> int:
+                   emitted: tuple[dict[str, int], dict] | None = None, pipeline: list[str] | None = None,
+                   backend: str | None = None, summary: dict | None = None) -> int:
     """Counted bytes of the artifact `plan` (name -> {"bits", "group"}) will produce from `graph`; `emitted`: the
     backend's files and manifest notes (`Backend.emitted`); `pipeline`: the specs of the passes that will run (their
-    records go into the manifest; without it, `passes` records of a typical length are assumed)."""
+    records go into the manifest; without it, `passes` records of a typical length are assumed); `backend`: its
+    name as the manifest records it; `summary`: the plan summary the manifest will hold, with numbers at their
+    longest (else a 200-character placeholder)."""
     extra_files, extra_notes = emitted or ({}, {})
     float_code = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[graph.meta.get("float_dtype", "float16")]
     kinds = graph.meta.get("param_kinds", {})
@@ -78,10 +81,11 @@ def artifact_bytes(graph: Graph, plan: dict, roles: dict[str, str], permute_unif
                 files={**{f: 10**6 for f in listed}, "manifest.json": 10**5}, uncounted={})
     manifest = Manifest(
         xbitc_version="0.0.0", created="2026-01-01T00:00:00+00:00", kind=graph.meta.get("kind", "generic"),
-        backend="reference", source=Source(path=str(graph.meta.get("source", "")), sha256="0" * 64, param_count=10**8),
+        backend=backend or "reference", source=Source(path=str(graph.meta.get("source", "")), sha256="0" * 64, param_count=10**8),
         pipeline=",".join(pipeline) if pipeline else "x" * 120,
         passes=[{"pass": p, "fingerprint": "0" * 16, "seconds": 99999.999} for p in pipeline or []], inputs=[n.name for n in graph.inputs()], size=size, tensors=entries,
-        files={f: "0" * 64 for f in listed}, notes={"plan": {"summary": "x" * 200}, **extra_notes},
+        files={f: "0" * 64 for f in listed},
+        notes={"plan": summary if summary is not None else {"summary": "x" * 200}, **extra_notes},
     )
     meta = len(manifest.model_dump_json(indent=1)) + (0 if pipeline else PASS_RECORD_BYTES * passes)
     return weights + graph_json + meta + sum(extra_files.values())

@@ -319,6 +319,19 @@ def load_factory(spec: str, inputs: list[InputSpec] | None = None) -> LoadedMode
     return _from_module(module, example, spec, hashlib.sha256(spec.encode()).hexdigest(), inputs)
 
 
+def from_module(module: torch.nn.Module, example_inputs: tuple | None = None, name: str | None = None) -> LoadedModel:
+    """A model you hold in memory, ready for `xbitc.driver.compile_model`: a transformers model (wrapped like a
+    Hugging Face folder) or a plain nn.Module traced from `example_inputs` (else `module.example_inputs`, else its
+    first layer), batch and token sequence kept dynamic where export allows. Its provenance hash covers every
+    parameter and buffer."""
+    h = hashlib.sha256()
+    for key, t in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    example = example_inputs if example_inputs is not None else getattr(module, "example_inputs", None)
+    return _from_module(module, example, name or type(module).__name__, h.hexdigest())
+
+
 def _from_module(module: Any, example: Any, source: str, digest: str, inputs: list[InputSpec] | None = None) -> LoadedModel:
     if isinstance(module, dict):  # a state_dict, or a training checkpoint holding one
         raise LoadError(

@@ -42,8 +42,7 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
                                 torch.nn.GELU(), torch.nn.Linear(256, 10)).eval()
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
-    loaded = frontend.LoadedModel(model, (x,), "generic", "mlp (random weights)", "mlp-seed0",
-                                  dynamic_dims={0: ("batch",)})
+    loaded = frontend.from_module(model, (x,), name="mlp (random weights)")  # the batch stays dynamic
     path = Path(tempfile.mkdtemp(prefix="xbitc-example-")) / "mlp.xbitc"
     # A learned allocation (mixed depths, dropped columns, permuted columns) exercises the whole packed format
     opts = CompileOptions(bpw=4.0, tune_steps=0, calib_windows=4, backend=NAME, progress=False, log=lambda s: None)
