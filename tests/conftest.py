@@ -1,13 +1,15 @@
 import os
-import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the kernel cache's signing key: the tests' own, not the user's (children inherit it)
-os.environ.setdefault("XBITC_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="xbitc-key-"), "kernel-cache.key"))
+# the kernel cache and its signing key: the tests' own, kept between runs (compiling kernels takes time) but apart
+# from the user's, whose entries a test key could never vouch for (children inherit both)
+_STATE = os.path.join(os.path.expanduser("~"), ".cache", "xbitc-tests")
+os.environ.setdefault("XBITC_CACHE_DIR", os.path.join(_STATE, "kernels"))
+os.environ.setdefault("XBITC_KEY_FILE", os.path.join(_STATE, "kernel-cache.key"))
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
