@@ -128,15 +128,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
 
 
+def causal_mask(S: int, T: int, window: int = 0, causal: bool = True) -> torch.Tensor:
+    """[S, T] bool: which of T keys each of S queries (at positions T-S..T-1) may attend to."""
+    qpos = torch.arange(T - S, T).unsqueeze(-1)
+    kpos = torch.arange(T).unsqueeze(0)
+    allowed = kpos <= qpos if causal else torch.ones(S, T, dtype=torch.bool)
+    return allowed & (kpos > qpos - window) if window else allowed
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
               scale: float | None = None, causal: bool = False, window: int = 0) -> torch.Tensor:
-    S, T = q.shape[-2], k.shape[-2]
     if causal or window:
-        qpos = torch.arange(T - S, T).unsqueeze(-1)
-        kpos = torch.arange(T).unsqueeze(0)
-        allowed = kpos <= qpos if causal else torch.ones(S, T, dtype=torch.bool)
-        if window:
-            allowed &= kpos > qpos - window
+        allowed = causal_mask(q.shape[-2], k.shape[-2], window, causal)
         mask = allowed if mask is None else mask & allowed
     gqa = q.shape[-3] != k.shape[-3]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import torch
 
+from xbitc.ir.core import causal_mask
 from xbitc.ir.coregraph import CoreGraph, CoreNode
-from xbitc.ir.fuse import KERNELS, simplify
-from xbitc.ir.graph import LINEAR_OPS, Graph, Node, Op, Ref
-from xbitc.ir.interp import materialize
-from xbitc.ir.targets import resolve
+from xbitc.ir.fuse import simplify
+from xbitc.ir.graph import LINEAR_OPS, Graph, Node, Op, Ref, _refs
+from xbitc.ir.interp import Interpreter
 
 
 class LegalizeError(ValueError):
@@ -82,24 +82,14 @@ def _ancestors(name: str, by_name: dict[str, Node]) -> list[str]:
 
 
 def _evaluate(name: str, g: Graph, sizes: dict[str, int], values: dict[str, torch.Tensor] | None = None) -> Any:
-    """The value of node `name` with inputs of the given symbolic sizes: `values` where given, else zeros."""
+    """The value of node `name` with inputs of the given symbolic sizes: `values` where given, else zeros. The
+    interpreter runs the node's ancestors only (an INPUT is kept for every input, so inputs bind by position)."""
     by_name = g.by_name()
-    env: dict[str, Any] = {}
-    get = lambda v: env[v.name] if isinstance(v, Ref) else type(v)(get(x) for x in v) if isinstance(v, (list, tuple)) else v
-    for nm in _ancestors(name, by_name):
-        n = by_name[nm]
-        if n.op is Op.INPUT:
-            shape = [sizes[d] if isinstance(d, str) else d for d in n.type.shape]
-            env[nm] = (values or {}).get(nm, torch.zeros(shape, dtype=getattr(torch, n.type.dtype)))
-        elif n.op is Op.PARAM:
-            env[nm] = materialize(g.params[n.attrs["name"]])
-        elif n.op is Op.FUSED:
-            env[nm] = KERNELS[n.attrs["kernel"]](*get(n.args), **get(n.kwargs))
-        elif "target" in n.attrs:
-            env[nm] = resolve(n.attrs["target"])(*get(n.args), **get(n.kwargs))
-        else:
-            raise ValueError(f"node {nm} ({n.op.value}) is not a size computation")
-    return env[name]
+    keep = set(_ancestors(name, by_name)) | {n.name for n in g.inputs()}
+    nodes = [n for n in g.nodes if n.name in keep] + [Node("__value", Op.OUTPUT, (Ref(name),), attrs={"single": True})]
+    xs = [(values or {}).get(n.name, torch.zeros([sizes[d] if isinstance(d, str) else d for d in n.type.shape],
+                                                 dtype=getattr(torch, n.type.dtype))) for n in g.inputs()]
+    return Interpreter(Graph(nodes=nodes, params=g.params))(*xs)
 
 
 def _mask_windows(mask_node: str, g: Graph) -> list[int]:
@@ -111,13 +101,6 @@ def _mask_windows(mask_node: str, g: Graph) -> list[int]:
             if isinstance(v, int) and not isinstance(v, bool) and v > 1:
                 found.add(v)
     return sorted(found)
-
-
-def _causal(S: int, T: int, window: int) -> torch.Tensor:
-    qpos = torch.arange(T - S, T).unsqueeze(-1)
-    kpos = torch.arange(T).unsqueeze(0)
-    allowed = kpos <= qpos
-    return allowed & (kpos > qpos - window) if window else allowed
 
 
 def _probes(mask_node: str, g: Graph, longest: int) -> list[dict[str, int]]:
@@ -149,7 +132,7 @@ def recognise_mask(mask_node: str, g: Graph) -> int | None:
     if max(m.shape[-1] for m in masks) <= max(candidates):  # sizes fixed at trace time: windows indistinguishable
         return None
     for window in candidates:
-        if all(torch.equal(m, _causal(m.shape[-2], m.shape[-1], window).expand_as(m)) for m in masks):
+        if all(torch.equal(m, causal_mask(m.shape[-2], m.shape[-1], window).expand_as(m)) for m in masks):
             return window
     return None
 
@@ -429,13 +412,5 @@ def _live(nodes: list[CoreNode]) -> list[CoreNode]:
     for n in reversed(nodes):
         if n.op in ("output", "input") or n.name in used:
             keep.append(n)
-            used.update(_names(n.args))
+            used.update(_refs(n.args))
     return list(reversed(keep))
-
-
-def _names(v: Any):
-    if isinstance(v, Ref):
-        yield v.name
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            yield from _names(x)

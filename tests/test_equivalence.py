@@ -32,6 +32,12 @@ def build(arch: str) -> torch.nn.Module:
         return t.BertModel(t.BertConfig(**SMALL, vocab_size=VOCAB))
     if arch == "vit":
         return t.ViTModel(t.ViTConfig(**SMALL, image_size=32, patch_size=8))
+    if arch == "mistral":
+        return t.MistralForCausalLM(t.MistralConfig(**SMALL, num_key_value_heads=2, vocab_size=VOCAB, sliding_window=16))
+    if arch == "phi3":
+        return t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0))
+    if arch == "neox":
+        return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SMALL, vocab_size=VOCAB))
     raise ValueError(arch)
 
 

@@ -14,45 +14,20 @@ from xbitc.passes.legalize import LegalizeError, legalize, recognise_mask
 
 t = pytest.importorskip("transformers")
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-V = 128
-FAMILIES = {
-    "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**SMALL, num_key_value_heads=2, vocab_size=V)),
-    "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL, num_key_value_heads=2, vocab_size=V)),
-    "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL, num_key_value_heads=2, vocab_size=V, sliding_window=16)),
-    "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, vocab_size=V, pad_token_id=0)),
-    "neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SMALL, vocab_size=V)),
-    "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=V, n_positions=128)),
-    "bert": lambda: t.BertModel(t.BertConfig(**SMALL, vocab_size=V)),
-    "vit": lambda: t.ViTModel(t.ViTConfig(**SMALL, image_size=32, patch_size=8)),
-}
+from test_equivalence import VOCAB, build, inputs_for  # noqa: E402
+
+FAMILIES = ["bert", "gpt2", "llama", "mistral", "neox", "phi3", "qwen2", "vit"]
 
 
-def inputs_like(example: tuple, batch: int, seq: int, gen: torch.Generator) -> tuple:
-    out = []
-    for x in example:
-        if x.dim() == 2 and x.dtype == torch.int64 and len(out) == 0:  # token ids
-            out.append(torch.randint(0, V, (batch, seq), generator=gen))
-        elif x.dim() == 2:  # an attention mask: random padding, every row attends to its first token
-            pad = (torch.rand(batch, seq, generator=gen) > 0.3).to(x.dtype)
-            pad[:, 0] = 1
-            out.append(pad)
-        else:  # pixels
-            out.append(torch.randn(batch, *x.shape[1:], generator=gen))
-    return tuple(out)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_families_lower_to_core_ops_and_compute_the_same(family):
-    torch.manual_seed(0)
-    loaded = frontend.wrap_hf(FAMILIES[family]())
+    loaded = frontend.wrap_hf(build(family))
     g = frontend.trace(loaded, step=False)
     core = legalize(g)
     assert core.ops() <= set(CORE_OPS) | {"input", "param", "output"}
     weight = lambda name: materialize(g.params[name])
-    gen = torch.Generator().manual_seed(1)
     for batch, seq in ((2, 8), (1, 13), (3, 21)):  # 21: past Mistral's 16-token window
-        xs = inputs_like(loaded.example_inputs, batch, seq, gen)
+        xs = inputs_for(loaded.kind, batch, seq)  # encoders: padding in the last sequence
         assert torch.equal(run(core, *xs, weight=weight), Interpreter(g)(*xs)), (batch, seq)
     attention = [n for n in core.nodes if n.op == "attention"]
     assert len(attention) == 2
@@ -68,14 +43,13 @@ def test_a_packed_artifact_lowers_too(tmp_path):
     from xbitc import artifact, runtime
     from xbitc.driver import CompileOptions, compile_model
 
-    torch.manual_seed(0)
-    loaded = frontend.wrap_hf(FAMILIES["llama"]())
+    loaded = frontend.wrap_hf(build("llama"))
     out = tmp_path / "l.xbitc"
     compile_model(loaded, out, CompileOptions(bits=4, group=32, log=lambda s: None, progress=False))
     g, _ = artifact.load_graph(out)
     core = legalize(g)
     assert {n.args[1].name for n in core.nodes if n.op == "linear"}  # packed weights are read by name
-    ids = torch.randint(0, V, (2, 11))
+    ids = torch.randint(0, VOCAB, (2, 11))
     weights = {}
     got = run(core, ids, weight=lambda n: weights.setdefault(n, materialize(g.params[n])))
     assert torch.equal(got, runtime.load(out, backend="reference")(ids))
@@ -83,7 +57,7 @@ def test_a_packed_artifact_lowers_too(tmp_path):
 
 def test_nodes_without_a_lowering_are_named_with_their_source():
     torch.manual_seed(0)
-    cfg = t.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=V)
+    cfg = t.T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16, vocab_size=VOCAB)
     g = frontend.trace(frontend.wrap_hf(t.T5EncoderModel(cfg)), step=False)
     with pytest.raises(LegalizeError) as err:
         legalize(g)
@@ -193,16 +167,15 @@ def test_decode_steps_with_a_kv_cache_lower_too(family):
     """The cached decode step (prefill from empty caches, then one token at a time) lowers like the main graph."""
     from xbitc.stepgraph import empty_cache
 
-    torch.manual_seed(0)
-    step = frontend.trace(frontend.wrap_hf(FAMILIES[family]())).step
+    step = frontend.trace(frontend.wrap_hf(build(family))).step
     core = legalize(step)
     weight = lambda name: materialize(step.params[name])
     gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, V, (2, 9), generator=gen)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
     want, got = Interpreter(step)(ids, *empty_cache(step, 2)), run(core, ids, *empty_cache(step, 2), weight=weight)
     for _ in range(12):  # past Mistral's 16-token window
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-        ids = torch.randint(0, V, (2, 1), generator=gen)
+        ids = torch.randint(0, VOCAB, (2, 1), generator=gen)
         want, got = Interpreter(step)(ids, *want[1:]), run(core, ids, *got[1:], weight=weight)
 
 

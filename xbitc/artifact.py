@@ -28,9 +28,8 @@ from xbitc import __version__
 from xbitc.ir import serialize
 from xbitc.ir.graph import Graph
 from xbitc.ir.verify import VerifyError, dry_run, verify
-from xbitc.quant.format import Segment
-from xbitc.quant.packed import LAYOUT, PackedMatrix
-from xbitc.size import bits_per_weight, perm_array, segment_arrays
+from xbitc.quant.packed import PackedMatrix
+from xbitc.size import bits_per_weight
 
 from .manifest import MANIFEST_VERSION, Manifest, Size, Source, TensorEntry
 
@@ -453,7 +452,6 @@ def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray], limit: 
     if math.prod(entry.shape) > limit:
         raise ValueError(f"shape {entry.shape} is more than {WEIGHTS} can hold")
     if entry.storage == "packed":
-        _check_packed(name, entry, arrays)
         desc = {"shape": entry.shape, "layout": entry.layout, "permuted": entry.permuted, "segments": entry.segments}
         return PackedMatrix.from_tensors(name, desc, arrays)
     if entry.storage != "float":
@@ -469,23 +467,6 @@ def _param(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray], limit: 
     if entry.dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     return t
-
-
-_NUMPY = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "F16": np.float16}  # the codes xbitc.size plans with
-
-
-def _check_packed(name: str, entry: TensorEntry, arrays: dict[str, np.ndarray]) -> None:
-    """Every packed array exactly the dtype and shape the kernels read it as (xbitc.size plans them); segment order,
-    bit depths and the permutation's values are PackedMatrix.from_tensors' checks."""
-    if entry.layout != LAYOUT:
-        raise ValueError(f"code layout {entry.layout!r} is not {LAYOUT!r}")
-    out, inp = entry.shape
-    planned = {f"{name}.perm": perm_array(inp)} if entry.permuted else {}
-    for i, (bits, group, start, stop) in enumerate(entry.segments):  # their form: _check_entries
-        if bits <= 8 and group >= 1 and stop >= start:  # other segments are refused by from_tensors
-            planned.update({f"{name}.s{i}.{part}": a for part, a in segment_arrays(out, Segment(bits, group, start, stop)).items()})
-    for key, (code, shape) in planned.items():
-        _array(arrays, key, np.dtype(_NUMPY[code]), tuple(shape))
 
 
 def _array(arrays: dict[str, np.ndarray], key: str, dtype: np.dtype, shape: tuple) -> np.ndarray:

@@ -397,20 +397,17 @@ def _inferred(module: torch.nn.Module, source: str, digest: str) -> LoadedModel:
     arg = required[0].name
     if isinstance(first, torch.nn.Embedding):
         x = torch.randint(0, first.num_embeddings, (2, 8), generator=gen)
-        axes: tuple = ("batch", "seq")
     elif isinstance(first, torch.nn.Linear):
         x = torch.randn(2, first.in_features, generator=gen).to(first.weight.dtype)
-        axes = ("batch", None)
     elif isinstance(first, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
         spatial = {torch.nn.Conv1d: (64,), torch.nn.Conv2d: (32, 32), torch.nn.Conv3d: (16, 16, 16)}[type(first)]
         x = torch.randn(2, first.in_channels, *spatial, generator=gen).to(first.weight.dtype)
-        axes = ("batch",) + (None,) * len(spatial) + (None,)
     else:
         what = type(first).__name__ if first is not None else "no layer with parameters"
         raise LoadError(f"{source}: cannot infer the inputs of {type(module).__name__} from its first layer ({what}); {how}")
     note = (f"inputs inferred from the first registered layer ({type(first).__name__}): {arg} "
             f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')}; pass --input if that is not what forward takes")
-    return LoadedModel(module, (x,), "generic", source, digest, dynamic_dims={0: axes}, input_note=note)
+    return LoadedModel(module, (x,), "generic", source, digest, dynamic_dims=_guess_dynamic((x,)), input_note=note)
 
 
 def load(source: str, trust_pickle: bool = False, inputs: Any = None) -> LoadedModel:

@@ -15,15 +15,13 @@ import torch
 
 from xbitc import registry
 from xbitc.artifact import TOKENIZER, load_graph
-from xbitc.ir.verify import verify
 from xbitc.stepgraph import empty_cache
 
 
 class CompiledModel:
     def __init__(self, path: Path, backend: str | None = None, check: bool = True):
         self.path = Path(path)
-        self.graph, self.manifest = load_graph(self.path, check=check)
-        verify(self.graph)
+        self.graph, self.manifest = load_graph(self.path, check=check)  # verified and dry-run there, step included
         self.backend_name = backend or os.environ.get("XBITC_BACKEND") or host_backend(self.manifest.backend)
         try:
             self.backend = registry.get(registry.BACKEND_GROUP, self.backend_name)()
@@ -36,8 +34,6 @@ class CompiledModel:
                 "the package that provides it, or run the artifact with the portable reference format "
                 "(--backend reference, or backend='reference')") from None
         self.program = self.backend.lower(self.graph)
-        if self.graph.step is not None:
-            verify(self.graph.step)
         self.step = self.program.companion(self.graph.step) if self.graph.step is not None else None
         self._tokenizer = None
 

@@ -15,6 +15,7 @@ from xbitc.quant.pack import row_bytes
 from xbitc.quant.segments import perm_dtype, segments
 
 ITEM_BYTES = {"U8": 1, "U16": 2, "I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}  # safetensors dtype codes
+NUMPY_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "F16": np.float16, "F32": np.float32, "I64": np.int64}
 _PERM_CODES = {np.uint16: "U16", np.int32: "I32"}
 
 

@@ -7,13 +7,12 @@ names the code layout; backends may repack into their own at load time.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from xbitc.size import perm_array, segment_arrays
+from xbitc.size import NUMPY_DTYPES, perm_array, segment_arrays
 
 from .format import QuantizedMatrix, Segment
 from .pack import pack, unpack
@@ -97,6 +96,8 @@ class PackedMatrix:
 
     @classmethod
     def from_tensors(cls, prefix: str, desc: dict, tensors: dict[str, np.ndarray]) -> "PackedMatrix":
+        if desc["layout"] != LAYOUT:
+            raise ValueError(f"{prefix}: code layout {desc['layout']!r} is not {LAYOUT!r}")
         out_features = desc["shape"][0]
         segs = []
         for i, (bits, group, start, stop) in enumerate(desc["segments"]):
@@ -132,14 +133,19 @@ def _check(name: str, shape: tuple[int, int], segs: list[PackedSegment], perm: n
             raise ValueError(f"{name}: segment {seg} does not continue the columns at {pos} (corrupt artifact)")
         pos = seg.stop
         if seg.bits:
-            for part, (_, dims) in segment_arrays(out, seg).items():
-                n = math.prod(dims)
-                if getattr(ps, part).size != n:
-                    raise ValueError(f"{name}: {part} of segment {seg} hold {getattr(ps, part).size} values, "
-                                     f"expected {n} (corrupt artifact)")
+            for part, (code, dims) in segment_arrays(out, seg).items():
+                _check_array(f"{name}: {part} of segment {seg}", getattr(ps, part), code, dims)
     if pos != inp:
         raise ValueError(f"{name}: segments cover {pos} of {inp} columns (corrupt artifact)")
     if perm is not None:
+        _check_array(f"{name}: its column permutation", perm, *perm_array(inp))
         p = np.asarray(perm).reshape(-1).astype(np.int64)
         if p.size != inp or p.min(initial=0) < 0 or p.max(initial=0) >= inp or np.bincount(p, minlength=inp).max() > 1:
             raise ValueError(f"{name}: its column permutation is not a permutation of {inp} columns (corrupt artifact)")
+
+
+def _check_array(what: str, a: np.ndarray, code: str, dims: list[int]) -> None:
+    """Exactly the dtype and shape the kernels read (xbitc.size plans them), not only as many elements."""
+    if a.dtype != NUMPY_DTYPES[code] or tuple(a.shape) != tuple(dims):
+        raise ValueError(f"{what} is {a.dtype} {list(a.shape)} where {np.dtype(NUMPY_DTYPES[code])} {list(dims)} is "
+                         "expected (corrupt artifact)")
