@@ -38,9 +38,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from xbitc.passes.base import PassError
 
     from xbitc.backends.base import BackendUnavailable
+    from xbitc.native.build import BuildError
+    from xbitc.native.modelbin import ExportError
 
     return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin, BackendUnavailable, TextError,
-            UsageError)
+            UsageError, ExportError, BuildError)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -135,6 +137,15 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from xbitc.native.export import export_c_lib
+
+    out = export_c_lib(Path(a.artifact), Path(a.c_lib))
+    print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), libxbitc.a, xbitc.h, model.h, "
+          "README.md")
+    return 0
+
+
 def cmd_list(group: str) -> int:
     for name in registry.names(group):
         print(f"{name:16s} {registry.origin(group, name)}")
@@ -204,6 +215,11 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", metavar="PNG", help="draw bits per component type per layer and column depth histograms")
     i.add_argument("--no-verify", action="store_true", help="print the manifest's claims without checking the files")
     i.set_defaults(fn=cmd_inspect)
+    x = sub.add_parser("export", help="write a compiled artifact as a C library a program links (no Python)")
+    x.add_argument("artifact")
+    x.add_argument("--c-lib", required=True, metavar="DIR",
+                   help="folder to write: model.bin, libxbitc.a, xbitc.h, model.h, README.md")
+    x.set_defaults(fn=cmd_export)
     sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
     sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))
     return p

@@ -31,22 +31,28 @@ def rows_kernel(target: Target, act: str) -> Any:
         return None
 
 
+def rowlane_records(pss: list[PackedSegment], out: int) -> list[tuple]:
+    """The records of `rowlane.pack` for a matrix's live segments: one per scale group of each segment."""
+    records = []
+    for ps in pss:
+        seg = ps.seg
+        raw = np.asarray(ps.codes, dtype=np.uint8).reshape(out, canonical_row_bytes(seg.ncols, seg.bits))
+        codes = unpack_fast(raw, seg.bits, seg.ncols)
+        scales = np.asarray(ps.scales, dtype=np.float16).reshape(out, seg.ngroups)
+        zeros = unpack_fast(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, seg.ngroups)
+        for g in range(seg.ngroups):
+            c0, c1 = g * seg.group_size, min(seg.ncols, (g + 1) * seg.group_size)
+            records.append((codes[:, c0:c1], scales[:, g], zeros[:, g], seg.start + c0, seg.bits))
+    return records
+
+
 class RowLaneMatrix:
     """The whole matrix as row-lane records: one kernel call per matrix and token batch, vectorised over rows, every
     segment and depth inside it."""
 
     def __init__(self, pss: list[PackedSegment], out: int, inp: int, perm: torch.Tensor | None, kernel: Any,
                  act: str):
-        records = []
-        for ps in pss:
-            seg = ps.seg
-            raw = np.asarray(ps.codes, dtype=np.uint8).reshape(out, canonical_row_bytes(seg.ncols, seg.bits))
-            codes = unpack_fast(raw, seg.bits, seg.ncols)
-            scales = np.asarray(ps.scales, dtype=np.float16).reshape(out, seg.ngroups)
-            zeros = unpack_fast(np.asarray(ps.zeros, dtype=np.uint8).reshape(out, -1), seg.bits, seg.ngroups)
-            for g in range(seg.ngroups):
-                c0, c1 = g * seg.group_size, min(seg.ncols, (g + 1) * seg.group_size)
-                records.append((codes[:, c0:c1], scales[:, g], zeros[:, g], seg.start + c0, seg.bits))
+        records = rowlane_records(pss, out)
         self.act = act
         self.buf, self.table = rowlane_pack(records, out, act)
         self.table_ptr = self.table.ctypes.data  # ~1 us per .ctypes lookup: taken once, not on every call

@@ -1,0 +1,79 @@
+"""Building the C runtime: the portable sources shipped in xbitc/native (include/, src/) compiled with the system C
+compiler, plus the row-lane kernel objects xbitc generates for the CPU family (every level of backends/cpu/
+targets.py; the runtime picks one by the CPU's features), archived into one static library.
+
+Kernel objects come from xbitc's own generator (through its verified disk cache), never from the artifact."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).parent
+INCLUDE = HERE / "include"
+SOURCES = sorted((HERE / "src").glob("*.c"))
+CFLAGS = ["-std=c11", "-O3", "-fPIC", "-Wall", "-Wextra", "-pedantic", "-fno-math-errno"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g", "-O1", "-fno-omit-frame-pointer"]
+
+
+class BuildError(RuntimeError):
+    """The C compiler or archiver failed; the message holds its output."""
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise BuildError("no C compiler found: install gcc or clang (Debian: apt install gcc), or set CC")
+    return cc
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise BuildError(f"{' '.join(cmd[:3])} ... failed:\n{proc.stdout}{proc.stderr}")
+
+
+def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
+    """Write the host family's f32 row-lane objects into folder; (paths, -D flags that enable them)."""
+    from xbitc.backends.cpu.targets import host_family
+    from xbitc.backends.llvm import emit_object
+    from xbitc.backends.llvm.rowlane import RowLaneSpec
+
+    family = host_family()
+    if family is None or family.name != "x86-64":  # the portable loops run elsewhere (AArch64: its own issue)
+        return [], []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for level in family.levels:
+        spec = RowLaneSpec(act="f32", symbol_suffix=level.suffix)
+        path = folder / f"xbitc_rows_f32_{level.suffix}.o"
+        path.write_bytes(emit_object(family.triple, level.cpu, level.features, spec=spec, use_disk_cache=True))
+        paths.append(path)
+    return paths, ["-DXBITC_KERNELS_X86_64"]
+
+
+def build_library(out: Path, sanitize: bool = False, kernels: bool = True) -> Path:
+    """Compile the runtime (and the kernels) into out/libxbitc.a; its path."""
+    out = Path(out)
+    objdir = out / "obj"
+    objdir.mkdir(parents=True, exist_ok=True)
+    objects, defines = kernel_objects(objdir) if kernels else ([], [])
+    flags = CFLAGS + (SANITIZE if sanitize else []) + defines + [f"-I{INCLUDE}"]
+    cc = compiler()
+    for src in SOURCES:
+        obj = objdir / (src.stem + ".o")
+        _run([cc, *flags, "-c", str(src), "-o", str(obj)])
+        objects.append(obj)
+    lib = out / "libxbitc.a"
+    lib.unlink(missing_ok=True)
+    _run([shutil.which("ar") or "ar", "rcs", str(lib), *map(str, objects)])
+    shutil.rmtree(objdir)
+    return lib
+
+
+def link_program(sources: list[Path], lib: Path, exe: Path, sanitize: bool = False) -> Path:
+    """Build a C program against the library (what an integrator's build does)."""
+    flags = ["-std=c11", "-O2", "-Wall", "-Wextra"] + (SANITIZE if sanitize else [])
+    _run([compiler(), *flags, f"-I{INCLUDE}", *map(str, sources), str(lib), "-lm", "-lpthread", "-o", str(exe)])
+    return exe
