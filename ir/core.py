@@ -14,8 +14,9 @@ Semantics that are not obvious from the name:
   - `attention(q [B,Hq,S,D], k [B,Hk,T,D], v [B,Hk,T,Dv], mask?)`: softmax(q kᵀ·scale + bias) v, query head h
     reading key head h // (Hq/Hk); query i sits at position T-S+i (keys before it come from a cache). `causal`
     allows keys at positions <= the query's, `window` W > 0 further only the last W of them, `mask` (bool,
-    broadcast to [B,Hq,S,T]) allows where true (a key-padding mask is [B,1,1,T]); a fully masked row gives NaN, as
-    in torch (no model asks for one);
+    broadcast to [B,Hq,S,T]) allows where true (a key-padding mask is [B,1,1,T]); a fully masked row gives zeros,
+    as torch's scaled_dot_product_attention does (no model asks for one);
+  - `mean` / `sum` over an empty dims list reduce every axis, as torch does;
   - `slice(x; dim, start, stop, step)` clamps start/stop into [0, size] like Python slicing;
   - `dim(x; axis)` and the `scalar_*` ops compute sizes (int64) that reshape, expand, slice and arange read.
 """
@@ -74,7 +75,7 @@ def _axis(d: int, rank: int) -> int:
 
 
 def _reduce(s: Shape, dims: list[int], keepdim: bool) -> Shape:
-    axes = {_axis(d, len(s)) for d in dims}
+    axes = {_axis(d, len(s)) for d in dims} if dims else set(range(len(s)))
     return tuple(1 if i in axes else n for i, n in enumerate(s) if keepdim or i not in axes)
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -85,3 +87,51 @@ def test_custom_backend_through_its_entry_point(tmp_path):
     peak = number(r"outputs max abs ([\d.]+)", out)
     assert number(r"max abs difference vs reference backend: ([\d.e+-]+)", out) <= 1e-4 * peak
     assert 0 < number(r"relative rms error vs float: ([\d.]+)", out) < 0.7
+
+
+def _make_generate(lib: Path, exe: Path) -> None:
+    done = subprocess.run(["make", "-s", "-C", str(EXAMPLES / "embed_c"), f"LIB={lib}", f"BIN={exe}", str(exe)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_embed_c_generates_the_python_runtimes_tokens(tmp_path):
+    """examples/embed_c's program, built by its Makefile against an exported random Llama, generates the tokens the
+    Python runtime generates from the same artifact."""
+    import torch
+
+    from test_native import compiled
+    from xbitc import runtime
+    from xbitc.native.export import export_c_lib
+
+    art = compiled("llama", tmp_path)
+    lib = export_c_lib(art, tmp_path / "lib")
+    exe = tmp_path / "generate"
+    _make_generate(lib, exe)
+    prompt = [5, 17, 42, 99, 3]
+    done = subprocess.run([str(exe), str(lib / "model.bin"), "--threads", "2", "--tokens", "20", *map(str, prompt)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    want = runtime.load(art).generate_ids(torch.tensor([prompt]), 20)
+    assert [int(t) for t in done.stdout.split()] == want
+
+
+@pytest.mark.slow
+def test_embed_c_on_smollm2_after_make_demo(tmp_path):
+    """`make run` in examples/embed_c on the artifact `make demo` wrote: the C program's tokens are the Python
+    runtime's, and the text is printed."""
+    import torch
+
+    from xbitc import runtime
+
+    art = ROOT / "out" / "smollm2-135m.xbitc"
+    if not art.exists():
+        pytest.skip("run `make demo` first: it writes out/smollm2-135m.xbitc")
+    done = subprocess.run(["make", "-s", "-C", str(EXAMPLES / "embed_c"), f"LIB={tmp_path / 'lib'}",
+                           f"BIN={tmp_path / 'generate'}", "TOKENS=16", "run"], capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = [int(x) for x in re.search(r"prompt ids: ([\d ]+)", done.stdout).group(1).split()]
+    got = [int(x) for x in re.search(r"generated: +([\d ]+)", done.stdout).group(1).split()]
+    model = runtime.load(art)
+    assert got == model.generate_ids(torch.tensor([ids]), 16, eos=model.tokenizer.eos_token_id)

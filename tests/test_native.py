@@ -179,3 +179,26 @@ def test_corrupt_or_truncated_model_bin_gives_a_status(native_dir):
         statuses.append(outcome(_with_crc(raw)))
     print(sorted(statuses))
     assert statuses.count(1) >= 10  # most damage is found when the file is opened
+
+
+@pytest.mark.slow
+def test_smollm2_generation_matches_the_python_runtime(tmp_path):
+    """The real SmolLM2-135M (RTN 4-bit g128, embeddings packed): prefill and 32 decode steps, logits and tokens."""
+    from xbitc import models
+
+    art = tmp_path / "smollm2.xbitc"
+    compile_model(frontend.load(str(models.smollm2_gguf())), art,
+                  CompileOptions(bits=4, group=128, quantize_embeddings=True, log=lambda s: None, progress=False))
+    lib = export_c_lib(art, tmp_path / "lib")
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver")
+    model = runtime.load(art)
+    prompt = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    run_driver(exe, "lm", lib / "model.bin", write_tensor(tmp_path / "prompt", prompt.numpy()), 32, 2, tmp_path / "o")
+    logits, tokens = read_tensors(tmp_path / "o")
+    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
+    rows = [want[0, -1]]
+    for tok in tokens[:-1]:
+        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
+        rows.append(want[0, -1])
+    close(logits, torch.stack(rows))
+    assert tokens.tolist() == [int(r.argmax()) for r in rows]

@@ -88,7 +88,8 @@ int main(int argc, char **argv) {
     FILE *out = fopen(argv[strcmp(argv[1], "graph") ? 6 : 5], "wb");
     if (!strcmp(argv[1], "graph")) {
         int g = atoi(argv[3]), n_in = argc - 6;
-        xbitc_tensor in[64], outs[64];
+        xbitc_tensor *in = calloc((size_t)n_in + 1, sizeof(xbitc_tensor));
+        xbitc_tensor *outs = calloc((size_t)info.n_outputs[g] + 1, sizeof(xbitc_tensor));
         for (int k = 0; k < n_in; k++)
             if (!read_tensor(argv[6 + k], &in[k]))
                 return 97;
