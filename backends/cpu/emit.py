@@ -12,23 +12,15 @@ from typing import Any
 
 from xbitc.ir.graph import LINEAR_OPS, Graph
 
-from ..llvm import GENERATOR_VERSION, emit_object
-from ..llvm.rowlane import ROWS_VERSION, RowLaneSpec
+from ..llvm import GENERATOR_VERSION
+from ..llvm.render import LLVMRenderer
+from ..llvm.rowlane import ROWS_VERSION
+from ..product import SIGNATURES, PackedProduct
 from .linears import ACTIVATIONS
 from .targets import CpuFamily
 
 ABI_VERSION = 1  # of the emitted kernels' C interface (argument list and meaning); bump on any change
 HEADER = "xbitc_kernels.h"
-_ARGS = {  # C parameters of each row-lane function, by the word after xbitc_rows_
-    "q8": ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, int64_t rows_begin, "
-           "int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy, int8_t* scratch"),
-    "gemv": ("const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y, "
-             "int64_t rows_begin, int64_t rows_end"),
-    "gemm": ("const int64_t* rec, int64_t nrec, const float* x, float* y, int64_t rows_begin, int64_t rows_end, "
-             "int64_t batch, int64_t ldx, int64_t ldy"),
-}
-
-
 def _objects_comment(family: CpuFamily) -> list[str]:
     """The header's paragraph on the objects: format, triple, what each level suffix means, how to pick one."""
     levels = ", ".join(f"{lv.suffix} = {lv.summary}" for lv in family.levels)
@@ -81,7 +73,7 @@ def header_text(rows: list[dict], family: CpuFamily) -> str:
     for r in rows:
         lines.append(f"/* {r['act']} activations, target {r['target']} ({r['cpu']}), in {r['file']} */")
         for fn in r["functions"]:
-            lines.append(f"void {fn}({_ARGS[fn.split('_')[2]]});")
+            lines.append(f"void {fn}({SIGNATURES[fn.split('_')[2]]});")
         lines.append("")
     lines += ["#ifdef __cplusplus", "}", "#endif", "", "#endif /* XBITC_KERNELS_H */", ""]
     return "\n".join(lines)
@@ -99,12 +91,12 @@ def emit_kernels(graph: Graph, folder: Path, family: CpuFamily) -> dict[str, Any
     rows = []
     for level in family.levels:
         for act in ACTIVATIONS:
-            spec = RowLaneSpec(act=act, symbol_suffix=level.suffix)
-            obj = emit_object(family.triple, level.cpu, level.features, spec=spec, use_disk_cache=True)
+            rendered = LLVMRenderer(family.triple, level.cpu, level.features).render(PackedProduct(act), level.suffix)
+            obj = rendered.payload
             base = f"xbitc_rows_{act}_{level.suffix}"
             (kdir / f"{base}.o").write_bytes(obj)
             rows.append({"name": base, "act": act, "target": level.suffix, "cpu": level.cpu,
-                         "file": f"kernels/{base}.o", "bytes": len(obj), "functions": list(spec.names())})
+                         "file": f"kernels/{base}.o", "bytes": len(obj), "functions": list(rendered.functions)})
     header = header_text(rows, family)
     (kdir / HEADER).write_text(header)
     return {

@@ -1,6 +1,7 @@
-"""Building the C runtime: the portable sources shipped in xbitc/native (include/, src/) compiled with the system C
-compiler, plus the row-lane kernel objects xbitc generates for the CPU family (every level of backends/cpu/
-targets.py; the runtime picks one by the CPU's features), archived into one static library.
+"""Building the C runtime: the portable sources shipped in xbitc/native (include/, src/) and the packed product's C
+kernels (rendered by backends/cstyle) compiled with the system C compiler, plus the row-lane kernel objects the LLVM
+renderer makes for the CPU family (every level of backends/cpu/targets.py; the runtime picks one by the CPU's
+features), archived into one static library.
 
 Kernel objects come from xbitc's own generator (through its verified disk cache), never from the artifact."""
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _run(cmd: list[str]) -> None:
 def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
     """Write the host family's f32 row-lane objects into folder; (paths, -D flags that enable them)."""
     from xbitc.backends.cpu.targets import host_family
-    from xbitc.backends.llvm import emit_object
-    from xbitc.backends.llvm.rowlane import RowLaneSpec
+    from xbitc.backends.llvm.render import LLVMRenderer
+    from xbitc.backends.product import PackedProduct
 
     family = host_family()
     if family is None or family.name != "x86-64":  # the portable loops run elsewhere (AArch64: its own issue)
@@ -46,11 +47,21 @@ def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for level in family.levels:
-        spec = RowLaneSpec(act="f32", symbol_suffix=level.suffix)
         path = folder / f"xbitc_rows_f32_{level.suffix}.o"
-        path.write_bytes(emit_object(family.triple, level.cpu, level.features, spec=spec, use_disk_cache=True))
+        renderer = LLVMRenderer(family.triple, level.cpu, level.features)
+        path.write_bytes(renderer.render(PackedProduct("f32"), level.suffix).payload)
         paths.append(path)
     return paths, ["-DXBITC_KERNELS_X86_64"]
+
+
+def portable_kernels(folder: Path) -> Path:
+    """The C renderer's kernels (every host runs them; the generated objects replace them where they fit)."""
+    from xbitc.backends.cstyle import CRenderer
+    from xbitc.backends.product import PackedProduct
+
+    path = folder / "xbitc_rows_portable.c"
+    path.write_text(CRenderer().render(PackedProduct("f32"), "portable").payload)
+    return path
 
 
 def build_library(out: Path, sanitize: bool = False, kernels: bool = True) -> Path:
@@ -61,7 +72,7 @@ def build_library(out: Path, sanitize: bool = False, kernels: bool = True) -> Pa
     objects, defines = kernel_objects(objdir) if kernels else ([], [])
     flags = CFLAGS + (SANITIZE if sanitize else []) + defines + [f"-I{INCLUDE}"]
     cc = compiler()
-    for src in SOURCES:
+    for src in [*SOURCES, portable_kernels(objdir)]:
         obj = objdir / (src.stem + ".o")
         _run([cc, *flags, "-c", str(src), "-o", str(obj)])
         objects.append(obj)

@@ -1,15 +1,13 @@
-/* The packed matrix product over row-lane records (backends/llvm/rowlane.py, f32 layout), and packed-table rows.
+/* The packed matrix product over row-lane records (backends/product.py, f32 layout), and packed-table rows.
  *
  * Where the library is built with the generated x86-64 kernels (XBITC_KERNELS_X86_64: the export links the
- * objects of every level), the best level the CPU supports runs; elsewhere the portable loops below, which read the
+ * objects of every level), the best level the CPU supports runs; elsewhere the C renderer's kernels, which read the
  * same layout, do. Rows are split in ranges of whole 16-row blocks over the caller's threads. */
 #include <string.h>
 
 #include "internal.h"
 
-#define LANES 16
-#define BLOCK_COLS 32
-#define BYTES_KIND 9
+#define LANES 16 /* rows of a row block (PackedProduct.lanes) */
 #define GEMM_STACK_BYTES (256 << 10) /* the generated gemm keeps per-token sums on the stack: chunk tokens */
 
 typedef void (*gemv_fn)(const int64_t *rec, int64_t nrec, const float *x, const int32_t *perm, float *y,
@@ -17,71 +15,11 @@ typedef void (*gemv_fn)(const int64_t *rec, int64_t nrec, const float *x, const 
 typedef void (*gemm_fn)(const int64_t *rec, int64_t nrec, const float *x, float *y, int64_t rows_begin,
                         int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy);
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
-    if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalise */
-        exp = 113;
-        while (!(man & 1024)) {
-            man <<= 1;
-            exp--;
-        }
-        bits = sign | (exp << 23) | ((man & 1023) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-/* Code j (0 <= j < ncols) of lane `lane` in a record's row block starting at `codes`. */
-static uint32_t code_at(const uint8_t *codes, int64_t kind, int64_t j, int lane) {
-    if (kind == BYTES_KIND)
-        return codes[j * LANES + lane];
-    int64_t cb = j / BLOCK_COLS, bit = (j % BLOCK_COLS) * kind;
-    const uint8_t *base = codes + (cb * kind * LANES + lane) * 4;
-    uint32_t w0, w1 = 0;
-    int64_t w = bit / 32, shift = bit % 32;
-    memcpy(&w0, base + w * LANES * 4, 4);
-    if (shift + kind > 32)
-        memcpy(&w1, base + (w + 1) * LANES * 4, 4);
-    uint64_t both = ((uint64_t)w1 << 32) | w0;
-    return (uint32_t)(both >> shift) & ((1u << kind) - 1);
-}
-
-static void record_scale_zero(const int64_t *r, int64_t rb, int lane, float *s, float *z) {
-    uint16_t h;
-    memcpy(&h, (const uint8_t *)(intptr_t)r[3] + rb * r[6] + 2 * lane, 2);
-    *s = half_to_float(h);
-    *z = (float)((const uint8_t *)(intptr_t)r[4])[rb * r[6] + lane];
-}
-
-/* Portable product of rows [rb, re) for one token; x unpermuted (perm gathers). */
-static void portable_gemv(const xb_packed *w, const float *x, float *y, int64_t rb, int64_t re) {
-    for (int64_t row = rb; row < re && row < w->out; row++) {
-        int64_t blk = row / LANES;
-        int lane = (int)(row % LANES);
-        float acc = 0;
-        for (int64_t k = 0; k < w->nrec; k++) {
-            const int64_t *r = w->rec + 7 * k;
-            const uint8_t *codes = (const uint8_t *)(intptr_t)r[2] + blk * r[6];
-            float s, z, dot = 0, sum = 0;
-            record_scale_zero(r, blk, lane, &s, &z);
-            for (int64_t j = 0; j < r[1]; j++) {
-                int64_t col = r[5] + j;
-                float xv = x[w->perm ? w->perm[col] : col];
-                dot += (float)code_at(codes, r[0], j, lane) * xv;
-                sum += xv;
-            }
-            acc += s * dot - s * z * sum;
-        }
-        y[row] = acc;
-    }
-}
+/* Rendered from the packed product's description by backends/cstyle (build.py writes them into the library). */
+void xbitc_rows_gemv_portable(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t, int64_t);
+void xbitc_rows_gemm_portable(const int64_t *, int64_t, const float *, float *, int64_t, int64_t, int64_t, int64_t,
+                              int64_t);
+void xbitc_rows_dequant_portable(const int64_t *, int64_t, const int32_t *, int64_t, int64_t, float *);
 
 #ifdef XBITC_KERNELS_X86_64
 #define DECLARE(level)                                                                                           \
@@ -106,8 +44,8 @@ static void host_kernels(gemv_fn *gemv, gemm_fn *gemm) {
 }
 #else
 static void host_kernels(gemv_fn *gemv, gemm_fn *gemm) {
-    *gemv = NULL;
-    *gemm = NULL;
+    *gemv = xbitc_rows_gemv_portable;
+    *gemm = xbitc_rows_gemm_portable;
 }
 #endif
 
@@ -128,9 +66,9 @@ static void run_range(void *arg, int64_t task) {
         re = w->out;
     if (rb >= re)
         return;
-    if (j->T == 1 && j->gemv) {
+    if (j->T == 1) {
         j->gemv(w->rec, w->nrec, j->x, w->perm, j->y, rb, re);
-    } else if (j->gemm) {
+    } else {
         int64_t chunk = GEMM_STACK_BYTES / (4 * w->nrec + 128);
         if (chunk < 1)
             chunk = 1;
@@ -138,9 +76,6 @@ static void run_range(void *arg, int64_t task) {
             int64_t n = j->T - t0 < chunk ? j->T - t0 : chunk;
             j->gemm(w->rec, w->nrec, j->x + t0 * w->in, j->y + t0 * w->out, rb, re, n, w->in, w->out);
         }
-    } else {
-        for (int64_t t = 0; t < j->T; t++)
-            portable_gemv(w, j->x + t * w->in, j->y + t * w->out, rb, re);
     }
 }
 
@@ -156,7 +91,7 @@ int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y
         memset(y, 0, (size_t)(T * w->out) * sizeof(float));
         return XBITC_OK;
     }
-    if (T > 1 && j.gemm && w->perm) { /* the generated gemm reads x already permuted */
+    if (T > 1 && w->perm) { /* gemm reads x already permuted */
         float *xp = scratch;
         for (int64_t t = 0; t < T; t++)
             for (int64_t c = 0; c < w->in; c++)
@@ -183,23 +118,9 @@ int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y
 
 int32_t xb_packed_rows(const xb_packed *w, const int64_t *rows, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) {
-        int64_t row = rows[i];
-        if (row < 0 || row >= w->out)
+        if (rows[i] < 0 || rows[i] >= w->out)
             return XBITC_E_SHAPE;
-        float *dst = out + i * w->in;
-        memset(dst, 0, (size_t)w->in * sizeof(float)); /* 0-bit columns have no record: weight 0 */
-        int64_t blk = row / LANES;
-        int lane = (int)(row % LANES);
-        for (int64_t k = 0; k < w->nrec; k++) {
-            const int64_t *r = w->rec + 7 * k;
-            const uint8_t *codes = (const uint8_t *)(intptr_t)r[2] + blk * r[6];
-            float s, z;
-            record_scale_zero(r, blk, lane, &s, &z);
-            for (int64_t j = 0; j < r[1]; j++) {
-                int64_t col = r[5] + j;
-                dst[w->perm ? w->perm[col] : col] = s * ((float)code_at(codes, r[0], j, lane) - z);
-            }
-        }
+        xbitc_rows_dequant_portable(w->rec, w->nrec, w->perm, rows[i], w->in, out + i * w->in);
     }
     return XBITC_OK;
 }
