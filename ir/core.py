@@ -13,9 +13,10 @@ Semantics that are not obvious from the name:
   - `rope(x, cos, sin)` is x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x[..., h:], x[..., :h]), h = d/2;
   - `attention(q [B,Hq,S,D], k [B,Hk,T,D], v [B,Hk,T,Dv], mask?)`: softmax(q kᵀ·scale + bias) v, query head h
     reading key head h // (Hq/Hk); query i sits at position T-S+i (keys before it come from a cache). `causal`
-    allows keys at positions <= the query's, `window` W > 0 further only the last W of them, `mask` (bool,
-    broadcast to [B,Hq,S,T]) allows where true (a key-padding mask is [B,1,1,T]); a fully masked row gives zeros,
-    as torch's scaled_dot_product_attention does (no model asks for one);
+    allows keys at positions <= the query's, `window` W > 0 further only the last W of them, `mask` (broadcast to
+    [B,Hq,S,T]) allows where true if bool (a key-padding mask is [B,1,1,T]) and is added to the scores if float
+    (T5's position bias); a fully masked row gives zeros, as torch's scaled_dot_product_attention does (no model
+    asks for one);
   - `mean` / `sum` over an empty dims list reduce every axis, as torch does;
   - `slice(x; dim, start, stop, step)` clamps start/stop into [0, size] like Python slicing;
   - `dim(x; axis)` and the `scalar_*` ops compute sizes (int64) that reshape, expand, slice and arange read.

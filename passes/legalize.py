@@ -8,7 +8,8 @@ refused, with every node it cannot lower named (node, operator, source line wher
   2. Attention masks that depend only on sizes (not on any input's values) are recognised by what they compute:
      the mask subgraph is evaluated at several probe sizes and compared with causal and sliding-window masks; a
      match becomes attention{causal, window} and the subgraph (aranges, index, cumsum, ...) disappears. Masks that
-     read data (an encoder's padding mask) are lowered op by op.
+     read data (an encoder's padding mask) are lowered op by op, as are float masks (T5's position bias), which
+     attention adds to its scores.
   3. Every remaining node maps to core ops by the table `_LOWER` (argument normalisation per aten operator).
 """
 from __future__ import annotations
@@ -270,6 +271,55 @@ def _slice(c: _Ctx, name: str, args: tuple, kw: dict) -> Any:
     return c.emit(name, "slice", x, start, stop, dim=dim, step=step)
 
 
+def _dims(c: _Ctx, name: str, x: Any) -> list[Ref]:
+    """`dim` nodes for every axis of traced value `x` (sizes known at run time only)."""
+    return [c.emit(f"{name}__d{i}", "dim", x, axis=i) for i in range(len(c.by_name[x.name].type.shape))]
+
+
+def _full_like(c: _Ctx, name: str, args: tuple, kw: dict) -> Any:
+    dtype = kw.get("dtype") or getattr(torch, c.by_name[args[0].name].type.dtype)
+    return c.emit(name, "full", _dims(c, name, args[0]), value=args[1], dtype=_dtype(dtype))
+
+
+def _new_ones(c: _Ctx, name: str, args: tuple, kw: dict) -> Any:
+    dtype = kw.get("dtype") or getattr(torch, c.by_name[args[0].name].type.dtype)
+    return c.emit(name, "full", list(args[1]), value=1, dtype=_dtype(dtype))
+
+
+def _add_inplace(c: _Ctx, name: str, args: tuple, kw: dict) -> Any:
+    """add_ as add; the operand's name then stands for the sum, so readers after the mutation see it."""
+    if "alpha" in kw or not isinstance(args[0], Ref):
+        raise KeyError("aten.add_ with alpha or of a non-tensor")
+    out = c.emit(name, "add", args[0], args[1])
+    c.alias[args[0].name] = out
+    return out
+
+
+def _index(c: _Ctx, name: str, args: tuple, kw: dict) -> Any:
+    """x[i0, ..., ik-1] with integer index tensors for the leading k axes (numpy advanced indexing): x viewed as
+    [rows, rest] (rows: the leading k axes), the indices' broadcast linear row index picks rows with `gather`;
+    negative indices count from the end."""
+    x, indices = args[0], list(args[1])
+    if not indices or not all(isinstance(i, Ref) and c.by_name[i.name].type.dtype == "int64" for i in indices):
+        raise KeyError("aten.index with None, bool or int32 indices")
+    sizes, k = _dims(c, name, x), len(indices)
+    row, rows = None, 1  # the row index over axes j.. and how many rows those axes hold
+    for j in reversed(range(k)):
+        neg = c.emit(f"{name}__neg{j}", "lt", indices[j], 0)
+        i = c.emit(f"{name}__i{j}", "where", neg, c.emit(f"{name}__wrap{j}", "add", indices[j], sizes[j]), indices[j])
+        row = i if row is None else c.emit(f"{name}__row{j}", "add", c.emit(f"{name}__mul{j}", "mul", i, rows), row)
+        rows = sizes[j] if rows == 1 else c.emit(f"{name}__rows{j}", "scalar_mul", sizes[j], rows)
+    rest = 1
+    for j in range(k, len(sizes)):
+        rest = sizes[j] if rest == 1 else c.emit(f"{name}__rest{j}", "scalar_mul", rest, sizes[j])
+    table = c.emit(f"{name}__table", "reshape", x, [rows, rest])
+    flat = c.emit(f"{name}__flat", "unsqueeze", c.emit(f"{name}__row", "reshape", row, [-1]), dim=1)
+    picked = c.emit(f"{name}__pick", "gather", table, c.emit(f"{name}__at", "expand", flat, [-1, rest]), dim=0)
+    rank = max(len(c.by_name[i.name].type.shape) for i in indices)
+    shape = [c.emit(f"{name}__rd{a}", "dim", row, axis=a) for a in range(rank)]
+    return c.emit(name, "reshape", picked, shape + sizes[k:])
+
+
 def _attention(c: _Ctx, name: str, q: Any, k: Any, v: Any, mask: Any, kw: dict, masks: dict[str, Any]) -> Any:
     causal, window = bool(kw.get("is_causal", False)), 0
     found = masks.get(name)
@@ -332,6 +382,12 @@ _RULES: dict[str, Callable[[_Ctx, str, tuple, dict], Any]] = {
     "mm": lambda c, n, a, k: c.emit(n, "matmul", a[0], a[1]),
     "addmm": lambda c, n, a, k: c.emit(n, "add", c.emit(n + "__mm", "matmul", a[1], a[2]), a[0]),
     "gather": lambda c, n, a, k: c.emit(n, "gather", a[0], a[2], dim=a[1]),
+    # x[i, j] with index tensors (T5's padding mask reads its [B, T] input this way)
+    "index": _index,
+    "full_like": _full_like,  # sizes of the operand, read at run time
+    "new_ones": _new_ones,  # the sizes given, the operand's dtype unless one is named
+    "aten.min.other": lambda c, n, a, k: c.emit(n, "minimum", a[0], a[1]),  # min(a, b), not the reduction min.dim
+    "add_": _add_inplace,  # out of place: the sum takes the operand's name for later readers
     "arange": lambda c, n, a, k: c.emit(n, "arange", a[0], dtype=_dtype(k.get("dtype") or torch.int64)),
     "layer_norm": lambda c, n, a, k: c.emit(n, "layernorm", a[0], a[2] if len(a) > 2 else None,
                                             a[3] if len(a) > 3 else None, eps=a[4] if len(a) > 4 else 1e-5),

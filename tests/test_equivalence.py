@@ -38,6 +38,8 @@ def build(arch: str) -> torch.nn.Module:
         return t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0))
     if arch == "neox":
         return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SMALL, vocab_size=VOCAB))
+    if arch == "t5":  # the encoder: relative position buckets, an unscaled attention with a float bias
+        return t.T5EncoderModel(t.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB))
     raise ValueError(arch)
 
 
@@ -66,7 +68,7 @@ def assert_equivalent(loaded: frontend.LoadedModel, shapes) -> None:
         assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "bert", "vit"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "bert", "vit", "t5"])
 def test_random_weight_architectures(arch):
     loaded = frontend.wrap_hf(build(arch), None, arch, arch)
     # shapes other than the export example (2, 8): the graph is dynamic in batch and sequence length

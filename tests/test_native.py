@@ -119,7 +119,7 @@ def test_generation_matches_the_python_runtime(family, native_dir):
     assert tokens.tolist() == [int(r.argmax()) for r in rows]
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
 def test_main_graph_matches_the_python_runtime(family, native_dir):
     art, exe = exported(family, native_dir)
     model = runtime.load(art)
