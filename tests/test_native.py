@@ -202,3 +202,27 @@ def test_smollm2_generation_matches_the_python_runtime(tmp_path):
         rows.append(want[0, -1])
     close(logits, torch.stack(rows))
     assert tokens.tolist() == [int(r.argmax()) for r in rows]
+
+
+def test_int8_activations_match_the_python_runtimes_q8(native_dir, monkeypatch):
+    """--act q8: the packed products round each record's activations to int8, as the Python runtime does with
+    XBITC_X86_ACT=q8 through the same generated kernels; the embedding table, whose rows are decoded, stays f32."""
+    art = compiled("llama", native_dir)
+    lib = export_c_lib(art, native_dir / "llama-q8.clib", act="q8")
+    assert b"XBITC_MODEL_INT8_ACTIVATIONS 1" in (lib / "model.h").read_bytes()
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", lib / "driver")
+    monkeypatch.setenv("XBITC_X86_ACT", "q8")
+    model = runtime.load(art, backend="x86")
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    run_driver(exe, "lm", lib / "model.bin", write_tensor(native_dir / "q8-prompt", prompt.numpy()), 16, 2,
+               native_dir / "q8.out")
+    logits, tokens = read_tensors(native_dir / "q8.out")
+    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
+    rows = [want[0, -1]]
+    for tok in tokens[:-1]:
+        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
+        rows.append(want[0, -1])
+    close(logits, torch.stack(rows))
+    monkeypatch.setenv("XBITC_X86_ACT", "f32")  # and q8 really ran: float activations give other logits
+    exact, *_ = runtime.load(art, backend="x86").step(prompt, *runtime.empty_cache(model.graph.step))
+    assert not np.allclose(logits[0], exact[0, -1].numpy(), rtol=0, atol=1e-6)

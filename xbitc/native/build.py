@@ -36,7 +36,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
-    """Write the host family's f32 row-lane objects into folder; (paths, -D flags that enable them)."""
+    """Write the host family's row-lane objects (f32 and q8) into folder; (paths, -D flags that enable them)."""
     from xbitc.backends.cpu.targets import host_family
     from xbitc.backends.llvm.render import LLVMRenderer
     from xbitc.backends.product import PackedProduct
@@ -47,10 +47,11 @@ def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for level in family.levels:
-        path = folder / f"xbitc_rows_f32_{level.suffix}.o"
         renderer = LLVMRenderer(family.triple, level.cpu, level.features)
-        path.write_bytes(renderer.render(PackedProduct("f32"), level.suffix).payload)
-        paths.append(path)
+        for act in ("f32", "q8"):
+            path = folder / f"xbitc_rows_{act}_{level.suffix}.o"
+            path.write_bytes(renderer.render(PackedProduct(act), level.suffix).payload)
+            paths.append(path)
     return paths, ["-DXBITC_KERNELS_X86_64"]
 
 

@@ -7,7 +7,8 @@ One file, read in place (mmap-able), little-endian:
                        u32 zero
     words (int64)      model: kind, vocab, layers, kv heads, head dim, tensor count, program count
                        tensors: dense [0, dtype, rank, *shape, data offset, bytes] or packed [1, out, in, record
-                       count, records offset, buffer offset, buffer bytes, permutation offset or -1]
+                       count, activations (0 f32, 1 q8), records offset, buffer offset, buffer bytes,
+                       permutation offset or -1]
                        programs: [node count] then nodes [op, operand count, attr count, *operands, *attrs]
     data               64-byte aligned blocks at the offsets the words give (from the file start)
 
@@ -18,8 +19,9 @@ layer runs on one row instead of every prompt token). A node's value is its inde
 op's attrs in ir/core.py with defaults filled: 0 absent, 2 int, 3 float, 5 int list (count, then raw ints).
 Nodes 1000 (input: dtype, rank, sizes with -1 for a dynamic one), 1001 (param: tensor index), 1002 (output).
 
-Float parameters are stored as float32 and packed matrices in the row-lane f32 layout the CPU kernels read
-(backends/llvm/rowlane.py), record addresses as offsets into their buffer: the runtime adds the mapped address.
+Float parameters are stored as float32 and packed matrices in the row-lane layout of the activation strategy the
+export chose (backends/product.py: "f32" exact, or "q8", int8 activations per record, what the x86 kernels run
+fastest), record addresses as offsets into their buffer: the runtime adds the mapped address.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ DTYPES = {"float32": 1, "int64": 2, "bool": 3}
 KINDS = {"causal-lm": 1, "encoder": 2}
 T_NONE, T_REF, T_INT, T_FLOAT, T_BOOL, T_LIST = 0, 1, 2, 3, 4, 5
 GELU = {"none": 0, "tanh": 1}
+ACTS = {"f32": 0, "q8": 1}
 
 
 class ExportError(ValueError):
@@ -70,7 +73,9 @@ def _attr_defaults(op: str) -> dict[str, Any]:
 
 
 class _Writer:
-    def __init__(self):
+    def __init__(self, act: str = "f32", rows_read: frozenset = frozenset()):
+        self.act = act
+        self.rows_read = rows_read  # packed tables an embed reads rows of: the f32 layout (rows decode from it)
         self.words: list[int] = []
         self.blocks: list[bytes] = []
         self.data_size = 0
@@ -88,7 +93,7 @@ class _Writer:
         if name in self.tensors:
             return self.tensors[name]
         if isinstance(value, PackedMatrix):
-            words = _packed_words(self, value)
+            words = _packed_words(self, name, value)
         else:
             t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
             if t.is_floating_point():
@@ -103,19 +108,20 @@ class _Writer:
         return self.tensors[name]
 
 
-def _packed_words(w: _Writer, pm: PackedMatrix) -> list[int]:
+def _packed_words(w: _Writer, name: str, pm: PackedMatrix) -> list[int]:
     from xbitc.backends.cpu.rows import rowlane_records
     from xbitc.backends.llvm.rowlane import pack
 
     out, inp = pm.shape
     records = rowlane_records([ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols], out)
-    buf, table = pack(records, out, "f32")
+    act = "f32" if name in w.rows_read else w.act
+    buf, table = pack(records, out, act)
     table = table.copy()
     table[:, 2:5] -= buf.ctypes.data  # addresses -> offsets into the buffer
     rec_off = w.block(table.astype("<i8").tobytes())
     buf_off = w.block(buf.tobytes())
     perm_off = -1 if pm.perm is None else w.block(np.asarray(pm.perm, dtype="<i4").tobytes())
-    return [1, out, inp, len(records), rec_off, buf_off, int(buf.nbytes), perm_off]
+    return [1, out, inp, len(records), ACTS[act], rec_off, buf_off, int(buf.nbytes), perm_off]
 
 
 def _operand(v: Any, slot: dict[str, int], where: str) -> list[int]:
@@ -205,9 +211,16 @@ def last_token_step(step: CoreGraph) -> CoreGraph:
 
 
 def write(path: Path, programs: list[CoreGraph], *, kind: str, vocab: int = 0,
-          cache: dict | None = None) -> int:
+          cache: dict | None = None, act: str = "f32") -> int:
     """Write model.bin for `programs` (main first, then the decode step and its last-token form); its size."""
-    w = _Writer()
+    if act not in ACTS:
+        raise ExportError(f"activations {act!r}: one of {', '.join(ACTS)}")
+    tables = set()
+    for g in programs:
+        by_name = {n.name: n for n in g.nodes}
+        tables |= {by_name[n.args[1].name].attrs["name"] for n in g.nodes if n.op == "embed"
+                   and isinstance(n.args[1], Ref) and by_name[n.args[1].name].op == "param"}
+    w = _Writer(act, frozenset(tables))
     bodies = [_program(w, g) for g in programs]
     cache = cache or {}
     words = [KINDS.get(kind, 3), vocab, cache.get("layers", 0), cache.get("kv_heads", 0), cache.get("head_dim", 0),

@@ -28,7 +28,8 @@ enum xbitc_status {
     XBITC_E_ARGUMENT = 4,    /* a NULL pointer, an unknown graph, wrong input count, dtype or rank */
     XBITC_E_MEMORY = 5,      /* a caller buffer is smaller than the *_bytes function said, or misaligned */
     XBITC_E_SHAPE = 6,       /* inputs whose sizes the model's shape rules refuse */
-    XBITC_E_UNSUPPORTED = 7, /* the model has no graph for this call (e.g. no decode step), or a full cache */
+    XBITC_E_UNSUPPORTED = 7, /* the model has no graph for this call (e.g. no decode step), a full cache, or
+                                int8-activation (q8) kernels this build lacks (export with --act f32) */
     XBITC_E_THREADS = 8      /* a thread could not be started */
 };
 

@@ -14,7 +14,7 @@ const char *xbitc_status_text(int32_t status) {
     case XBITC_E_ARGUMENT: return "bad argument: a NULL pointer, unknown graph, or inputs of the wrong count, dtype or rank";
     case XBITC_E_MEMORY: return "a buffer is smaller than its *_bytes function said, or not 64-byte aligned";
     case XBITC_E_SHAPE: return "input sizes the model's shape rules refuse (or a token id out of range)";
-    case XBITC_E_UNSUPPORTED: return "the model has no graph for this call, or the session's cache is full";
+    case XBITC_E_UNSUPPORTED: return "the model has no graph for this call, the session's cache is full, or this build has no kernels for the model's activations (export with --act f32)";
     case XBITC_E_THREADS: return "a thread could not be started";
     default: return "unknown status";
     }

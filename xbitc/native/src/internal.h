@@ -25,11 +25,12 @@
 enum xb_op { XB_OP_LIST(XB_ENUM) XB_NUM_OPS };
 #undef XB_ENUM
 
-/* One packed matrix [out, in] as row-lane records (backends/llvm/rowlane.py; f32 layout): rec holds nrec records
+/* One packed matrix [out, in] as row-lane records (backends/product.py): rec holds nrec records
  * of 7 int64 (kind, ncols, address of codes, scales and zeros of row block 0, x_offset, stride) with absolute
  * addresses into buf; perm (NULL: identity) maps stored column j to input column perm[j]. */
 typedef struct xb_packed {
     int64_t out, in, nrec;
+    int64_t act; /* 0: f32 layout and kernels; 1: q8 (int8 activations per record; generated x86 kernels only) */
     const int64_t *rec;
     const uint8_t *buf;
     uint64_t buf_bytes;
@@ -106,5 +107,6 @@ uint64_t xb_packed_scratch(const xb_packed *w, int64_t T);
 int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y, void *scratch,
                          const xbitc_exec *exec);
 int32_t xb_packed_rows(const xb_packed *w, const int64_t *rows, int64_t n, float *out);
+int xb_packed_runs(int64_t act); /* whether this build has kernels for activation strategy act */
 
 #endif

@@ -92,11 +92,16 @@ static int64_t record_bytes(int64_t kind, int64_t ncols) {
 }
 
 static int32_t read_packed(xbitc_model *m, reader *r, arena *a, xb_value *v) {
-    int64_t f[7];
-    for (int k = 0; k < 7; k++)
+    int64_t f[8];
+    for (int k = 0; k < 8; k++)
         if (!take(r, &f[k]))
             return XBITC_E_FORMAT;
-    int64_t out = f[0], in = f[1], nrec = f[2], rec_off = f[3], buf_off = f[4], buf_bytes = f[5], perm_off = f[6];
+    int64_t out = f[0], in = f[1], nrec = f[2], act = f[3], rec_off = f[4], buf_off = f[5], buf_bytes = f[6];
+    int64_t perm_off = f[7];
+    if (act != 0 && act != 1)
+        return XBITC_E_FORMAT;
+    if (!xb_packed_runs(act))
+        return XBITC_E_UNSUPPORTED;
     if (out < 1 || in < 1 || out > (1 << 30) || in > (1 << 30) || nrec < 0 || nrec > (1 << 24) ||
         !in_data(m, rec_off, nrec * 56) || !in_data(m, buf_off, buf_bytes) ||
         (perm_off != -1 && !in_data(m, perm_off, in * 4)))
@@ -107,7 +112,7 @@ static int32_t read_packed(xbitc_model *m, reader *r, arena *a, xb_value *v) {
     int64_t stride = 0;
     for (int64_t k = 0; k < nrec; k++) {
         const int64_t *e = rec + 7 * k;
-        if (e[0] < 1 || e[0] > 9 || e[1] < 1 || e[1] > in || e[5] < 0 || e[5] > in - e[1])
+        if (e[0] < 1 || e[0] > (act ? 8 : 9) || e[1] < 1 || e[1] > in || e[5] < 0 || e[5] > in - e[1])
             return XBITC_E_FORMAT;
         int64_t codes = record_bytes(e[0], e[1]) - 48;
         if (e[2] != stride || e[3] != stride + codes || e[4] != stride + codes + 32)
@@ -129,7 +134,7 @@ static int32_t read_packed(xbitc_model *m, reader *r, arena *a, xb_value *v) {
         const uint8_t *buf = m->data + buf_off;
         for (int64_t k = 0; k < 7 * nrec; k++) /* offsets -> addresses */
             table[k] = rec[k] + (k % 7 >= 2 && k % 7 <= 4 ? (int64_t)(intptr_t)buf : 0);
-        *p = (xb_packed){out, in, nrec, table, buf, (uint64_t)buf_bytes, perm};
+        *p = (xb_packed){out, in, nrec, act, table, buf, (uint64_t)buf_bytes, perm};
         memset(v, 0, sizeof *v);
         v->dtype = XB_PACKED;
         v->rank = 2;

@@ -8,12 +8,15 @@
 #include "internal.h"
 
 #define LANES 16 /* rows of a row block (PackedProduct.lanes) */
+#define Q8_TASKS 8 /* the most tasks a q8 product is split into: each needs its own scratch, planned per call */
 #define GEMM_STACK_BYTES (256 << 10) /* the generated gemm keeps per-token sums on the stack: chunk tokens */
 
 typedef void (*gemv_fn)(const int64_t *rec, int64_t nrec, const float *x, const int32_t *perm, float *y,
                         int64_t rows_begin, int64_t rows_end);
 typedef void (*gemm_fn)(const int64_t *rec, int64_t nrec, const float *x, float *y, int64_t rows_begin,
                         int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy);
+typedef void (*q8_fn)(const int64_t *rec, int64_t nrec, const float *x, const int32_t *perm, float *y,
+                      int64_t rows_begin, int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy, int8_t *scratch);
 
 /* Rendered from the packed product's description by backends/cstyle (build.py writes them into the library). */
 void xbitc_rows_gemv_portable(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t, int64_t);
@@ -26,13 +29,15 @@ void xbitc_rows_dequant_portable(const int64_t *, int64_t, const int32_t *, int6
     void xbitc_rows_gemv_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,    \
                                  int64_t);                                                                       \
     void xbitc_rows_gemm_##level(const int64_t *, int64_t, const float *, float *, int64_t, int64_t, int64_t,   \
-                                 int64_t, int64_t);
+                                 int64_t, int64_t);                                                              \
+    void xbitc_rows_q8_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,      \
+                               int64_t, int64_t, int64_t, int64_t, int8_t *);
 DECLARE(x86_64)
 DECLARE(avx2)
 DECLARE(avx512)
 
 /* The generated kernels for the best level this CPU runs (the levels of backends/cpu/targets.py). */
-static void host_kernels(gemv_fn *gemv, gemm_fn *gemm) {
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8) {
     __builtin_cpu_init();
     int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
              __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
@@ -41,12 +46,18 @@ static void host_kernels(gemv_fn *gemv, gemm_fn *gemm) {
              __builtin_cpu_supports("avx512cd");
     *gemv = v4 ? xbitc_rows_gemv_avx512 : v3 ? xbitc_rows_gemv_avx2 : xbitc_rows_gemv_x86_64;
     *gemm = v4 ? xbitc_rows_gemm_avx512 : v3 ? xbitc_rows_gemm_avx2 : xbitc_rows_gemm_x86_64;
+    *q8 = v4 ? xbitc_rows_q8_avx512 : v3 ? xbitc_rows_q8_avx2 : xbitc_rows_q8_x86_64;
 }
+
+int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
 #else
-static void host_kernels(gemv_fn *gemv, gemm_fn *gemm) {
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8) {
     *gemv = xbitc_rows_gemv_portable;
     *gemm = xbitc_rows_gemm_portable;
+    *q8 = NULL; /* the C renderer renders f32 activations only */
 }
+
+int xb_packed_runs(int64_t act) { return act == 0; }
 #endif
 
 typedef struct job {
@@ -56,6 +67,9 @@ typedef struct job {
     int64_t T, blocks_per_task;
     gemv_fn gemv;
     gemm_fn gemm;
+    q8_fn q8;
+    uint8_t *scratch; /* q8: q8_task_bytes per task */
+    uint64_t task_bytes;
 } job;
 
 static void run_range(void *arg, int64_t task) {
@@ -66,7 +80,10 @@ static void run_range(void *arg, int64_t task) {
         re = w->out;
     if (rb >= re)
         return;
-    if (j->T == 1) {
+    if (w->act) {
+        j->q8(w->rec, w->nrec, j->x, w->perm, j->y, rb, re, j->T, w->in, w->out,
+              (int8_t *)(j->scratch + (uint64_t)task * j->task_bytes));
+    } else if (j->T == 1) {
         j->gemv(w->rec, w->nrec, j->x, w->perm, j->y, rb, re);
     } else {
         int64_t chunk = GEMM_STACK_BYTES / (4 * w->nrec + 128);
@@ -79,19 +96,32 @@ static void run_range(void *arg, int64_t task) {
     }
 }
 
+/* What one q8 call needs (rowlane.q8_scratch_bytes, 1-bit records counted with room for lookup tables): int8 x
+ * per record padded to whole blocks, two floats per record and token; rounded to keep tasks 64-byte aligned. */
+static uint64_t q8_task_bytes(const xb_packed *w, int64_t T) {
+    uint64_t per = 0;
+    for (int64_t k = 0; k < w->nrec; k++) {
+        const int64_t *r = w->rec + 7 * k;
+        per += (uint64_t)((r[1] + 31) / 32 * 32) * (r[0] == 1 ? 9 : 1) + 8;
+    }
+    return ((uint64_t)T * per + 64 + 63) / 64 * 64;
+}
+
 uint64_t xb_packed_scratch(const xb_packed *w, int64_t T) {
+    if (w->act)
+        return Q8_TASKS * q8_task_bytes(w, T);
     return w->perm && T > 1 ? (uint64_t)T * (uint64_t)w->in * sizeof(float) : 0;
 }
 
 int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y, void *scratch,
                          const xbitc_exec *exec) {
-    job j = {w, x, y, T, 0, NULL, NULL};
-    host_kernels(&j.gemv, &j.gemm);
+    job j = {w, x, y, T, 0, NULL, NULL, NULL, scratch, w->act ? q8_task_bytes(w, T) : 0};
+    host_kernels(&j.gemv, &j.gemm, &j.q8);
     if (w->nrec == 0) { /* every column at 0 bits */
         memset(y, 0, (size_t)(T * w->out) * sizeof(float));
         return XBITC_OK;
     }
-    if (T > 1 && w->perm) { /* gemm reads x already permuted */
+    if (T > 1 && w->perm && !w->act) { /* gemm reads x already permuted (q8 gathers itself) */
         float *xp = scratch;
         for (int64_t t = 0; t < T; t++)
             for (int64_t c = 0; c < w->in; c++)
@@ -107,6 +137,8 @@ int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y
         tasks = work * blocks / 65536 > 1 ? work * blocks / 65536 : 1;
     if (tasks < 1)
         tasks = 1;
+    if (w->act && tasks > Q8_TASKS)
+        tasks = Q8_TASKS;
     j.blocks_per_task = (blocks + tasks - 1) / tasks;
     tasks = (blocks + j.blocks_per_task - 1) / j.blocks_per_task;
     if (tasks == 1)
