@@ -170,3 +170,34 @@ def test_every_core_op_matches_its_reference(tmp_path):
             assert np.allclose(g, want, rtol=0, atol=1e-5 * scale, equal_nan=True), (name, np.abs(g - want).max())
         else:
             assert np.array_equal(g, want), name
+
+
+def test_hostile_sizes_get_a_status_not_a_crash(tmp_path):
+    """Graphs a crafted model.bin could hold: sizes that overflow products next to a zero size, steps and indexes
+    out of range. The sanitized runtime must answer each with a status (XBITC_E_SHAPE), never memory errors."""
+    lib = build.build_library(tmp_path / "lib", sanitize=True, kernels=False)
+    exe = build.link_program([DRIVER], lib, tmp_path / "driver", sanitize=True)
+    huge = (1 << 56) + 16
+    cases = {
+        "attention over 2^56 empty keys": lambda c: c.node(
+            "attention", c.node("full", [1, 256, 1, 0], value=0.0, dtype="float32"),
+            *[c.node("full", [1, 1, huge, 0], value=0.0, dtype="float32")] * 2, None, scale=None, causal=False,
+            window=0),
+        "conv2d patch of 2^56 channels": lambda c: c.node(
+            "conv2d", c.node("full", [1, (1 << 56) + 1, 0, 0], value=0.0, dtype="float32"),
+            c.node("full", [0, (1 << 56) + 1, 16, 16], value=0.0, dtype="float32"), None, stride=[1, 1],
+            padding=[8, 8]),
+        "slice step 2^62": lambda c: c.node("slice", c.input(torch.zeros(4, 4)), 0, 4, dim=0, step=1 << 62),
+        "reshape to 2^62 elements": lambda c: c.node("reshape", c.input(torch.zeros(4)), [1 << 31, 1 << 31]),
+        "embed id out of range": lambda c: c.node("embed", c.input(torch.tensor([[3, 99]])), c.param(torch.zeros(5, 2))),
+        "gather index out of range": lambda c: c.node("gather", c.input(torch.zeros(2, 3)),
+                                                      c.input(torch.tensor([[0, 7]])), dim=1),
+    }
+    for name, make in cases.items():
+        c = Cases()
+        out = make(c)
+        c.cases.append((name, out, None))
+        modelbin.write(tmp_path / "m.bin", [c.graph()], kind="other")
+        files = [write_tensor(tmp_path / f"in{k}", x.numpy()) for k, x in enumerate(c.feeds)]
+        proc = run_driver(exe, "graph", tmp_path / "m.bin", 0, 1, tmp_path / "out", *files, expect=None)
+        assert proc.returncode == 6, (name, proc.returncode, proc.stderr[-1500:])

@@ -33,6 +33,18 @@ int64_t xb_numel(const xb_value *v) {
 
 uint64_t xb_nbytes(const xb_value *v) { return (uint64_t)xb_numel(v) * xb_dtype_size(v->dtype); }
 
+int xb_sizes_ok(int32_t rank, const int64_t *shape) {
+    int64_t n = 1;
+    for (int32_t d = 0; d < rank; d++) {
+        if (shape[d] < 0 || shape[d] > XB_MAX_SIZE)
+            return 0;
+        if (shape[d] > 0 && n > XB_MAX_ELEMENTS / shape[d])
+            return 0;
+        n *= shape[d] > 0 ? shape[d] : 1;
+    }
+    return 1;
+}
+
 void xb_contiguous_strides(xb_value *v) {
     int64_t s = 1;
     for (int32_t k = v->rank - 1; k >= 0; k--) {

@@ -93,6 +93,12 @@ typedef struct xb_opdef {
 
 extern const xb_opdef XB_OPS[XB_NUM_OPS];
 
+/* Every size a value has is at most XB_MAX_SIZE and the product of its nonzero sizes at most XB_MAX_ELEMENTS
+ * (checked wherever sizes enter: model.bin, inputs, every op's output), so products of sizes never overflow. */
+#define XB_MAX_SIZE ((int64_t)1 << 40)
+#define XB_MAX_ELEMENTS ((int64_t)1 << 58)
+int xb_sizes_ok(int32_t rank, const int64_t *shape);
+
 /* Helpers the runtime provides to ops. */
 int64_t xb_numel(const xb_value *v);
 uint64_t xb_nbytes(const xb_value *v); /* bytes of a contiguous tensor */

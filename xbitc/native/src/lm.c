@@ -53,7 +53,7 @@ static int cache_pattern(xbitc_model *m, xb_program *p) {
         int64_t dim = ok ? attr_int(m, cat, 0, &ok) : 0;
         const int64_t *w = m->words + cat->operands; /* [LIST, 2, REF, past, REF, new] */
         ok = ok && (dim == -2 || dim == 2) && w[0] == XB_T_LIST && w[1] == 2 && w[2] == XB_T_REF &&
-             w[3] == input && w[4] == XB_T_REF && cat->cache == 0;
+             w[3] == input && w[4] == XB_T_REF && w[5] != input && cat->cache == 0;
         uses u = {p, 0, input, c, ok};
         for (u.user = 0; u.ok && u.user < p->n_nodes; u.user++)
             xb_refs(m, &p->nodes[u.user], check_use, &u);
@@ -125,7 +125,7 @@ static int32_t plan_largest(const xbitc_model *m, int64_t capacity, int64_t max_
                             xbitc_tensor *out, void *ws, uint64_t ws_bytes, xb_plan *plan, uint64_t *need) {
     const xb_program *p = &m->prog[LM_PROGRAM];
     shapes(m, in, out, p->n_inputs, capacity - max_feed, max_feed);
-    xb_session_io io = {capacity, NULL, plan, plan != NULL};
+    xb_session_io io = {capacity, max_feed, NULL, plan, plan != NULL};
     return xb_execute(m, LM_PROGRAM, in, p->n_inputs, out, p->n_inputs, ws, ws_bytes, NULL, 0, &io, need);
 }
 
@@ -170,6 +170,7 @@ int32_t xbitc_lm_init(const xbitc_model *m, int64_t max_tokens, int64_t max_feed
     l->caches = (float **)b;
     b += s.cache_ptrs;
     l->plan = (xb_plan *)b;
+    memset(l->plan, 0, s.plan); /* nodes the largest call places nothing for may place nothing later either */
     b += s.plan;
     uint64_t one = ALIGN64((uint64_t)(m->kv_heads * max_tokens * m->head_dim) * sizeof(float));
     for (int64_t k = 0; k < 2 * m->layers; k++)
@@ -196,7 +197,7 @@ int32_t xbitc_lm_feed(xbitc_lm *l, const int64_t *ids, int64_t n, float *logits,
     shapes(l->m, l->in, l->out, l->n_io, l->pos, n);
     l->in[0].data = (void *)ids;
     l->out[0].data = l->logits;
-    xb_session_io io = {l->capacity, l->caches, l->plan, 0};
+    xb_session_io io = {l->capacity, n, l->caches, l->plan, 0};
     int32_t st = xb_execute(l->m, LM_PROGRAM, l->in, l->n_io, l->out, l->n_io, l->ws, l->ws_bytes, exec, 1, &io,
                             NULL);
     if (st)

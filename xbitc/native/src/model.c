@@ -8,7 +8,7 @@
 #define MAGIC "XBITCBIN"
 #define VERSION 1
 #define HEADER_BYTES 64
-#define MAX_NODES (1 << 22)
+#define MAX_NODES (1 << 18) /* placement is linear in live blocks per node: bound the work a file can ask for */
 
 /* operands (min, max) and attribute counts of each core op, as ir/core.py declares them */
 static const int8_t OP_ARITY[XB_NUM_OPS][3] = {
@@ -109,10 +109,17 @@ static int32_t read_packed(xbitc_model *m, reader *r, arena *a, xb_value *v) {
     const int64_t *rec = (const int64_t *)(m->data + rec_off);
     const int32_t *perm = perm_off == -1 ? NULL : (const int32_t *)(m->data + perm_off);
     /* the layout rowlane.pack writes, exactly: every read a kernel makes stays inside the buffer */
-    int64_t stride = 0;
+    /* the generated kernels keep per-column and per-record state on the stack (~4 bytes a padded column, 36 for
+     * 1-bit q8 records, 4 a record): bounded here so no file can overflow a thread's stack */
+    int64_t stride = 0, stack = 0;
+    if (nrec > (1 << 16))
+        return XBITC_E_FORMAT;
     for (int64_t k = 0; k < nrec; k++) {
         const int64_t *e = rec + 7 * k;
         if (e[0] < 1 || e[0] > (act ? 8 : 9) || e[1] < 1 || e[1] > in || e[5] < 0 || e[5] > in - e[1])
+            return XBITC_E_FORMAT;
+        stack += (e[1] + 31) / 32 * 32 * (e[0] == 1 && act ? 9 : 1);
+        if (stack > (1 << 17))
             return XBITC_E_FORMAT;
         int64_t codes = record_bytes(e[0], e[1]) - 48;
         if (e[2] != stride || e[3] != stride + codes || e[4] != stride + codes + 32)
@@ -162,6 +169,8 @@ static int32_t read_tensor(xbitc_model *m, reader *r, arena *a, xb_value *v) {
             return XBITC_E_FORMAT;
         count *= dims[k];
     }
+    if (!xb_sizes_ok((int32_t)rank, dims))
+        return XBITC_E_FORMAT;
     if (!take(r, &off) || !take(r, &bytes) || bytes != count * (int64_t)xb_dtype_size((int32_t)dtype) ||
         !in_data(m, off, bytes))
         return XBITC_E_FORMAT;
@@ -314,6 +323,8 @@ static int32_t read_program(xbitc_model *m, reader *r, arena *a, xb_program *p, 
             if (op < 0 || op >= XB_NUM_OPS || nin < arity((int)op, 0) || nin > arity((int)op, 1) ||
                 nattr != arity((int)op, 2))
                 return XBITC_E_FORMAT;
+            if (XB_OPS[op].view && (nin < 1 || r->pos >= r->n || r->w[r->pos] != XB_T_REF))
+                return XBITC_E_FORMAT; /* a view aliases a node's data: operand 0 must be one */
             for (int64_t k = 0; k < nin; k++)
                 if (!check_operand(r, nodes, i, 0, &max_items, building))
                     return XBITC_E_FORMAT;
@@ -416,8 +427,8 @@ static int32_t build(const void *bin, uint64_t size, arena *a, xbitc_model **out
             return XBITC_E_FORMAT;
     if (head[0] < 1 || head[0] > 3 || head[5] < 0 || head[5] > (1 << 24) || head[6] < 1 || head[6] > XB_MAX_PROGRAMS)
         return XBITC_E_FORMAT;
-    for (int k = 1; k <= 4; k++)
-        if (head[k] < 0 || head[k] > ((int64_t)1 << 32))
+    for (int k = 1; k <= 4; k++) /* vocabulary, layers, kv heads, head dim */
+        if (head[k] < 0 || head[k] > (k == 1 ? ((int64_t)1 << 32) : ((int64_t)1 << 20)))
             return XBITC_E_FORMAT;
     m->kind = (int32_t)head[0];
     m->vocab = head[1];

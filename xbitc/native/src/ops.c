@@ -62,12 +62,10 @@ void xo_strides(int32_t rank, const int64_t *shape, int64_t *st) {
 int32_t xo_set_out(xb_value *out, int32_t dtype, int32_t rank, const int64_t *shape) {
     if (rank < 0 || rank > XO_MAXR)
         return XBITC_E_SHAPE;
-    int64_t n = 1;
-    for (int32_t d = 0; d < rank; d++) { /* sizes come from the model file and inputs: refuse overflow */
-        if (shape[d] < 0 || (shape[d] > 0 && n > ((int64_t)1 << 58) / shape[d]))
-            return XBITC_E_SHAPE;
-        n *= shape[d];
-    }
+    /* sizes come from the model file and inputs: every size <= 2^40 and the product of the nonzero ones <= 2^58, so
+     * no product of sizes an op forms (strides, M*K, scratch) overflows, even next to a zero size */
+    if (!xb_sizes_ok(rank, shape))
+        return XBITC_E_SHAPE;
     out->dtype = dtype;
     out->rank = rank;
     for (int32_t d = 0; d < rank; d++)
@@ -791,7 +789,7 @@ static int32_t slice_common(xb_call *c, int select, int run) {
     int32_t d, st;
     if (!x || xo_attr_int(c, 0, &dim) || xo_attr_int(c, 1, select ? &start : &step))
         return XBITC_E_ARGUMENT;
-    if (xo_axis(dim, x->rank, &d) || x->rank == 0 || step <= 0)
+    if (xo_axis(dim, x->rank, &d) || x->rank == 0 || step <= 0 || step > XB_MAX_SIZE)
         return XBITC_E_SHAPE;
     int64_t n = x->shape[d], len = 1;
     if (select) {

@@ -375,6 +375,10 @@ static int32_t conv_plan(const xb_call *c, conv_job *j, int64_t *shape) {
     j->b = b ? b->data : NULL;
     j->C = x->shape[1], j->H = x->shape[2], j->W = x->shape[3];
     j->O = w->shape[0], j->KH = w->shape[2], j->KW = w->shape[3];
+    /* a patch (C*KH*KW floats) and the padding must stay far from overflow whatever sizes the file gives */
+    if (j->ph > XB_MAX_SIZE || j->pw > XB_MAX_SIZE || j->sh > XB_MAX_SIZE || j->sw > XB_MAX_SIZE ||
+        j->C * j->KH * j->KW > ((int64_t)1 << 40)) /* the product is <= XB_MAX_ELEMENTS: w's sizes were checked */
+        return XBITC_E_SHAPE;
     if (j->H + 2 * j->ph < j->KH || j->W + 2 * j->pw < j->KW)
         return XBITC_E_SHAPE;
     j->OH = (j->H + 2 * j->ph - j->KH) / j->sh + 1;

@@ -149,6 +149,8 @@ int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y
 }
 
 int32_t xb_packed_rows(const xb_packed *w, const int64_t *rows, int64_t n, float *out) {
+    if (w->act) /* rows decode from the f32 layout; the writer keeps embedding tables in it */
+        return XBITC_E_UNSUPPORTED;
     for (int64_t i = 0; i < n; i++) {
         if (rows[i] < 0 || rows[i] >= w->out)
             return XBITC_E_SHAPE;

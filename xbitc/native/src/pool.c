@@ -1,6 +1,7 @@
 /* An optional pthread pool for xbitc_exec, in caller memory. A decode step hands out ~200 matrix products of
  * tens of microseconds each, so workers spin a while on the generation counter before sleeping on the condition
- * variable: waking a sleeping thread costs as much as a small product. */
+ * variable: waking a sleeping thread costs as much as a small product. parallel_for returns only after every worker
+ * has checked in for its generation, so no worker can still be inside work() when the next job is published. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -10,6 +11,15 @@
 #include "xbitc.h"
 
 #define SPINS 200000
+
+/* A spin-wait hint: lets the sibling hyperthread run and saves power while polling. */
+static void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 struct xbitc_pool {
     pthread_mutex_t mu;
@@ -21,8 +31,14 @@ struct xbitc_pool {
     void *arg;
     int64_t n;
     int32_t threads, started;
+    atomic_long *left; /* per worker: the last generation it finished */
     pthread_t tid[];
 };
+
+typedef struct worker_arg {
+    struct xbitc_pool *pool;
+    int32_t index;
+} worker_arg;
 
 static void work(struct xbitc_pool *p) {
     int64_t i, finished = 0;
@@ -35,13 +51,14 @@ static void work(struct xbitc_pool *p) {
 }
 
 static void *worker(void *arg) {
-    struct xbitc_pool *p = arg;
+    struct xbitc_pool *p = ((worker_arg *)arg)->pool;
+    atomic_long *left = &p->left[((worker_arg *)arg)->index];
     long seen = 0;
     for (;;) {
         long g;
         int spins = 0;
         while ((g = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop) && spins++ < SPINS)
-            ;
+            relax();
         if (g == seen && !atomic_load(&p->stop)) {
             pthread_mutex_lock(&p->mu);
             while ((g = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop))
@@ -52,6 +69,7 @@ static void *worker(void *arg) {
             return NULL;
         seen = g;
         work(p);
+        atomic_store(left, g);
     }
 }
 
@@ -67,12 +85,23 @@ static void parallel_for(void *ctx, xbitc_task task, void *arg, int64_t n) {
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     work(p);
-    while (atomic_load(&p->done) < n)
-        sched_yield();
+    long g = atomic_load(&p->generation);
+    for (long spins = 0; atomic_load(&p->done) < n; spins++) /* the other tasks finish within microseconds */
+        if (spins < SPINS)
+            relax();
+        else
+            sched_yield();
+    for (int32_t k = 0; k < p->started; k++)
+        for (long spins = 0; atomic_load(&p->left[k]) < g; spins++)
+            if (spins < SPINS)
+                relax();
+            else
+                sched_yield();
 }
 
 uint64_t xbitc_pool_bytes(int32_t threads) {
-    return sizeof(struct xbitc_pool) + sizeof(pthread_t) * (uint64_t)(threads > 1 ? threads - 1 : 0);
+    uint64_t workers = (uint64_t)(threads > 1 ? threads - 1 : 0);
+    return sizeof(struct xbitc_pool) + workers * (sizeof(pthread_t) + sizeof(atomic_long) + sizeof(worker_arg));
 }
 
 int32_t xbitc_pool_start(int32_t threads, void *mem, uint64_t mem_bytes, xbitc_pool **pool) {
@@ -85,9 +114,14 @@ int32_t xbitc_pool_start(int32_t threads, void *mem, uint64_t mem_bytes, xbitc_p
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
     p->threads = threads;
+    int32_t workers = threads - 1;
+    p->left = (atomic_long *)(p->tid + workers);
+    worker_arg *args = (worker_arg *)(p->left + workers);
     *pool = p;
-    for (int32_t k = 0; k < threads - 1; k++) {
-        if (pthread_create(&p->tid[k], NULL, worker, p)) {
+    for (int32_t k = 0; k < workers; k++) {
+        atomic_init(&p->left[k], 0);
+        args[k] = (worker_arg){p, k};
+        if (pthread_create(&p->tid[k], NULL, worker, &args[k])) {
             xbitc_pool_stop(p);
             *pool = NULL;
             return XBITC_E_THREADS;

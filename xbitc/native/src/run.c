@@ -190,8 +190,10 @@ static int32_t bind_input(const xb_node *n, const xbitc_tensor *t, xb_value *v) 
     memset(v, 0, sizeof *v);
     v->dtype = t->dtype;
     v->rank = t->rank;
+    if (!xb_sizes_ok(t->rank, t->shape))
+        return XBITC_E_SHAPE;
     for (int32_t k = 0; k < t->rank; k++) {
-        if (t->shape[k] < 0 || (n->in_dims[k] >= 0 && t->shape[k] != n->in_dims[k]))
+        if (n->in_dims[k] >= 0 && t->shape[k] != n->in_dims[k])
             return XBITC_E_SHAPE;
         v->shape[k] = t->shape[k];
     }
@@ -220,6 +222,8 @@ static int32_t cache_append(const xb_session_io *io, const xb_operand *ops, xb_v
         fresh->shape[3] != past->shape[3])
         return XBITC_E_SHAPE;
     int64_t P = past->shape[2], S = fresh->shape[2], H = fresh->shape[1], D = fresh->shape[3];
+    if (S != io->tokens) /* a step that appends another count would leave positions unwritten */
+        return XBITC_E_SHAPE;
     if (P + S > io->capacity)
         return XBITC_E_UNSUPPORTED;
     *out = *past;
@@ -300,7 +304,7 @@ int32_t xb_execute(const xbitc_model *m, int32_t g, const xbitc_tensor *in, int3
                 } else if (!(io && k > 0)) {
                     if (!same_shape(src, &out[k]) || !out[k].data)
                         return XBITC_E_ARGUMENT;
-                    if (src->data != out[k].data)
+                    if (src->data != out[k].data && xb_nbytes(src))
                         memcpy(out[k].data, src->data, (size_t)xb_nbytes(src));
                 }
             }

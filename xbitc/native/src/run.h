@@ -12,6 +12,7 @@ typedef struct xb_plan {
 /* A session's view of a decode step: inputs 1.. are its caches (capacity positions each), appended in place. */
 typedef struct xb_session_io {
     int64_t capacity;
+    int64_t tokens;       /* fed in this call: every cache grows by exactly this many positions */
     float *const *caches; /* NULL while planning */
     xb_plan *plan;
     int recording; /* 1: plan by first fit and record; 0: replay the recorded placement */
