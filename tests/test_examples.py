@@ -135,3 +135,27 @@ def test_embed_c_on_smollm2_after_make_demo(tmp_path):
     got = [int(x) for x in re.search(r"generated: +([\d ]+)", done.stdout).group(1).split()]
     model = runtime.load(art)
     assert got == model.generate_ids(torch.tensor([ids]), 16, eos=model.tokenizer.eos_token_id)
+
+
+def test_embed_c_cross_builds_for_aarch64_and_generates_the_same_tokens(tmp_path):
+    """`make` builds examples/embed_c for AArch64 against a library exported with --target aarch64; under
+    qemu-aarch64 it generates the Python runtime's tokens."""
+    import torch
+
+    from test_native import compiled
+    from xbitc import runtime
+    from xbitc.native.export import export_c_lib
+
+    if not shutil.which("qemu-aarch64") or not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("needs qemu-aarch64 and aarch64-linux-gnu-gcc (`make test` installs them)")
+    art = compiled("llama", tmp_path)
+    lib = export_c_lib(art, tmp_path / "lib-arm", target="aarch64")
+    exe = tmp_path / "generate-aarch64"
+    done = subprocess.run(["make", "-s", "-C", str(EXAMPLES / "embed_c"), f"ARM_LIB={lib}", f"ARM_BIN={exe}",
+                           str(exe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    prompt = [5, 17, 42, 99, 3]
+    done = subprocess.run(["qemu-aarch64", "-cpu", "max", str(exe), str(lib / "model.bin"), "--threads", "2",
+                           "--tokens", "12", *map(str, prompt)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [int(t) for t in done.stdout.split()] == runtime.load(art).generate_ids(torch.tensor([prompt]), 12)

@@ -140,7 +140,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from xbitc.native.export import export_c_lib
 
-    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act)
+    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target)
     print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), libxbitc.a, xbitc.h, model.h, "
           "README.md")
     return 0
@@ -221,7 +221,9 @@ def parser() -> argparse.ArgumentParser:
                    help="folder to write: model.bin, libxbitc.a, xbitc.h, model.h, README.md")
     x.add_argument("--act", default="f32", choices=["f32", "q8"],
                    help="packed products on float activations (exact, the Python runtime's default) or on int8 "
-                        "activations per record (faster on x86-64, as llama.cpp does; needs the x86 kernels)")
+                        "activations per record (faster, as llama.cpp does; needs the generated kernels)")
+    x.add_argument("--target", help="CPU family to build the library for: x86-64 or aarch64 (Linux, Android; built "
+                                    "with the GNU cross compiler), default this host's")
     x.set_defaults(fn=cmd_export)
     sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
     sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))

@@ -37,6 +37,8 @@ class CpuFamily:
     machines: tuple[str, ...]
     levels: tuple[Level, ...]
     pick_hint: str
+    c_define: str = ""  # what the C library is compiled with to link this family's objects (xbitc/native)
+    cross_prefix: str = ""  # of the GNU cross toolchain that builds for it on another host (Debian's names)
 
     def runs_here(self) -> bool:
         return platform.machine().lower() in self.machines
@@ -56,11 +58,30 @@ X86_64 = CpuFamily(
         Level("avx512", "x86-64-v4", _X86_V4, "x86-64-v4 (AVX-512 F/BW/VL/DQ/CD)"),
     ),
     pick_hint='Pick one at run time, e.g. with __builtin_cpu_supports("avx512f") / ("avx2") && ("fma").',
+    c_define="XBITC_KERNELS_X86_64",
+    cross_prefix="x86_64-linux-gnu-",
 )
 
-# AArch64 (issue 16) comes next as one more entry: aarch64-linux-gnu, machines ("aarch64", "arm64"), levels baseline
-# NEON / +dotprod / +i8mm, picked by getauxval(AT_HWCAP). Only families whose objects are tested belong here.
-FAMILIES: tuple[CpuFamily, ...] = (X86_64,)
+# The C library's objects for AArch64 Linux (and Android, the same ELF objects); tests run them under qemu-aarch64.
+# The row-lane generator emits generic vector IR: LLVM selects NEON for it, and the dotprod / i8mm levels let it
+# use those instructions where it finds them (it is not hand-scheduled for sdot / smmla yet).
+AARCH64 = CpuFamily(
+    name="aarch64",
+    triple="aarch64-unknown-linux-gnu",
+    object_format="ELF AArch64",
+    machines=("aarch64", "arm64"),
+    levels=(
+        Level("neon", "generic", "+neon", "Armv8-A with NEON (every AArch64 core)"),
+        Level("dotprod", "cortex-a76", "+neon,+dotprod", "Armv8.2-A with dot products (Cortex-A76, Neoverse N1)"),
+        Level("i8mm", "neoverse-n2", "+neon,+dotprod,+i8mm", "Armv8.6-A with int8 matrix multiply (Neoverse N2)"),
+    ),
+    pick_hint="Pick one at run time from getauxval(AT_HWCAP) & HWCAP_ASIMDDP and getauxval(AT_HWCAP2) & HWCAP2_I8MM.",
+    c_define="XBITC_KERNELS_AARCH64",
+    cross_prefix="aarch64-linux-gnu-",
+)
+
+# Only families whose objects are tested belong here.
+FAMILIES: tuple[CpuFamily, ...] = (X86_64, AARCH64)
 
 
 def family(name: str) -> CpuFamily:

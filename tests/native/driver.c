@@ -75,8 +75,10 @@ int main(int argc, char **argv) {
     xbitc_model *m;
     if ((st = xbitc_model_open(bin, n, mem, need, &m)))
         return fail(st, "open");
-    if (!strcmp(argv[1], "open"))
+    if (!strcmp(argv[1], "open")) {
+        printf("%s\n", xbitc_kernels());
         return 0;
+    }
     xbitc_info info;
     xbitc_model_info(m, &info);
     int threads = atoi(argv[strcmp(argv[1], "graph") ? 5 : 4]);

@@ -22,11 +22,28 @@ class BuildError(RuntimeError):
     """The C compiler or archiver failed; the message holds its output."""
 
 
-def compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def toolchain(family=None) -> tuple[str, str]:
+    """(C compiler, archiver) for `family` (a backends/cpu/targets.py entry; None: the host). The host's come from
+    $CC / $AR or the PATH; another family's from its GNU cross toolchain ($XBITC_CROSS_PREFIX overrides the
+    prefix)."""
+    from xbitc.backends.cpu.targets import host_family
+
+    if family is None or family is host_family():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            raise BuildError("no C compiler found: install gcc or clang (Debian: apt install gcc), or set CC")
+        return cc, os.environ.get("AR") or shutil.which("ar") or "ar"
+    prefix = os.environ.get("XBITC_CROSS_PREFIX") or family.cross_prefix
+    cc = shutil.which(prefix + "gcc")
     if not cc:
-        raise BuildError("no C compiler found: install gcc or clang (Debian: apt install gcc), or set CC")
-    return cc
+        raise BuildError(f"no {prefix}gcc to build for {family.name}: install the cross compiler (Debian: apt install "
+                         f"gcc-{prefix.rstrip('-')}, libc6-dev-{'arm64' if family.name == 'aarch64' else 'amd64'}-cross; "
+                         "`make test` does) or set XBITC_CROSS_PREFIX")
+    return cc, shutil.which(prefix + "ar") or "ar"
+
+
+def compiler() -> str:
+    return toolchain()[0]
 
 
 def _run(cmd: list[str]) -> None:
@@ -35,14 +52,15 @@ def _run(cmd: list[str]) -> None:
         raise BuildError(f"{' '.join(cmd[:3])} ... failed:\n{proc.stdout}{proc.stderr}")
 
 
-def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
-    """Write the host family's row-lane objects (f32 and q8) into folder; (paths, -D flags that enable them)."""
+def kernel_objects(folder: Path, family=None) -> tuple[list[Path], list[str]]:
+    """Write `family`'s (default: the host's) row-lane objects, f32 and q8 for every level, into folder; (paths,
+    -D flags that enable them). None for a host outside the table: the C renderer's kernels run there."""
     from xbitc.backends.cpu.targets import host_family
     from xbitc.backends.llvm.render import LLVMRenderer
     from xbitc.backends.product import PackedProduct
 
-    family = host_family()
-    if family is None or family.name != "x86-64":  # the portable loops run elsewhere (AArch64: its own issue)
+    family = family or host_family()
+    if family is None:
         return [], []
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -52,7 +70,7 @@ def kernel_objects(folder: Path) -> tuple[list[Path], list[str]]:
             path = folder / f"xbitc_rows_{act}_{level.suffix}.o"
             path.write_bytes(renderer.render(PackedProduct(act), level.suffix).payload)
             paths.append(path)
-    return paths, ["-DXBITC_KERNELS_X86_64"]
+    return paths, [f"-D{family.c_define}"]
 
 
 def portable_kernels(folder: Path) -> Path:
@@ -65,27 +83,30 @@ def portable_kernels(folder: Path) -> Path:
     return path
 
 
-def build_library(out: Path, sanitize: bool = False, kernels: bool = True) -> Path:
-    """Compile the runtime (and the kernels) into out/libxbitc.a; its path."""
+def build_library(out: Path, sanitize: bool = False, kernels: bool = True, family=None) -> Path:
+    """Compile the runtime (and the kernels) for `family` (default: the host) into out/libxbitc.a; its path."""
     out = Path(out)
     objdir = out / "obj"
     objdir.mkdir(parents=True, exist_ok=True)
-    objects, defines = kernel_objects(objdir) if kernels else ([], [])
+    cc, ar = toolchain(family)
+    objects, defines = kernel_objects(objdir, family) if kernels else ([], [])
     flags = CFLAGS + (SANITIZE if sanitize else []) + defines + [f"-I{INCLUDE}"]
-    cc = compiler()
     for src in [*SOURCES, portable_kernels(objdir)]:
         obj = objdir / (src.stem + ".o")
         _run([cc, *flags, "-c", str(src), "-o", str(obj)])
         objects.append(obj)
     lib = out / "libxbitc.a"
     lib.unlink(missing_ok=True)
-    _run([shutil.which("ar") or "ar", "rcs", str(lib), *map(str, objects)])
+    _run([ar, "rcs", str(lib), *map(str, objects)])
     shutil.rmtree(objdir)
     return lib
 
 
-def link_program(sources: list[Path], lib: Path, exe: Path, sanitize: bool = False) -> Path:
-    """Build a C program against the library (what an integrator's build does)."""
+def link_program(sources: list[Path], lib: Path, exe: Path, sanitize: bool = False, family=None) -> Path:
+    """Build a C program against the library (what an integrator's build does); for another family, linked
+    statically so that an emulator runs it without the target's shared libraries."""
     flags = ["-std=c11", "-O2", "-Wall", "-Wextra"] + (SANITIZE if sanitize else [])
-    _run([compiler(), *flags, f"-I{INCLUDE}", *map(str, sources), str(lib), "-lm", "-lpthread", "-o", str(exe)])
+    cc, _ = toolchain(family)
+    static = ["-static"] if cc != toolchain()[0] else []
+    _run([cc, *flags, *static, f"-I{INCLUDE}", *map(str, sources), str(lib), "-lm", "-lpthread", "-o", str(exe)])
     return exe

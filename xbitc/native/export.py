@@ -65,12 +65,19 @@ def model_header(kind: str, vocab: int, cache: dict, bin_bytes: int, source: str
     return "\n".join(lines)
 
 
-def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "f32") -> Path:
+def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "f32", target: str | None = None) -> Path:
     """Write OUT (see the module docstring) from a compiled artifact; OUT's path. `act`: the packed matrices'
     activation strategy, "f32" (exact: the Python runtime's default; every build runs it) or "q8" (int8 activations
-    per record: faster where the generated x86 kernels are linked, llama.cpp's trade)."""
+    per record: faster where the generated kernels are linked, llama.cpp's trade). `target`: a CPU family of
+    backends/cpu/targets.py ("x86-64", "aarch64"; default the host's), built with its cross toolchain."""
+    from xbitc.backends.cpu.targets import family, host_family
+
     if act not in modelbin.ACTS:
         raise modelbin.ExportError(f"--act {act}: one of {', '.join(modelbin.ACTS)}")
+    try:
+        fam = family(target) if target else host_family()
+    except KeyError as err:
+        raise modelbin.ExportError(f"--target {target}: {err.args[0]}") from None
     from xbitc.artifact import load_graph
 
     graph, manifest = load_graph(Path(artifact))
@@ -82,7 +89,7 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         size = modelbin.write(tmp / "model.bin", progs, kind=manifest.kind, vocab=vocab, cache=cache, act=act)
-        build.build_library(tmp, sanitize=sanitize)
+        build.build_library(tmp, sanitize=sanitize, family=fam)
         shutil.copy(build.INCLUDE / "xbitc.h", tmp / "xbitc.h")
         (tmp / "model.h").write_text(model_header(manifest.kind, vocab, cache, size, Path(artifact).name, act))
         shutil.copy(DOC, tmp / "README.md")

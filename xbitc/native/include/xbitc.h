@@ -73,6 +73,9 @@ typedef struct xbitc_info {
 
 int32_t xbitc_abi_version(void);
 const char *xbitc_status_text(int32_t status);
+/* Which packed-product kernels this CPU runs: a level of the build's CPU family ("avx2", "neon", "i8mm", ...) or
+ * "portable" (the C renderer's loops, in builds for other CPUs). */
+const char *xbitc_kernels(void);
 
 /* Memory a model handle needs for this file (parsed program, kernel record tables): *bytes. */
 int32_t xbitc_model_bytes(const void *bin, uint64_t bin_bytes, uint64_t *bytes);

@@ -1,8 +1,8 @@
 /* The packed matrix product over row-lane records (backends/product.py, f32 layout), and packed-table rows.
  *
- * Where the library is built with the generated x86-64 kernels (XBITC_KERNELS_X86_64: the export links the
- * objects of every level), the best level the CPU supports runs; elsewhere the C renderer's kernels, which read the
- * same layout, do. Rows are split in ranges of whole 16-row blocks over the caller's threads. */
+ * Where the library is built with a CPU family's generated kernels (XBITC_KERNELS_X86_64 / _AARCH64: the export
+ * links the objects of every level), the best level the CPU supports runs; elsewhere the C renderer's kernels, which
+ * read the same layout, do. Rows are split in ranges of whole 16-row blocks over the caller's threads. */
 #include <string.h>
 
 #include "internal.h"
@@ -24,7 +24,6 @@ void xbitc_rows_gemm_portable(const int64_t *, int64_t, const float *, float *, 
                               int64_t);
 void xbitc_rows_dequant_portable(const int64_t *, int64_t, const int32_t *, int64_t, int64_t, float *);
 
-#ifdef XBITC_KERNELS_X86_64
 #define DECLARE(level)                                                                                           \
     void xbitc_rows_gemv_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,    \
                                  int64_t);                                                                       \
@@ -32,29 +31,61 @@ void xbitc_rows_dequant_portable(const int64_t *, int64_t, const int32_t *, int6
                                  int64_t, int64_t);                                                              \
     void xbitc_rows_q8_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,      \
                                int64_t, int64_t, int64_t, int64_t, int8_t *);
+#define PICK(level)                                                                                              \
+    do {                                                                                                         \
+        *gemv = xbitc_rows_gemv_##level;                                                                         \
+        *gemm = xbitc_rows_gemm_##level;                                                                         \
+        *q8 = xbitc_rows_q8_##level;                                                                             \
+        *name = #level;                                                                                          \
+    } while (0)
+
+#if defined(XBITC_KERNELS_X86_64)
 DECLARE(x86_64)
 DECLARE(avx2)
 DECLARE(avx512)
 
 /* The generated kernels for the best level this CPU runs (the levels of backends/cpu/targets.py). */
-static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8) {
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) {
     __builtin_cpu_init();
     int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
              __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
     int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512cd");
-    *gemv = v4 ? xbitc_rows_gemv_avx512 : v3 ? xbitc_rows_gemv_avx2 : xbitc_rows_gemv_x86_64;
-    *gemm = v4 ? xbitc_rows_gemm_avx512 : v3 ? xbitc_rows_gemm_avx2 : xbitc_rows_gemm_x86_64;
-    *q8 = v4 ? xbitc_rows_q8_avx512 : v3 ? xbitc_rows_q8_avx2 : xbitc_rows_q8_x86_64;
+    if (v4)
+        PICK(avx512);
+    else if (v3)
+        PICK(avx2);
+    else
+        PICK(x86_64);
+}
+
+int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
+#elif defined(XBITC_KERNELS_AARCH64)
+#include <sys/auxv.h>
+DECLARE(neon)
+DECLARE(dotprod)
+DECLARE(i8mm)
+
+/* The kernels for the best level the CPU reports (Linux and Android: HWCAP_ASIMDDP, HWCAP2_I8MM). */
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) {
+    int dot = (getauxval(AT_HWCAP) & (1UL << 20)) != 0;
+    int i8mm = dot && (getauxval(AT_HWCAP2) & (1UL << 13)) != 0;
+    if (i8mm)
+        PICK(i8mm);
+    else if (dot)
+        PICK(dotprod);
+    else
+        PICK(neon);
 }
 
 int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
 #else
-static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8) {
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) {
     *gemv = xbitc_rows_gemv_portable;
     *gemm = xbitc_rows_gemm_portable;
     *q8 = NULL; /* the C renderer renders f32 activations only */
+    *name = "portable";
 }
 
 int xb_packed_runs(int64_t act) { return act == 0; }
@@ -116,7 +147,8 @@ uint64_t xb_packed_scratch(const xb_packed *w, int64_t T) {
 int32_t xb_packed_matmul(const xb_packed *w, const float *x, int64_t T, float *y, void *scratch,
                          const xbitc_exec *exec) {
     job j = {w, x, y, T, 0, NULL, NULL, NULL, scratch, w->act ? q8_task_bytes(w, T) : 0};
-    host_kernels(&j.gemv, &j.gemm, &j.q8);
+    const char *level;
+    host_kernels(&j.gemv, &j.gemm, &j.q8, &level);
     if (w->nrec == 0) { /* every column at 0 bits */
         memset(y, 0, (size_t)(T * w->out) * sizeof(float));
         return XBITC_OK;
@@ -157,4 +189,13 @@ int32_t xb_packed_rows(const xb_packed *w, const int64_t *rows, int64_t n, float
         xbitc_rows_dequant_portable(w->rec, w->nrec, w->perm, rows[i], w->in, out + i * w->in);
     }
     return XBITC_OK;
+}
+
+const char *xbitc_kernels(void) {
+    gemv_fn gemv;
+    gemm_fn gemm;
+    q8_fn q8;
+    const char *level;
+    host_kernels(&gemv, &gemm, &q8, &level);
+    return level;
 }

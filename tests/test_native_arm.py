@@ -1,0 +1,57 @@
+"""The C library built for AArch64 (`xbitc export --target aarch64`) runs under qemu-aarch64 and computes what the
+Python runtime computes on the host, on every level of the AArch64 target table (the emulated CPU decides which one
+the library picks: Cortex-A53 NEON, Cortex-A76 dot products, `max` int8 matrix multiply).
+
+Tolerance as tests/test_native.py: the same float32 network, sums in other orders."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from xbitc import runtime
+from xbitc.backends.cpu.targets import AARCH64
+from xbitc.native import build
+from xbitc.native.export import export_c_lib
+
+from test_equivalence import VOCAB
+from test_native import DRIVER, close, compiled, read_tensors, write_tensor, run_driver
+
+QEMU = shutil.which("qemu-aarch64")
+pytestmark = pytest.mark.skipif(
+    not QEMU or not shutil.which(AARCH64.cross_prefix + "gcc"),
+    reason="needs qemu-aarch64 and aarch64-linux-gnu-gcc (Debian: qemu-user gcc-aarch64-linux-gnu "
+           "libc6-dev-arm64-cross; `make test` installs them)")
+
+
+def python_rows(model, prompt, tokens):
+    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
+    rows = [want[0, -1]]
+    for tok in tokens[:-1]:
+        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
+        rows.append(want[0, -1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("act", ["f32", "q8"])
+def test_aarch64_library_generates_what_the_host_computes(act, tmp_path, monkeypatch):
+    art = compiled("llama", tmp_path)
+    lib = export_c_lib(art, tmp_path / f"arm-{act}", act=act, target="aarch64")
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver", family=AARCH64)
+    assert exe.read_bytes()[:4] == b"\x7fELF" and exe.read_bytes()[18] == 183  # e_machine EM_AARCH64
+    monkeypatch.setenv("XBITC_X86_ACT", act)  # the host runs the same activation strategy
+    model = runtime.load(art, backend="x86")
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    pfile = write_tensor(tmp_path / "prompt", prompt.numpy())
+    outputs = []
+    for cpu, level in (("cortex-a53", "neon"), ("cortex-a76", "dotprod"), ("max", "i8mm")):
+        qemu = tmp_path / f"run-{cpu}"
+        qemu.write_text(f"#!/bin/sh\nexec {QEMU} -cpu {cpu} {exe} \"$@\"\n")
+        qemu.chmod(0o755)
+        assert run_driver(qemu, "open", lib / "model.bin").stdout.strip() == level
+        run_driver(qemu, "lm", lib / "model.bin", pfile, 12, 2, tmp_path / f"{cpu}.out")
+        logits, tokens = read_tensors(tmp_path / f"{cpu}.out")
+        close(logits, python_rows(model, prompt, tokens))
+        assert tokens.tolist() == [int(r.argmax()) for r in python_rows(model, prompt, tokens)]
+        outputs.append(logits)
+    assert all(np.isfinite(o).all() for o in outputs)
