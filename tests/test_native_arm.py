@@ -55,3 +55,31 @@ def test_aarch64_library_generates_what_the_host_computes(act, tmp_path, monkeyp
         assert tokens.tolist() == [int(r.argmax()) for r in python_rows(model, prompt, tokens)]
         outputs.append(logits)
     assert all(np.isfinite(o).all() for o in outputs)
+
+
+def test_backend_arm_compiles_an_artifact_whose_export_targets_aarch64(tmp_path):
+    """`--backend arm`: the artifact ships AArch64 kernel objects with the header (counted in its size), runs on
+    this host through the host's backend, and `xbitc export` builds its library for AArch64 without being told."""
+    from test_equivalence import build as build_hf
+    from xbitc import frontend
+    from xbitc.driver import CompileOptions, compile_model
+
+    art = tmp_path / "arm.xbitc"
+    compile_model(frontend.wrap_hf(build_hf("llama")), art,
+                  CompileOptions(bits=3, group=32, backend="arm", log=lambda s: None, progress=False))
+    model = runtime.load(art)
+    rows = model.manifest.notes["kernels"]["rows"]
+    assert {(r["target"], r["act"]) for r in rows} == {(lv.suffix, a) for lv in AARCH64.levels for a in ("f32", "q8")}
+    for r in rows:
+        obj = (art / r["file"]).read_bytes()
+        assert obj[:4] == b"\x7fELF" and obj[18] == 183  # EM_AARCH64
+    assert model.backend_name in ("x86", "reference")  # this host is not AArch64
+    lib = export_c_lib(art, tmp_path / "lib")
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver", family=AARCH64)
+    prompt = torch.tensor([[4, 8, 15, 16]])
+    qemu = tmp_path / "run"
+    qemu.write_text(f"#!/bin/sh\nexec {QEMU} -cpu max {exe} \"$@\"\n")
+    qemu.chmod(0o755)
+    run_driver(qemu, "lm", lib / "model.bin", write_tensor(tmp_path / "p", prompt.numpy()), 6, 1, tmp_path / "o")
+    logits, tokens = read_tensors(tmp_path / "o")
+    close(logits, python_rows(model, prompt, tokens))

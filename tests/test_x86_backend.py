@@ -415,10 +415,15 @@ def test_second_lower_compiles_nothing(tmp_path, monkeypatch):
 
 
 def test_non_x86_host_is_refused_clearly(monkeypatch, artifact_4b):
+    """Asked for explicitly, the x86 backend refuses another ISA with the way out; by default an x86 artifact runs
+    on the host's own CPU backend (every artifact carries the portable packed format)."""
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert not x86.X86Backend().capabilities().executes_here
     with pytest.raises(x86.X86BackendUnavailable, match=r"can't execute on this aarch64 host.*--backend reference"):
-        runtime.load(artifact_4b[0])
+        runtime.load(artifact_4b[0], backend="x86")
+    assert runtime.host_backend("x86") == "arm"
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert runtime.host_backend("x86") == "reference"
     runtime.load(artifact_4b[0], backend="reference")  # still loads for the reference backend
 
 
@@ -440,9 +445,11 @@ def test_portable_artifacts_run_on_the_x86_kernels_by_default(tmp_path, monkeypa
     assert float((a - b).abs().max()) <= 2e-5 * float(b.abs().max())
     monkeypatch.setenv("XBITC_BACKEND", "reference")
     assert runtime.load(out).backend_name == "reference"
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("XBITC_BACKEND")
-    assert runtime.load(out).backend_name == "reference"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert runtime.host_backend("reference") == "arm"  # an AArch64 host runs portable artifacts on its kernels
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert runtime.load(out).backend_name == "reference"  # a host outside the target table: the oracle
 
 
 def test_q8_activations_equal_their_oracle(monkeypatch):

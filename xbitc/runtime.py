@@ -123,12 +123,23 @@ def check_inputs(graph: Any, inputs: tuple) -> None:
 
 
 def host_backend(artifact_backend: str) -> str:
-    """The backend that runs an artifact compiled for `artifact_backend` on this host by default."""
-    if artifact_backend != "reference":
-        return artifact_backend
-    from xbitc.backends.x86 import is_x86_host
+    """The backend that runs an artifact compiled for `artifact_backend` on this host by default: its own where it
+    executes here, else the host's CPU backend (x86 on x86-64, arm on AArch64), else reference: every artifact
+    carries the portable packed format, so an artifact compiled for another ISA (arm on an x86-64 host) still
+    runs."""
+    from xbitc.backends.cpu.targets import host_family
 
-    return "x86" if is_x86_host() else "reference"
+    if artifact_backend != "reference":
+        try:
+            if registry.get(registry.BACKEND_GROUP, artifact_backend)().capabilities().executes_here:
+                return artifact_backend
+        except registry.UnknownPlugin:
+            return artifact_backend  # CompiledModel names what to install
+    family = host_family()
+    return HOST_BACKENDS.get(family.name, "reference") if family is not None else "reference"
+
+
+HOST_BACKENDS = {"x86-64": "x86", "aarch64": "arm"}  # the CPU backend of each target-table family
 
 
 def load(path: str | Path, backend: str | None = None, check: bool = True) -> CompiledModel:

@@ -32,6 +32,18 @@ def programs(graph) -> list[CoreGraph]:
     return progs
 
 
+def _artifact_family(backend: str):
+    """The CPU family an artifact was compiled for (--backend arm: aarch64), or None for a portable one."""
+    from xbitc import registry
+    from xbitc.backends.cpu.backend import CpuBackend
+
+    try:
+        cls = registry.get(registry.BACKEND_GROUP, backend)
+    except registry.UnknownPlugin:
+        return None
+    return cls.family if isinstance(cls, type) and issubclass(cls, CpuBackend) else None
+
+
 def _vocab(progs: list[CoreGraph]) -> int:
     last = progs[-1]
     out = last.nodes[-1]
@@ -69,18 +81,20 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
     """Write OUT (see the module docstring) from a compiled artifact; OUT's path. `act`: the packed matrices'
     activation strategy, "f32" (exact: the Python runtime's default; every build runs it) or "q8" (int8 activations
     per record: faster where the generated kernels are linked, llama.cpp's trade). `target`: a CPU family of
-    backends/cpu/targets.py ("x86-64", "aarch64"; default the host's), built with its cross toolchain."""
+    backends/cpu/targets.py ("x86-64", "aarch64"; default: the one the artifact was compiled for, `--backend arm`
+    or `x86`, else the host's), built with its cross toolchain."""
     from xbitc.backends.cpu.targets import family, host_family
 
     if act not in modelbin.ACTS:
         raise modelbin.ExportError(f"--act {act}: one of {', '.join(modelbin.ACTS)}")
     try:
-        fam = family(target) if target else host_family()
+        fam = family(target) if target else None
     except KeyError as err:
         raise modelbin.ExportError(f"--target {target}: {err.args[0]}") from None
     from xbitc.artifact import load_graph
 
     graph, manifest = load_graph(Path(artifact))
+    fam = fam or _artifact_family(manifest.backend) or host_family()
     progs = programs(graph)
     cache = graph.step.meta.get("cache", {}) if graph.step is not None else {}
     vocab = _vocab(progs) if len(progs) > 1 else 0
