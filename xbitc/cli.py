@@ -178,7 +178,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-steps", type=int, metavar="N",
                    help="after quantizing, train the group scales and norm weights on the objective for N calibration "
                         "batches (default: 24 with the learned allocator, 0 otherwise; 0 turns it off)")
-    c.add_argument("--quantize-embeddings", action="store_true", help="quantize embeddings and the output layer too")
+    c.add_argument("--quantize-embeddings", action="store_true", default=None,
+                   help="quantize embeddings and the output layer too (the default with --bpw)")
+    c.add_argument("--float-embeddings", dest="quantize_embeddings", action="store_false",
+                   help="keep embeddings and the output layer float (the default with --bits)")
     c.add_argument("--allocator", default="learned", choices=["learned", "uniform"],
                    help="with --bpw: learned per-column depths (default) or the best uniform depth that fits")
     c.add_argument("--objective", default="auto",

@@ -29,7 +29,9 @@ class CompileOptions:
     allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
     objective: str = "auto"  # kl for language models, mse for encoders and vision models
     tune_steps: int | None = None  # tune pass steps; None: DEFAULT_TUNE_STEPS with the learned allocator, else 0
-    quantize_embeddings: bool = False
+    # None: under a --bpw target the allocator gives the embeddings and output layer depths like any matrix; with
+    # --bits they stay float. True / False force it.
+    quantize_embeddings: bool | None = None
     float_dtype: str = "float16"
     calib: str | None = None  # text file, "self", or None for the packaged sample text
     calib_windows: int = 16
@@ -48,6 +50,7 @@ DEFAULT_TUNE_STEPS = 24
 
 def default_pipeline(opts: CompileOptions) -> str:
     learned = opts.bpw is not None and opts.bits is None and opts.allocator == "learned"
+    embeddings = opts.quantize_embeddings if opts.quantize_embeddings is not None else opts.bpw is not None
     # Uniform pipelines reproduce plain GPTQ/RTN (the published baselines) unless tuning is asked for.
     steps = opts.tune_steps if opts.tune_steps is not None else (DEFAULT_TUNE_STEPS if learned else 0)
     quantize = [f"quantize{{method={opts.method},clip={opts.clip}}}"]
@@ -55,9 +58,9 @@ def default_pipeline(opts: CompileOptions) -> str:
         quantize.append(f"tune{{steps={steps},objective={opts.objective}}}")
     if learned:
         act = "true" if opts.method == "gptq" else "false"
-        alloc = f"allocate{{bpw={opts.bpw},objective={opts.objective},embeddings={opts.quantize_embeddings},act_order={act}}}"
+        alloc = f"allocate{{bpw={opts.bpw},objective={opts.objective},embeddings={embeddings},act_order={act}}}"
         return ",".join(["canonicalize", alloc, *quantize, "pack"])
-    plan = [f"embeddings={opts.quantize_embeddings}", f"act_order={'true' if opts.method == 'gptq' else 'false'}"]
+    plan = [f"embeddings={embeddings}", f"act_order={'true' if opts.method == 'gptq' else 'false'}"]
     if opts.bits is not None:
         plan.append(f"bits={opts.bits}")
     if opts.group is not None:
