@@ -4,6 +4,7 @@ the library picks: Cortex-A53 NEON, Cortex-A76 dot products, `max` int8 matrix m
 
 Tolerance as tests/test_native.py: the same float32 network, sums in other orders."""
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -83,3 +84,65 @@ def test_backend_arm_compiles_an_artifact_whose_export_targets_aarch64(tmp_path)
     run_driver(qemu, "lm", lib / "model.bin", write_tensor(tmp_path / "p", prompt.numpy()), 6, 1, tmp_path / "o")
     logits, tokens = read_tensors(tmp_path / "o")
     close(logits, python_rows(model, prompt, tokens))
+
+
+def _cases_file(path, cases) -> None:
+    """tests/native/kernels.c's input: every case's header, records, buffer, permutation and x."""
+    parts = [np.int64(len(cases)).tobytes()]
+    for act, rows, inp, table, buf, perm, x in cases:
+        parts.append(np.array([act, rows, inp, len(table), x.shape[0], perm is not None, buf.nbytes],
+                              dtype="<i8").tobytes())
+        parts.append(table.astype("<i8").tobytes())
+        parts.append(buf.tobytes() + b"\0" * (-buf.nbytes % 8))
+        if perm is not None:
+            raw = perm.astype("<i4").tobytes()
+            parts.append(raw + b"\0" * (-len(raw) % 8))
+        parts.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    path.write_bytes(b"".join(parts))
+
+
+def test_every_depth_and_level_matches_the_oracle_under_qemu(tmp_path):
+    """The AArch64 objects of every level (NEON, dotprod, i8mm) on random matrices of every depth 1..8 and the
+    one-byte kind, ragged rows and columns, with and without permutations, one token and several, f32 and q8
+    activations, against the numpy oracles (many cases per qemu launch)."""
+    from xbitc.backends.llvm.rowlane import pack, reference_rows, reference_rows_q8
+
+    objects, _ = build.kernel_objects(tmp_path / "obj", AARCH64)
+    (tmp_path / "kernel_levels.h").write_text(
+        "#define LEVELS(X) " + " ".join(f"X({lv.suffix})" for lv in AARCH64.levels) + "\n")
+    exe = tmp_path / "kernels"
+    cc, _ = build.toolchain(AARCH64)
+    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{tmp_path}", str(DRIVER.parent / "kernels.c"),
+                    *map(str, objects), "-lm", "-o", str(exe)], check=True)
+    rng = np.random.default_rng(0)
+    cases, wants = [], []
+    for i in range(48):
+        act = i % 2
+        rows = int(rng.integers(1, 40))
+        records, off = [], 0
+        for _ in range(int(rng.integers(1, 4))):
+            bits, n = int(rng.integers(1, 9)), int(rng.integers(1, 80))
+            records.append((rng.integers(0, 1 << bits, (rows, n), dtype=np.uint8),
+                            rng.uniform(0.01, 0.1, rows).astype(np.float16),
+                            rng.integers(0, 1 << bits, rows, dtype=np.uint8), off, bits))
+            off += n
+        buf, table = pack(records, rows, "q8" if act else "f32")
+        table = table.copy()
+        table[:, 2:5] -= buf.ctypes.data
+        perm = rng.permutation(off).astype(np.int32) if i % 3 else None
+        x = rng.standard_normal((int(rng.integers(1, 4)), off)).astype(np.float32)
+        xp = x[:, perm] if perm is not None else x
+        oracle = reference_rows_q8 if act else reference_rows
+        wants.append(oracle([r[:4] for r in records], xp, rows))
+        cases.append((act, rows, off, table, buf, perm, x))
+    _cases_file(tmp_path / "cases", cases)
+    for lv in AARCH64.levels:
+        out = tmp_path / f"{lv.suffix}.out"
+        proc = subprocess.run([QEMU, "-cpu", "max", str(exe), lv.suffix, str(tmp_path / "cases"), str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        got, pos = np.frombuffer(out.read_bytes(), dtype="<f4"), 0
+        for want in wants:
+            y = got[pos:pos + want.size].reshape(want.shape)
+            pos += want.size
+            assert np.abs(y - want).max() <= 1e-4 * (np.abs(want).max() + 1e-6), (lv.suffix, np.abs(y - want).max())
