@@ -89,6 +89,17 @@ def close(got: np.ndarray, want: torch.Tensor) -> None:
     assert np.abs(got - want).max() <= 1e-4 * scale, np.abs(got - want).max() / scale
 
 
+def python_rows(model, prompt: torch.Tensor, tokens) -> torch.Tensor:
+    """The Python runtime's last-token logits for the prompt, then for each of `tokens` but the last fed one at a
+    time through the artifact's decode step: what the C side's generation printed, row by row."""
+    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
+    rows = [want[0, -1]]
+    for tok in tokens[:-1]:
+        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
+        rows.append(want[0, -1])
+    return torch.stack(rows)
+
+
 def test_op_numbering_matches_the_c_header():
     header = (build.HERE / "src" / "internal.h").read_text()
     listed = header.split("#define XB_OP_LIST(X)")[1].split("#define XB_ENUM")[0]
@@ -110,12 +121,8 @@ def test_generation_matches_the_python_runtime(family, native_dir):
                steps, 2, out)
     logits, tokens = read_tensors(out)
     # the Python runtime, through the artifact's decode step: prefill, then the C side's own tokens one at a time
-    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
-    rows = [want[0, -1]]
-    for tok in tokens[:-1]:
-        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
-        rows.append(want[0, -1])
-    close(logits, torch.stack(rows))
+    rows = python_rows(model, prompt, tokens)
+    close(logits, rows)
     assert tokens.tolist() == [int(r.argmax()) for r in rows]
 
 
@@ -195,12 +202,8 @@ def test_smollm2_generation_matches_the_python_runtime(tmp_path):
     prompt = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
     run_driver(exe, "lm", lib / "model.bin", write_tensor(tmp_path / "prompt", prompt.numpy()), 32, 2, tmp_path / "o")
     logits, tokens = read_tensors(tmp_path / "o")
-    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
-    rows = [want[0, -1]]
-    for tok in tokens[:-1]:
-        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
-        rows.append(want[0, -1])
-    close(logits, torch.stack(rows))
+    rows = python_rows(model, prompt, tokens)
+    close(logits, rows)
     assert tokens.tolist() == [int(r.argmax()) for r in rows]
 
 
@@ -217,12 +220,7 @@ def test_int8_activations_match_the_python_runtimes_q8(native_dir, monkeypatch):
     run_driver(exe, "lm", lib / "model.bin", write_tensor(native_dir / "q8-prompt", prompt.numpy()), 16, 2,
                native_dir / "q8.out")
     logits, tokens = read_tensors(native_dir / "q8.out")
-    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
-    rows = [want[0, -1]]
-    for tok in tokens[:-1]:
-        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
-        rows.append(want[0, -1])
-    close(logits, torch.stack(rows))
+    close(logits, python_rows(model, prompt, tokens))
     monkeypatch.setenv("XBITC_X86_ACT", "f32")  # and q8 really ran: float activations give other logits
     exact, *_ = runtime.load(art, backend="x86").step(prompt, *runtime.empty_cache(model.graph.step))
     assert not np.allclose(logits[0], exact[0, -1].numpy(), rtol=0, atol=1e-6)

@@ -16,22 +16,13 @@ from xbitc.native import build
 from xbitc.native.export import export_c_lib
 
 from test_equivalence import VOCAB
-from test_native import DRIVER, close, compiled, read_tensors, write_tensor, run_driver
+from test_native import DRIVER, close, compiled, python_rows, read_tensors, run_driver, write_tensor
 
 QEMU = shutil.which("qemu-aarch64")
 pytestmark = pytest.mark.skipif(
     not QEMU or not shutil.which(AARCH64.cross_prefix + "gcc"),
     reason="needs qemu-aarch64 and aarch64-linux-gnu-gcc (Debian: qemu-user gcc-aarch64-linux-gnu "
            "libc6-dev-arm64-cross; `make test` installs them)")
-
-
-def python_rows(model, prompt, tokens):
-    want, *past = model.step(prompt, *runtime.empty_cache(model.graph.step))
-    rows = [want[0, -1]]
-    for tok in tokens[:-1]:
-        want, *past = model.step(torch.tensor([[int(tok)]]), *past)
-        rows.append(want[0, -1])
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("act", ["f32", "q8"])
@@ -146,3 +137,27 @@ def test_every_depth_and_level_matches_the_oracle_under_qemu(tmp_path):
             y = got[pos:pos + want.size].reshape(want.shape)
             pos += want.size
             assert np.abs(y - want).max() <= 1e-4 * (np.abs(want).max() + 1e-6), (lv.suffix, np.abs(y - want).max())
+
+
+@pytest.mark.slow
+def test_smollm2_at_3_bpw_on_aarch64_generates_what_the_host_computes(tmp_path):
+    """The real SmolLM2-135M, learned allocation at 3 bits per weight, through the AArch64 library under qemu:
+    prefill and 8 decode steps, logits and tokens against the Python runtime on the host."""
+    from xbitc import frontend, models
+    from xbitc.driver import CompileOptions, compile_model
+
+    art = tmp_path / "smollm2-3.xbitc"
+    compile_model(frontend.load(str(models.smollm2_gguf())), art,
+                  CompileOptions(bpw=3.0, backend="arm", log=lambda s: None, progress=False))
+    lib = export_c_lib(art, tmp_path / "lib")
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver", family=AARCH64)
+    model = runtime.load(art)
+    prompt = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    qemu = tmp_path / "run"
+    qemu.write_text(f"#!/bin/sh\nexec {QEMU} -cpu max {exe} \"$@\"\n")
+    qemu.chmod(0o755)
+    run_driver(qemu, "lm", lib / "model.bin", write_tensor(tmp_path / "p", prompt.numpy()), 8, 2, tmp_path / "o")
+    logits, tokens = read_tensors(tmp_path / "o")
+    rows = python_rows(model, prompt, tokens)
+    close(logits, rows)
+    assert tokens.tolist() == [int(r.argmax()) for r in rows]

@@ -5,7 +5,6 @@ Tolerance: float32 ops whose C and torch implementations sum or approximate in o
 erf, tanh, matrix products) differ by a few float32 ulps of the output's scale: 1e-5 of it; everything integral or
 boolean is exact."""
 import numpy as np
-import pytest
 import torch
 
 from xbitc.ir.core import CORE_OPS

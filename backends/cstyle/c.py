@@ -65,7 +65,7 @@ class CRenderer:
         L, W = p.lanes, p.word_bits
         head = f"static void decode_{kind}(const uint8_t *blk, int n, float c[][{L}]) {{"
         if kind == p.bytes_kind:
-            return "\n".join([head, f"    for (int j = 0; j < n; j++)",
+            return "\n".join([head, "    for (int j = 0; j < n; j++)",
                               f"        for (int l = 0; l < {L}; l++)",
                               f"            c[j][l] = (float)blk[j * {L} + l];", "}"])
         mask = f"{(1 << kind) - 1}u"
@@ -80,11 +80,15 @@ class CRenderer:
         lines += ["    }", "}"]
         return "\n".join(lines)
 
+    def decode_switch(self, p: PackedProduct, indent: int) -> str:
+        """The cases of `switch (r[0])` that decode column block cb of a record into c (by its kind)."""
+        return "\n".join(f"{' ' * indent}case {k}: decode_{k}(codes + cb * {p.code_bytes(k, p.block_cols)}, n, c); break;"
+                         for k in p.kinds)
+
     def record_block(self, p: PackedProduct) -> str:
         """acc[lanes] += one record's contribution in one row block: s * (q . x) - s * z * sum(x)."""
         L, B = p.lanes, p.block_cols
-        cases = "\n".join(f"        case {k}: decode_{k}(codes + cb * {p.code_bytes(k, B)}, n, c); break;"
-                          for k in p.kinds)
+        cases = self.decode_switch(p, 8)
         return f"""\
 /* acc[l] += s[l] * sum_j q[l][j] x[j] - s[l] z[l] sum_j x[j] for one record (fields r) in row block `block`. */
 static void record_block(const int64_t *r, int64_t block, const float *x, const int32_t *perm, float acc[{L}]) {{
@@ -139,8 +143,7 @@ void {p.function("gemm", suffix)}({SIGNATURES["gemm"]}) {{
 
     def dequant(self, p: PackedProduct, suffix: str) -> str:
         L, B = p.lanes, p.block_cols
-        cases = "\n".join(f"            case {k}: decode_{k}(codes + cb * {p.code_bytes(k, B)}, n, c); break;"
-                          for k in p.kinds)
+        cases = self.decode_switch(p, 12)
         return f"""\
 /* Row `row` of the matrix as float32 [in_features], columns in input order (columns without a record are 0). */
 void {p.function("dequant", suffix)}({SIGNATURES["dequant"]}) {{
