@@ -161,3 +161,23 @@ def test_smollm2_at_3_bpw_on_aarch64_generates_what_the_host_computes(tmp_path):
     rows = python_rows(model, prompt, tokens)
     close(logits, rows)
     assert tokens.tolist() == [int(r.argmax()) for r in rows]
+
+
+def test_cpu_pins_one_level(tmp_path):
+    """--cpu cortex-a55: the library carries that CPU's kernels only and runs them without asking the CPU; an
+    unknown CPU is refused with the names that work."""
+    from xbitc.native.modelbin import ExportError
+
+    art = compiled("llama", tmp_path)
+    with pytest.raises(ExportError, match="--cpu cortex-a999: not a CPU of the aarch64 family xbitc knows; one of: "):
+        export_c_lib(art, tmp_path / "bad", target="aarch64", cpu="cortex-a999")
+    lib = export_c_lib(art, tmp_path / "a55", target="aarch64", cpu="cortex-a55")
+    exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver", family=AARCH64)
+    qemu = tmp_path / "run"
+    qemu.write_text(f"#!/bin/sh\nexec {QEMU} -cpu cortex-a76 {exe} \"$@\"\n")  # qemu 7.2 has no A55; the A76 has its features
+    qemu.chmod(0o755)
+    assert run_driver(qemu, "open", lib / "model.bin").stdout.strip() == "pinned"
+    prompt = torch.tensor([[9, 2, 6]])
+    run_driver(qemu, "lm", lib / "model.bin", write_tensor(tmp_path / "p", prompt.numpy()), 5, 1, tmp_path / "o")
+    logits, tokens = read_tensors(tmp_path / "o")
+    close(logits, python_rows(runtime.load(art), prompt, tokens))

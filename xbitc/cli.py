@@ -140,7 +140,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from xbitc.native.export import export_c_lib
 
-    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target)
+    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target, cpu=a.cpu)
     print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), libxbitc.a, xbitc.h, model.h, "
           "README.md")
     return 0
@@ -226,7 +226,9 @@ def parser() -> argparse.ArgumentParser:
                    help="packed products on float activations (exact, the Python runtime's default) or on int8 "
                         "activations per record (faster, as llama.cpp does; needs the generated kernels)")
     x.add_argument("--target", help="CPU family to build the library for: x86-64 or aarch64 (Linux, Android; built "
-                                    "with the GNU cross compiler), default this host's")
+                                    "with the GNU cross compiler), default the artifact's backend's, else this host's")
+    x.add_argument("--cpu", help="pin the kernels to one CPU (LLVM name, e.g. cortex-a55, neoverse-n1, znver4) instead of "
+                                 "choosing among the family's levels at run time; only that CPU's features are used")
     x.set_defaults(fn=cmd_export)
     sub.add_parser("list-passes", help="passes available (built-in and plugins)").set_defaults(fn=lambda a: cmd_list(registry.PASS_GROUP))
     sub.add_parser("list-backends", help="backends available").set_defaults(fn=lambda a: cmd_list(registry.BACKEND_GROUP))

@@ -6,7 +6,7 @@ family or level is a new entry here, not new code: emit.py writes what the table
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,15 @@ class CpuFamily:
     pick_hint: str
     c_define: str = ""  # what the C library is compiled with to link this family's objects (xbitc/native)
     cross_prefix: str = ""  # of the GNU cross toolchain that builds for it on another host (Debian's names)
+    cpus: tuple[str, ...] = ()  # LLVM CPU names a build may be pinned to (--cpu), each implying its features
+
+    def pinned(self, cpu: str) -> "CpuFamily":
+        """This family with one level, `cpu` (LLVM derives its features): a library that runs those kernels on
+        every CPU, without asking the CPU what it supports."""
+        if cpu not in self.cpus:
+            raise KeyError(f"--cpu {cpu}: not a CPU of the {self.name} family xbitc knows; one of: "
+                           f"{', '.join(self.cpus)}")
+        return replace(self, levels=(Level("pinned", cpu, "", f"pinned to {cpu}"),), c_define="XBITC_KERNELS_PINNED")
 
     def runs_here(self) -> bool:
         return platform.machine().lower() in self.machines
@@ -60,6 +69,8 @@ X86_64 = CpuFamily(
     pick_hint='Pick one at run time, e.g. with __builtin_cpu_supports("avx512f") / ("avx2") && ("fma").',
     c_define="XBITC_KERNELS_X86_64",
     cross_prefix="x86_64-linux-gnu-",
+    cpus=("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4", "haswell", "skylake", "skylake-avx512", "icelake-server",
+          "sapphirerapids", "znver2", "znver3", "znver4"),
 )
 
 # The C library's objects for AArch64 Linux (and Android, the same ELF objects); tests run them under qemu-aarch64.
@@ -78,6 +89,8 @@ AARCH64 = CpuFamily(
     pick_hint="Pick one at run time from getauxval(AT_HWCAP) & HWCAP_ASIMDDP and getauxval(AT_HWCAP2) & HWCAP2_I8MM.",
     c_define="XBITC_KERNELS_AARCH64",
     cross_prefix="aarch64-linux-gnu-",
+    cpus=("cortex-a53", "cortex-a55", "cortex-a72", "cortex-a76", "cortex-a78", "cortex-x1", "neoverse-n1",
+          "neoverse-n2", "neoverse-v1", "apple-m1"),
 )
 
 # Only families whose objects are tested belong here.

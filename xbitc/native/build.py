@@ -28,7 +28,8 @@ def toolchain(family=None) -> tuple[str, str]:
     prefix)."""
     from xbitc.backends.cpu.targets import host_family
 
-    if family is None or family is host_family():
+    host = host_family()
+    if family is None or (host is not None and family.name == host.name):
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if not cc:
             raise BuildError("no C compiler found: install gcc or clang (Debian: apt install gcc), or set CC")

@@ -77,12 +77,14 @@ def model_header(kind: str, vocab: int, cache: dict, bin_bytes: int, source: str
     return "\n".join(lines)
 
 
-def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "f32", target: str | None = None) -> Path:
+def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "f32", target: str | None = None,
+                 cpu: str | None = None) -> Path:
     """Write OUT (see the module docstring) from a compiled artifact; OUT's path. `act`: the packed matrices'
     activation strategy, "f32" (exact: the Python runtime's default; every build runs it) or "q8" (int8 activations
     per record: faster where the generated kernels are linked, llama.cpp's trade). `target`: a CPU family of
     backends/cpu/targets.py ("x86-64", "aarch64"; default: the one the artifact was compiled for, `--backend arm`
-    or `x86`, else the host's), built with its cross toolchain."""
+    or `x86`, else the host's), built with its cross toolchain. `cpu` pins the kernels to one CPU of that family
+    (its LLVM name): no run-time choice, and no other CPU of the family is safe to run it on."""
     from xbitc.backends.cpu.targets import family, host_family
 
     if act not in modelbin.ACTS:
@@ -95,6 +97,11 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
 
     graph, manifest = load_graph(Path(artifact))
     fam = fam or _artifact_family(manifest.backend) or host_family()
+    if cpu is not None:
+        try:
+            fam = fam.pinned(cpu)
+        except KeyError as err:
+            raise modelbin.ExportError(err.args[0]) from None
     progs = programs(graph)
     cache = graph.step.meta.get("cache", {}) if graph.step is not None else {}
     vocab = _vocab(progs) if len(progs) > 1 else 0

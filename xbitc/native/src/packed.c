@@ -80,6 +80,13 @@ static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **n
 }
 
 int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
+#elif defined(XBITC_KERNELS_PINNED)
+DECLARE(pinned)
+
+/* One level, chosen when the library was built (--cpu): run whatever this CPU is. */
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) { PICK(pinned); }
+
+int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
 #else
 static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) {
     *gemv = xbitc_rows_gemv_portable;
