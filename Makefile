@@ -10,8 +10,8 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 # Every release comes from constraints.txt, the set the tests passed with (build dependencies too).
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-# System packages the tests use: AArch64 cross compiler and emulator (tests/test_native_arm.py). Installed with apt
-# when missing (as root, or through sudo); where that is impossible those tests are skipped and say why.
+# System packages the tests use: AArch64 cross compiler, C library and emulator (tests/test_native_arm.py). Installed
+# with apt when missing (as root, or through password-less sudo); otherwise those tests are skipped and say why.
 SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES)
 
@@ -40,8 +40,9 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m xbitc.demo
 
 system-deps:
-	@if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	@if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null || \
+	    [ ! -e /usr/aarch64-linux-gnu/lib/libc.a ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null; then \
 	    echo "note: install $(SYSTEM_PACKAGES) for the AArch64 tests (skipped without them)"; \
 	  else $$SUDO sh -c '$(APT) >/dev/null 2>&1 || { apt-get update -q >/dev/null && $(APT) >/dev/null; }' || \

@@ -5,6 +5,7 @@ the library picks: Cortex-A53 NEON, Cortex-A76 dot products, `max` int8 matrix m
 Tolerance as tests/test_native.py: the same float32 network, sums in other orders."""
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from test_native import DRIVER, close, compiled, python_rows, read_tensors, run_
 
 QEMU = shutil.which("qemu-aarch64")
 pytestmark = pytest.mark.skipif(
-    not QEMU or not shutil.which(AARCH64.cross_prefix + "gcc"),
+    not QEMU or not shutil.which(AARCH64.cross_prefix + "gcc")
+    or not Path("/usr/aarch64-linux-gnu/lib/libc.a").exists(),
     reason="needs qemu-aarch64 and aarch64-linux-gnu-gcc (Debian: qemu-user gcc-aarch64-linux-gnu "
            "libc6-dev-arm64-cross; `make test` installs them)")
 
@@ -32,7 +34,7 @@ def test_aarch64_library_generates_what_the_host_computes(act, tmp_path, monkeyp
     exe = build.link_program([DRIVER], lib / "libxbitc.a", tmp_path / "driver", family=AARCH64)
     assert exe.read_bytes()[:4] == b"\x7fELF" and exe.read_bytes()[18] == 183  # e_machine EM_AARCH64
     monkeypatch.setenv("XBITC_X86_ACT", act)  # the host runs the same activation strategy
-    model = runtime.load(art, backend="x86")
+    model = runtime.load(art)  # the host's CPU backend, which reads XBITC_X86_ACT too
     prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
     pfile = write_tensor(tmp_path / "prompt", prompt.numpy())
     outputs = []

@@ -50,7 +50,8 @@ DEFAULT_TUNE_STEPS = 24
 
 def default_pipeline(opts: CompileOptions) -> str:
     learned = opts.bpw is not None and opts.bits is None and opts.allocator == "learned"
-    embeddings = opts.quantize_embeddings if opts.quantize_embeddings is not None else opts.bpw is not None
+    default = opts.bpw is not None and opts.bits is None
+    embeddings = opts.quantize_embeddings if opts.quantize_embeddings is not None else default
     # Uniform pipelines reproduce plain GPTQ/RTN (the published baselines) unless tuning is asked for.
     steps = opts.tune_steps if opts.tune_steps is not None else (DEFAULT_TUNE_STEPS if learned else 0)
     quantize = [f"quantize{{method={opts.method},clip={opts.clip}}}"]

@@ -1,8 +1,9 @@
 """Loading and running compiled artifacts from Python.
 
-Which backend executes: the one asked for (`backend=`, `--backend`), else the environment's `XBITC_BACKEND`, else the
-artifact's own. An artifact compiled for `reference` holds only the portable packed format, which every executing
-backend lowers from, so on an x86-64 host it runs through the x86 kernels; `reference` stays available as the oracle
+Which backend executes: the one asked for (`backend=`, `--backend`), else the environment's `XBITC_BACKEND`, else
+`host_backend`: the artifact's own where it executes here, else the CPU backend of the host's family (x86 on x86-64,
+arm on AArch64). Every artifact holds the portable packed format, which every executing backend lowers from, so a
+`reference` artifact runs through the host's kernels too; `reference` stays available as the oracle
 (`XBITC_BACKEND=reference` or `backend="reference"`).
 """
 from __future__ import annotations
@@ -136,10 +137,17 @@ def host_backend(artifact_backend: str) -> str:
         except registry.UnknownPlugin:
             return artifact_backend  # CompiledModel names what to install
     family = host_family()
-    return HOST_BACKENDS.get(family.name, "reference") if family is not None else "reference"
+    if family is not None:
+        from xbitc.backends.cpu.backend import CpuBackend
 
-
-HOST_BACKENDS = {"x86-64": "x86", "aarch64": "arm"}  # the CPU backend of each target-table family
+        for name in registry.names(registry.BACKEND_GROUP):  # the CPU backend built on the host's family
+            try:
+                cls = registry.get(registry.BACKEND_GROUP, name)
+            except Exception:  # a broken plugin must not stop artifacts from loading
+                continue
+            if isinstance(cls, type) and issubclass(cls, CpuBackend) and cls.family is family:
+                return name
+    return "reference"
 
 
 def load(path: str | Path, backend: str | None = None, check: bool = True) -> CompiledModel:

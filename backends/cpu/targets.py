@@ -74,8 +74,8 @@ X86_64 = CpuFamily(
 )
 
 # The C library's objects for AArch64 Linux (and Android, the same ELF objects); tests run them under qemu-aarch64.
-# The row-lane generator emits generic vector IR: LLVM selects NEON for it, and the dotprod / i8mm levels let it
-# use those instructions where it finds them (it is not hand-scheduled for sdot / smmla yet).
+# The row-lane generator emits generic vector IR and LLVM selects NEON for it; the dotprod and i8mm levels are those
+# kernels compiled with the features on (no sdot / smmla in them yet: the generator does not emit them on purpose).
 AARCH64 = CpuFamily(
     name="aarch64",
     triple="aarch64-unknown-linux-gnu",
@@ -83,8 +83,9 @@ AARCH64 = CpuFamily(
     machines=("aarch64", "arm64"),
     levels=(
         Level("neon", "generic", "+neon", "Armv8-A with NEON (every AArch64 core)"),
-        Level("dotprod", "cortex-a76", "+neon,+dotprod", "Armv8.2-A with dot products (Cortex-A76, Neoverse N1)"),
-        Level("i8mm", "neoverse-n2", "+neon,+dotprod,+i8mm", "Armv8.6-A with int8 matrix multiply (Neoverse N2)"),
+        # generic CPU + features: a named core (neoverse-n2) would also turn on SVE, which i8mm CPUs need not have
+        Level("dotprod", "generic", "+neon,+dotprod", "Armv8.2-A with dot products (Cortex-A76, Neoverse N1)"),
+        Level("i8mm", "generic", "+neon,+dotprod,+i8mm", "Armv8.6-A with int8 matrix multiply (Neoverse N2, Apple M2)"),
     ),
     pick_hint="Pick one at run time from getauxval(AT_HWCAP) & HWCAP_ASIMDDP and getauxval(AT_HWCAP2) & HWCAP2_I8MM.",
     c_define="XBITC_KERNELS_AARCH64",

@@ -21,8 +21,8 @@ def main(argv: list[str]) -> None:
         print(" ".join(map(str, tok(" ".join(rest)).input_ids)))
     elif command == "decode":
         print(tok.decode([int(x) for x in rest], skip_special_tokens=True))
-    else:
-        print(tok.eos_token_id)
+    else:  # -1: no end-of-sequence token (generate runs to --tokens)
+        print(tok.eos_token_id if tok.eos_token_id is not None else -1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def toolchain(family=None) -> tuple[str, str]:
     cc = shutil.which(prefix + "gcc")
     if not cc:
         raise BuildError(f"no {prefix}gcc to build for {family.name}: install the cross compiler (Debian: apt install "
-                         f"gcc-{prefix.rstrip('-')}, libc6-dev-{'arm64' if family.name == 'aarch64' else 'amd64'}-cross; "
+                         f"gcc-{prefix.rstrip('-').replace('_', '-')}, "
+                         f"libc6-dev-{'arm64' if family.name == 'aarch64' else 'amd64'}-cross; "
                          "`make test` does) or set XBITC_CROSS_PREFIX")
     return cc, shutil.which(prefix + "ar") or "ar"
 

@@ -54,6 +54,10 @@ KINDS = {"causal-lm": 1, "encoder": 2}
 T_NONE, T_REF, T_INT, T_FLOAT, T_BOOL, T_LIST = 0, 1, 2, 3, 4, 5
 GELU = {"none": 0, "tanh": 1}
 ACTS = {"f32": 0, "q8": 1}
+# what the runtime accepts per packed matrix (xbitc/native/src/model.c): the generated kernels keep per-column and
+# per-record state on the stack
+KERNEL_STACK_COLUMNS = 1 << 17
+MAX_RECORDS = 1 << 16
 
 
 class ExportError(ValueError):
@@ -115,6 +119,11 @@ def _packed_words(w: _Writer, name: str, pm: PackedMatrix) -> list[int]:
     out, inp = pm.shape
     records = rowlane_records([ps for ps in pm.segments if ps.seg.bits and ps.seg.ncols], out)
     act = "f32" if name in w.rows_read else w.act
+    stack = sum(-(-r[0].shape[1] // 32) * 32 * (9 if act == "q8" and r[4] == 1 else 1) for r in records)
+    if stack > KERNEL_STACK_COLUMNS or len(records) > MAX_RECORDS:
+        raise ExportError(f"{name}: {len(records)} records over {stack} padded columns is more than the kernels keep on "
+                          f"the stack ({MAX_RECORDS} records, {KERNEL_STACK_COLUMNS} columns, 1-bit q8 columns x9)"
+                          + ("; export with --act f32" if act == "q8" else ""))
     buf, table = pack(records, out, act)
     table = table.copy()
     table[:, 2:5] -= buf.ctypes.data  # addresses -> offsets into the buffer
