@@ -1,0 +1,124 @@
+"""AArch64 packed-product kernels on paper: retired instructions per packed weight, counted under qemu, per depth,
+activation strategy and level (there is no ARM hardware here).
+
+    python bench/arm_instructions.py [--rows 256] [--cols 2048] [--group 128] [--no-append]
+
+Method.
+* The kernels are the AArch64 objects `xbitc export --target aarch64` links (LLVM renderer, every level of the
+  target table), called by tests/native/kernels.c on one matrix of `rows x cols` at one depth (groups of `group`
+  columns, one record per group), one token: gemv for f32 activations, the q8 kernel for int8 ones.
+* qemu-aarch64 -cpu max runs it with `-d in_asm,nochain,exec`: every executed translation block is logged with its
+  guest address, and the translated code with its instructions; instructions retired inside `xbitc_rows_*` =
+  sum over executed blocks of their instruction count (Debian's qemu 7.2 ships no TCG plugins to count directly).
+  This counts instructions, not time: qemu has no cache or pipeline model.
+* Bytes per weight: the record buffer the kernel reads (codes, float16 scales and uint8 zero points) / weights.
+* Compute-bound estimate for a Cortex-A76-class core: a kernel is compute-bound when instructions per weight /
+  (IPC x clock) exceeds bytes per weight / bandwidth, i.e. above IPC x clock / bandwidth instructions per byte read;
+  assumed 2.4 GHz, IPC 3 on this code and 15 GB/s for one core: 0.48 instructions per byte (assumptions, not
+  measurements).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append, table  # noqa: E402
+
+from xbitc.backends.cpu.targets import AARCH64  # noqa: E402
+from xbitc.backends.llvm.rowlane import pack  # noqa: E402
+from xbitc.native import build  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "native" / "kernels.c"
+CLOCK, IPC, BANDWIDTH = 2.4e9, 3.0, 15e9  # the Cortex-A76-class assumptions of the docstring
+COLUMNS = ["level", "act", "bits", "instructions / weight", "bytes / weight", "instructions / byte",
+           "A76 estimate"]
+
+
+def harness(work: Path) -> Path:
+    objects, _ = build.kernel_objects(work / "obj", AARCH64)
+    (work / "kernel_levels.h").write_text("#define LEVELS(X) " + " ".join(f"X({lv.suffix})" for lv in AARCH64.levels)
+                                          + "\n")
+    exe = work / "kernels"
+    cc, _ = build.toolchain(AARCH64)
+    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{work}", str(HARNESS), *map(str, objects), "-lm", "-o",
+                    str(exe)], check=True)
+    return exe
+
+
+def case_file(path: Path, act: int, bits: int, rows: int, cols: int, group: int) -> int:
+    """One matrix at one depth as the harness reads it; the record buffer's bytes."""
+    rng = np.random.default_rng(bits)
+    records = [(rng.integers(0, 1 << bits, (rows, group), dtype=np.uint8), np.full(rows, 0.01, np.float16),
+                np.zeros(rows, np.uint8), g * group, bits) for g in range(cols // group)]
+    buf, tab = pack(records, rows, "q8" if act else "f32")
+    tab = tab.copy()
+    tab[:, 2:5] -= buf.ctypes.data
+    x = rng.standard_normal((1, cols)).astype("<f4")
+    head = np.array([1, act, rows, cols, len(records), 1, 0, buf.nbytes], dtype="<i8")
+    path.write_bytes(head.tobytes() + tab.astype("<i8").tobytes() + buf.tobytes() + b"\0" * (-buf.nbytes % 8)
+                     + x.tobytes())
+    return int(buf.nbytes)
+
+
+def kernel_instructions(exe: Path, level: str, cases: Path, work: Path) -> int:
+    log = work / "qemu.log"
+    subprocess.run(["qemu-aarch64", "-cpu", "max", "-d", "in_asm,nochain,exec", "-D", str(log), str(exe), level,
+                    str(cases), str(work / "out")], check=True)
+    sizes, count, pc = {}, 0, None
+    text = log.read_text(errors="replace")
+    for block in text.split("\nIN: ")[1:]:  # translated blocks: their start address and instruction count
+        addrs = re.findall(r"^0x([0-9a-f]+):", block, re.M)
+        if addrs:
+            sizes[int(addrs[0], 16)] = len(addrs)
+    executed = defaultdict(int)
+    for m in re.finditer(r"^Trace \d+: 0x[0-9a-f]+ \[[0-9a-f]+/([0-9a-f]+)/[^\]]*\] (\S+)", text, re.M):
+        if m.group(2).startswith("xbitc_rows_"):
+            executed[int(m.group(1), 16)] += 1
+    for pc, n in executed.items():
+        count += n * sizes.get(pc, 0)
+    return count
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--no-append", action="store_true")
+    a = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="xbitc-arm-icount-"))
+    exe = harness(work)
+    weights = a.rows * a.cols
+    rows = []
+    for act in (0, 1):
+        for bits in range(1, 9):
+            nbytes = case_file(work / "case", act, bits, a.rows, a.cols, a.group)
+            for lv in AARCH64.levels:
+                n = kernel_instructions(exe, lv.suffix, work / "case", work)
+                per_w, per_b = n / weights, nbytes / weights
+                bound = "compute" if per_w / (CLOCK * IPC) > per_b / BANDWIDTH else "memory"
+                rows.append({"level": lv.suffix, "act": "q8" if act else "f32", "bits": bits,
+                             "instructions / weight": per_w, "bytes / weight": per_b,
+                             "instructions / byte": per_w / per_b, "A76 estimate": bound})
+                print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    body = table(rows, COLUMNS)
+    note = (f"Matrix {a.rows} x {a.cols}, groups of {a.group}, one token; qemu-aarch64 -cpu max, instructions retired "
+            f"in xbitc_rows_* counted from -d in_asm,nochain,exec. A76 estimate: compute-bound when instructions / "
+            f"(IPC {IPC:g} x {CLOCK / 1e9:g} GHz) exceed bytes / {BANDWIDTH / 1e9:g} GB/s (assumed, not measured).")
+    print("\n" + note + "\n\n" + body)
+    if not a.no_append:
+        append("AArch64 kernels on paper: instructions per packed weight", note + "\n\n" + body,
+               "python bench/arm_instructions.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
