@@ -49,8 +49,8 @@ def harness(work: Path) -> Path:
                                           + "\n")
     exe = work / "kernels"
     cc, _ = build.toolchain(AARCH64)
-    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{work}", str(HARNESS), *map(str, objects), "-lm", "-o",
-                    str(exe)], check=True)
+    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{work}", f"-I{build.HERE / 'src'}", str(HARNESS),
+                    *map(str, objects), "-lm", "-o", str(exe)], check=True)
     return exe
 
 

@@ -105,8 +105,8 @@ def test_every_depth_and_level_matches_the_oracle_under_qemu(tmp_path):
         "#define LEVELS(X) " + " ".join(f"X({lv.suffix})" for lv in AARCH64.levels) + "\n")
     exe = tmp_path / "kernels"
     cc, _ = build.toolchain(AARCH64)
-    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{tmp_path}", str(DRIVER.parent / "kernels.c"),
-                    *map(str, objects), "-lm", "-o", str(exe)], check=True)
+    subprocess.run([cc, "-std=c11", "-O2", "-static", f"-I{tmp_path}", f"-I{build.HERE / 'src'}",
+                    str(DRIVER.parent / "kernels.c"), *map(str, objects), "-lm", "-o", str(exe)], check=True)
     rng = np.random.default_rng(0)
     cases, wants = [], []
     for i in range(48):

@@ -9,13 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DECLARE(level)                                                                                           \
-    void xbitc_rows_gemv_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,    \
-                                 int64_t);                                                                       \
-    void xbitc_rows_gemm_##level(const int64_t *, int64_t, const float *, float *, int64_t, int64_t, int64_t,   \
-                                 int64_t, int64_t);                                                              \
-    void xbitc_rows_q8_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,      \
-                               int64_t, int64_t, int64_t, int64_t, int8_t *);
+#include "kernel_abi.h" /* from xbitc/native/src */
+#define DECLARE(level) XB_DECLARE_KERNELS(level)
 #define ENTRY(level) {#level, xbitc_rows_gemv_##level, xbitc_rows_gemm_##level, xbitc_rows_q8_##level},
 #include "kernel_levels.h" /* LEVELS(X): the family's levels, written by the test */
 LEVELS(DECLARE)

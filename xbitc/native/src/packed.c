@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "kernel_abi.h"
 
 #define LANES 16 /* rows of a row block (PackedProduct.lanes) */
 #define Q8_TASKS 8 /* the most tasks a q8 product is split into: each needs its own scratch, planned per call */
@@ -24,13 +25,7 @@ void xbitc_rows_gemm_portable(const int64_t *, int64_t, const float *, float *, 
                               int64_t);
 void xbitc_rows_dequant_portable(const int64_t *, int64_t, const int32_t *, int64_t, int64_t, float *);
 
-#define DECLARE(level)                                                                                           \
-    void xbitc_rows_gemv_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,    \
-                                 int64_t);                                                                       \
-    void xbitc_rows_gemm_##level(const int64_t *, int64_t, const float *, float *, int64_t, int64_t, int64_t,   \
-                                 int64_t, int64_t);                                                              \
-    void xbitc_rows_q8_##level(const int64_t *, int64_t, const float *, const int32_t *, float *, int64_t,      \
-                               int64_t, int64_t, int64_t, int64_t, int8_t *);
+#define DECLARE(level) XB_DECLARE_KERNELS(level)
 #define PICK(level)                                                                                              \
     do {                                                                                                         \
         *gemv = xbitc_rows_gemv_##level;                                                                         \
