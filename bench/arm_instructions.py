@@ -12,6 +12,10 @@ Method.
   sum over executed blocks of their instruction count (Debian's qemu 7.2 ships no TCG plugins to count directly).
   This counts instructions, not time: qemu has no cache or pipeline model.
 * Bytes per weight: the record buffer the kernel reads (codes, float16 scales and uint8 zero points) / weights.
+* llama.cpp: its NEON dot products `ggml_vec_dot_q4_0_q8_0`, `_q4_K_q8_K`, `_q3_K_q8_K` (ggml-cpu/arch/arm/quants.c of
+  the llama.cpp bench/llamacpp.py fetches, cross-compiled with -O3 -march=armv8.2-a+dotprod+fp16: llama.cpp's own
+  build for a dotprod core), called by bench/native/ggml_dot.c row by row over the same matrix, counted the same way
+  (activation quantization not counted, as for xbitc's f32 rows; xbitc's q8 rows include theirs).
 * Compute-bound estimate for a Cortex-A76-class core: a kernel is compute-bound when instructions per weight /
   (IPC x clock) exceeds bytes per weight / bandwidth, i.e. above IPC x clock / bandwidth instructions per byte read;
   assumed 2.4 GHz, IPC 3 on this code and 15 GB/s for one core: 0.48 instructions per byte (assumptions, not
@@ -69,23 +73,43 @@ def case_file(path: Path, act: int, bits: int, rows: int, cols: int, group: int)
     return int(buf.nbytes)
 
 
-def kernel_instructions(exe: Path, level: str, cases: Path, work: Path) -> int:
+GGML_TYPES = {"q4_0": 18 / 32, "q4_K": 144 / 256, "q3_K": 110 / 256}  # bytes per weight of each block format
+
+
+def ggml_harness(work: Path) -> Path | None:
+    """bench/native/ggml_dot.c linked with llama.cpp's AArch64 quants.c, or None without llama.cpp's source."""
+    import llamacpp
+
+    src = llamacpp.cache_dir() / f"llama_cpp_python-{llamacpp.VERSION}" / "vendor" / "llama.cpp" / "ggml"
+    if not src.exists():
+        print(f"# no llama.cpp source at {src} (run python bench/llamacpp.py once): its rows are left out")
+        return None
+    cc, _ = build.toolchain(AARCH64)
+    obj, exe = work / "quants.o", work / "ggml_dot"
+    subprocess.run([cc, "-std=c11", "-O3", "-march=armv8.2-a+dotprod+fp16", "-D_GNU_SOURCE", f"-I{src / 'include'}",
+                    f"-I{src / 'src'}", f"-I{src / 'src' / 'ggml-cpu'}", "-c",
+                    str(src / "src" / "ggml-cpu" / "arch" / "arm" / "quants.c"), "-o", str(obj)], check=True)
+    subprocess.run([cc, "-std=c11", "-O2", "-static", str(Path(__file__).parent / "native" / "ggml_dot.c"), str(obj),
+                    "-lm", "-o", str(exe)], check=True)
+    return exe
+
+
+def count(cmd: list[str], work: Path, prefix: str) -> int:
+    """Instructions retired inside functions whose names start with `prefix`, running `cmd` under qemu."""
     log = work / "qemu.log"
-    subprocess.run(["qemu-aarch64", "-cpu", "max", "-d", "in_asm,nochain,exec", "-D", str(log), str(exe), level,
-                    str(cases), str(work / "out")], check=True)
-    sizes, count, pc = {}, 0, None
+    subprocess.run(["qemu-aarch64", "-cpu", "max", "-d", "in_asm,nochain,exec", "-D", str(log), *cmd], check=True,
+                   capture_output=True)
     text = log.read_text(errors="replace")
+    sizes = {}
     for block in text.split("\nIN: ")[1:]:  # translated blocks: their start address and instruction count
         addrs = re.findall(r"^0x([0-9a-f]+):", block, re.M)
         if addrs:
             sizes[int(addrs[0], 16)] = len(addrs)
     executed = defaultdict(int)
     for m in re.finditer(r"^Trace \d+: 0x[0-9a-f]+ \[[0-9a-f]+/([0-9a-f]+)/[^\]]*\] (\S+)", text, re.M):
-        if m.group(2).startswith("xbitc_rows_"):
+        if m.group(2).startswith(prefix):
             executed[int(m.group(1), 16)] += 1
-    for pc, n in executed.items():
-        count += n * sizes.get(pc, 0)
-    return count
+    return sum(n * sizes.get(pc, 0) for pc, n in executed.items())
 
 
 def main(argv=None) -> None:
@@ -103,13 +127,20 @@ def main(argv=None) -> None:
         for bits in range(1, 9):
             nbytes = case_file(work / "case", act, bits, a.rows, a.cols, a.group)
             for lv in AARCH64.levels:
-                n = kernel_instructions(exe, lv.suffix, work / "case", work)
+                n = count([str(exe), lv.suffix, str(work / "case"), str(work / "out")], work, "xbitc_rows_")
                 per_w, per_b = n / weights, nbytes / weights
                 bound = "compute" if per_w / (CLOCK * IPC) > per_b / BANDWIDTH else "memory"
                 rows.append({"level": lv.suffix, "act": "q8" if act else "f32", "bits": bits,
                              "instructions / weight": per_w, "bytes / weight": per_b,
                              "instructions / byte": per_w / per_b, "A76 estimate": bound})
                 print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    ggml = ggml_harness(work)
+    for name, per_b in GGML_TYPES.items() if ggml is not None else ():
+        per_w = count([str(ggml), name, str(a.rows), str(a.cols)], work, "ggml_vec_dot_") / weights
+        bound = "compute" if per_w / (CLOCK * IPC) > per_b / BANDWIDTH else "memory"
+        rows.append({"level": "llama.cpp (dotprod build)", "act": "q8", "bits": name, "instructions / weight": per_w,
+                     "bytes / weight": per_b, "instructions / byte": per_w / per_b, "A76 estimate": bound})
+        print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     body = table(rows, COLUMNS)
     note = (f"Matrix {a.rows} x {a.cols}, groups of {a.group}, one token; qemu-aarch64 -cpu max, instructions retired "
             f"in xbitc_rows_* counted from -d in_asm,nochain,exec. A76 estimate: compute-bound when instructions / "
