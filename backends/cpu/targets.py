@@ -74,8 +74,8 @@ X86_64 = CpuFamily(
 )
 
 # The C library's objects for AArch64 Linux (and Android, the same ELF objects); tests run them under qemu-aarch64.
-# The row-lane generator emits generic vector IR and LLVM selects NEON for it; the dotprod and i8mm levels are those
-# kernels compiled with the features on (no sdot / smmla in them yet: the generator does not emit them on purpose).
+# The row-lane generator emits generic vector IR (LLVM selects NEON); with int8 activations the dotprod level's
+# integer dot products are sdot and the i8mm level's usdot (codegen.DotU8S8). smmla (several tokens) is not used yet.
 AARCH64 = CpuFamily(
     name="aarch64",
     triple="aarch64-unknown-linux-gnu",

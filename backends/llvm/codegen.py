@@ -490,6 +490,8 @@ class DotU8S8:
     * AVX2: ``pmaddubsw`` gives 16 i16 pair sums; those are added up in i16 for as many steps as cannot overflow
       (pair sum <= 2 * qmax * 127) and only then widened with ``pmaddwd(., 1)`` into the i32 accumulator. 8-bit
       codes are split into nibbles (pair sums would saturate pmaddubsw) and recombined as lo + 16 * hi.
+    * AArch64 with dot products: ``sdot`` (or ``usdot`` with i8mm) on each 16-byte half, the same four-byte groups
+      per i32 lane as vpdpbusd; sdot reads codes as signed, so 8-bit codes go in as nibbles (lo + 16 * hi).
     * anything else: generic widening multiply (LLVM picks the instructions).
     """
 
@@ -500,6 +502,8 @@ class DotU8S8:
             self.mode = "vnni"
         elif t.is_x86 and t.has("avx2"):
             self.mode = "avx2"
+        elif t.triple.startswith(("aarch64", "arm64")) and t.has("dotprod"):
+            self.mode = "usdot" if t.has("i8mm") else "sdot"
         else:
             self.mode = "generic"
         qmax = 15 if bits == 8 else (1 << bits) - 1
@@ -526,6 +530,23 @@ class DotU8S8:
             self.count += 1
             if self.count >= self.max_pending:
                 self.flush()
+        elif self.mode in ("sdot", "usdot"):
+            v16b, v4i = V(I8, 16), V(I32, 4)
+            fn = e.intrinsic(f"llvm.aarch64.neon.{self.mode}.v4i32.v16i8", v4i, [v4i, v16b, v16b])
+
+            def half(v, k, n):
+                return b.shuffle_vector(v, v, cvec(I32, n, list(range(k * n, k * n + n))))
+
+            def dot(acc, codes):
+                return [b.call(fn, [half(acc, k, 4), half(codes, k, 16), half(s8, k, 16)]) for k in (0, 1)]
+
+            if self.mode == "sdot" and self.bits == 8:  # codes >= 128 would read as negative
+                lo = dot(self.acc, b.and_(u8, cvec(I8, 32, 15)))
+                hi = dot(cvec(I32, 8, 0), b.lshr(u8, cvec(I8, 32, 4)))
+                parts = [b.add(x, b.shl(y, cvec(I32, 4, 4))) for x, y in zip(lo, hi)]
+            else:
+                parts = dot(self.acc, u8)
+            self.acc = b.shuffle_vector(parts[0], parts[1], cvec(I32, 8, list(range(8))))
         else:
             v16 = V(I16, 32)
             prod = b.mul(b.zext(u8, v16), b.sext(s8, v16))  # |q*x| <= 255*127 fits i16
