@@ -11,7 +11,7 @@ the codes: `lanes` float16 scales, then `lanes` uint8 zero points. A record is `
 backends/llvm/rowlane.py `pack` builds the layout (its docstring has the why); `PackedProduct` is what a renderer
 reads: the constants, the code extraction of every kind, the entry points and their C parameters.
 
-Renderers: backends/llvm/render.py (LLVM IR -> objects for x86-64 now, AArch64 next) and backends/cstyle/ (C
+Renderers: backends/llvm/render.py (LLVM IR -> objects for x86-64 and AArch64) and backends/cstyle/ (C
 source: the C library's portable kernels; CUDA, Metal and WGSL are meant to subclass its renderer).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Target-neutral pieces of the CPU backends (x86 now, AArch64 next), each module one job:
+"""Target-neutral pieces of the CPU backends (x86, arm), each module one job:
 
 * `targets`: the table of CPU targets: per ISA family the triple of its emitted objects, how its hosts are
   recognised, and the micro-architecture levels an artifact carries objects for;
@@ -6,7 +6,8 @@
 * `linears`: `CpuLinears`, the `linear_impl` that runs packed linears through the generated kernels;
 * `rows`: one packed matrix as row-lane records, run by one kernel call (the default);
 * `segments`: one segment run by its lane-interleaved kernel (`$XBITC_X86_LINEAR=segments`) and `kernel_plan`;
-* `emit`: the artifact's `kernels/`: one object per level and activation strategy, and the C header.
+* `emit`: the artifact's `kernels/`: one object per level and activation strategy, and the C header;
+* `backend`: `CpuBackend`, a table entry and these pieces as a backend (x86.py and arm.py name their entry).
 
 What they share: reading a `$XBITC_*` choice and logging a fallback once (on the `xbitc.backends.cpu` logger).
 """
