@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402
 from common import append, table  # noqa: E402
+from kernel_speed import reduce_bandwidth  # noqa: E402
 
 from xbitc.native import build  # noqa: E402
 from xbitc.native.export import export_c_lib  # noqa: E402
@@ -45,16 +46,11 @@ COLUMNS = ["engine", "file MB", "threads", "prefill tok/s", "decode tok/s", "dec
 
 
 def read_bandwidth(threads: int, reps: int = 5) -> float:
-    """Bytes per second numpy sums read from a 512 MiB float32 array, split over `threads`."""
+    """Bytes per second numpy sums read from a 512 MiB float32 array split over `threads` (bench/kernel_speed.py's
+    measure)."""
     a = np.ones(128 << 20, dtype=np.float32)
-    parts = np.array_split(a, threads)
     with ThreadPoolExecutor(threads) as pool:
-        times = []
-        for _ in range(reps + 1):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            times.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(times[1:])
+        return reduce_bandwidth(a, np.sum, threads, pool, reps) * 1e9
 
 
 def native_engine(artifact: Path, work: Path, act: str) -> tuple[Path, Path]:

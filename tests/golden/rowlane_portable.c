@@ -332,6 +332,22 @@ static void decode_9(const uint8_t *blk, int n, float c[][16]) {
         for (int l = 0; l < 16; l++)
             c[j][l] = (float)blk[j * 16 + l];
 }
+static int decode_block(const int64_t *r, const uint8_t *codes, int64_t cb, float c[][16]) {
+    int n = r[1] - cb * 32 < 32 ? (int)(r[1] - cb * 32) : 32;
+    switch (r[0]) {
+    case 1: decode_1(codes + cb * 64, n, c); return n;
+    case 2: decode_2(codes + cb * 128, n, c); return n;
+    case 3: decode_3(codes + cb * 192, n, c); return n;
+    case 4: decode_4(codes + cb * 256, n, c); return n;
+    case 5: decode_5(codes + cb * 320, n, c); return n;
+    case 6: decode_6(codes + cb * 384, n, c); return n;
+    case 7: decode_7(codes + cb * 448, n, c); return n;
+    case 8: decode_8(codes + cb * 512, n, c); return n;
+    case 9: decode_9(codes + cb * 512, n, c); return n;
+    default: return 0;
+    }
+}
+
 /* acc[l] += s[l] * sum_j q[l][j] x[j] - s[l] z[l] sum_j x[j] for one record (fields r) in row block `block`. */
 static void record_block(const int64_t *r, int64_t block, const float *x, const int32_t *perm, float acc[16]) {
     const uint8_t *codes = (const uint8_t *)(intptr_t)r[2] + block * r[6];
@@ -339,19 +355,9 @@ static void record_block(const int64_t *r, int64_t block, const float *x, const 
     const uint8_t *zeros = (const uint8_t *)(intptr_t)r[4] + block * r[6];
     float dot[16] = {0}, xsum = 0, c[32][16];
     for (int64_t cb = 0; cb * 32 < r[1]; cb++) {
-        int n = r[1] - cb * 32 < 32 ? (int)(r[1] - cb * 32) : 32;
-        switch (r[0]) {
-        case 1: decode_1(codes + cb * 64, n, c); break;
-        case 2: decode_2(codes + cb * 128, n, c); break;
-        case 3: decode_3(codes + cb * 192, n, c); break;
-        case 4: decode_4(codes + cb * 256, n, c); break;
-        case 5: decode_5(codes + cb * 320, n, c); break;
-        case 6: decode_6(codes + cb * 384, n, c); break;
-        case 7: decode_7(codes + cb * 448, n, c); break;
-        case 8: decode_8(codes + cb * 512, n, c); break;
-        case 9: decode_9(codes + cb * 512, n, c); break;
-        default: return;
-        }
+        int n = decode_block(r, codes, cb, c);
+        if (!n)
+            return;
         for (int j = 0; j < n; j++) {
             int64_t col = r[5] + cb * 32 + j;
             float xj = x[perm ? perm[col] : col];
@@ -397,19 +403,9 @@ void xbitc_rows_dequant_portable(const int64_t* rec, int64_t nrec, const int32_t
         memcpy(&h, (const uint8_t *)(intptr_t)r[3] + block * r[6] + 2 * lane, 2);
         float s = xb_half(h), z = (float)((const uint8_t *)(intptr_t)r[4])[block * r[6] + lane];
         for (int64_t cb = 0; cb * 32 < r[1]; cb++) {
-            int n = r[1] - cb * 32 < 32 ? (int)(r[1] - cb * 32) : 32;
-            switch (r[0]) {
-            case 1: decode_1(codes + cb * 64, n, c); break;
-            case 2: decode_2(codes + cb * 128, n, c); break;
-            case 3: decode_3(codes + cb * 192, n, c); break;
-            case 4: decode_4(codes + cb * 256, n, c); break;
-            case 5: decode_5(codes + cb * 320, n, c); break;
-            case 6: decode_6(codes + cb * 384, n, c); break;
-            case 7: decode_7(codes + cb * 448, n, c); break;
-            case 8: decode_8(codes + cb * 512, n, c); break;
-            case 9: decode_9(codes + cb * 512, n, c); break;
-            default: return;
-            }
+            int n = decode_block(r, codes, cb, c);
+            if (!n)
+                return;
             for (int j = 0; j < n; j++) {
                 int64_t col = r[5] + cb * 32 + j;
                 out[perm ? perm[col] : col] = s * (c[j][lane] - z);

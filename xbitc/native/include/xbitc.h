@@ -77,9 +77,10 @@ const char *xbitc_status_text(int32_t status);
  * "portable" (the C renderer's loops, in builds for other CPUs). */
 const char *xbitc_kernels(void);
 
-/* Memory a model handle needs for this file (parsed program, kernel record tables): *bytes. */
+/* Memory a model handle needs for this file (parsed program, kernel record tables): *bytes. Checks the file's
+ * structure; xbitc_model_open also verifies its checksum. */
 int32_t xbitc_model_bytes(const void *bin, uint64_t bin_bytes, uint64_t *bytes);
-/* Check model.bin and build the handle in mem (>= xbitc_model_bytes, 64-byte aligned). */
+/* Check model.bin (structure and checksum) and build the handle in mem (>= xbitc_model_bytes, 64-byte aligned). */
 int32_t xbitc_model_open(const void *bin, uint64_t bin_bytes, void *mem, uint64_t mem_bytes, xbitc_model **model);
 int32_t xbitc_model_info(const xbitc_model *model, xbitc_info *info);
 

@@ -388,7 +388,7 @@ static int32_t read_program(xbitc_model *m, reader *r, arena *a, xb_program *p, 
     return XBITC_OK;
 }
 
-static int32_t check_header(const void *bin, uint64_t size, xbitc_model *m) {
+static int32_t check_header(const void *bin, uint64_t size, xbitc_model *m, int crc) {
     const uint8_t *b = bin;
     if (!bin || ((uintptr_t)bin & 63))
         return XBITC_E_ARGUMENT;
@@ -401,7 +401,7 @@ static int32_t check_header(const void *bin, uint64_t size, xbitc_model *m) {
     if (u32_at(b + 12) != HEADER_BYTES || file != size || words_off != HEADER_BYTES || n_words > size / 8 ||
         data_off % 64 || data_off < words_off + 8 * n_words || data_off > size || data_bytes != size - data_off)
         return XBITC_E_FORMAT;
-    if (crc32(b + HEADER_BYTES, size - HEADER_BYTES) != u32_at(b + 56))
+    if (crc && crc32(b + HEADER_BYTES, size - HEADER_BYTES) != u32_at(b + 56))
         return XBITC_E_CHECKSUM;
     m->words = (const int64_t *)(b + words_off);
     m->n_words = (int64_t)n_words;
@@ -411,13 +411,13 @@ static int32_t check_header(const void *bin, uint64_t size, xbitc_model *m) {
 }
 
 /* The whole walk; builds into a when a->base is set. */
-static int32_t build(const void *bin, uint64_t size, arena *a, xbitc_model **out) {
+static int32_t build(const void *bin, uint64_t size, arena *a, xbitc_model **out, int crc) {
     xbitc_model scratch, *m = alloc(a, sizeof(xbitc_model));
     int building = m != NULL;
     if (!building)
         m = &scratch;
     memset(m, 0, sizeof *m);
-    int32_t st = check_header(bin, size, m);
+    int32_t st = check_header(bin, size, m, crc);
     if (st)
         return st;
     reader r = {m->words, m->n_words, 0};
@@ -462,7 +462,7 @@ int32_t xbitc_model_bytes(const void *bin, uint64_t bin_bytes, uint64_t *bytes) 
     if (!bytes)
         return XBITC_E_ARGUMENT;
     arena a = {NULL, 0, 0};
-    int32_t st = build(bin, bin_bytes, &a, NULL);
+    int32_t st = build(bin, bin_bytes, &a, NULL, 0); /* the checksum (one pass over the weights) is open's */
     *bytes = st ? 0 : a.used + 64;
     return st;
 }
@@ -478,7 +478,7 @@ int32_t xbitc_model_open(const void *bin, uint64_t bin_bytes, void *mem, uint64_
     if (mem_bytes < need || ((uintptr_t)mem & 63))
         return XBITC_E_MEMORY;
     arena a = {mem, 0, mem_bytes};
-    return build(bin, bin_bytes, &a, model);
+    return build(bin, bin_bytes, &a, model, 1);
 }
 
 int32_t xbitc_model_info(const xbitc_model *m, xbitc_info *info) {
