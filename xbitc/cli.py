@@ -140,10 +140,12 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from xbitc.native.export import export_c_lib
 
-    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target, cpu=a.cpu)
+    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target, cpu=a.cpu, sources=a.sources)
     target = (out / "model.h").read_text().split("XBITC_MODEL_TARGET ")[1].split()[0].strip('"')
-    print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), libxbitc.a for {target}, "
-          "xbitc.h, model.h, README.md")
+    lib = f"libxbitc.a for {target}" if (out / "libxbitc.a").exists() else \
+        f"libxbitc.a's sources, {target} kernel objects and a Makefile (run make with the target's C compiler)"
+    print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), {lib}, xbitc.h, model.h, "
+          "README.md")
     return 0
 
 
@@ -227,8 +229,12 @@ def parser() -> argparse.ArgumentParser:
                    help="packed products on float activations (exact, the Python runtime's default) or on int8 "
                         "activations per record (faster, as llama.cpp does; needs the generated kernels)")
     x.add_argument("--target", help="CPU family to build the library for: x86-64 or aarch64 (Linux, Android; built "
-                                    "with the GNU cross compiler); default: the family the artifact was compiled for "
-                                    "(--backend x86 / arm), else this host's")
+                                    "with the GNU cross compiler), macos-arm64 or ios-arm64 (Mach-O objects and "
+                                    "sources with a Makefile, built on a Mac); default: the family the artifact was "
+                                    "compiled for (--backend x86 / arm), else this host's")
+    x.add_argument("--sources", action="store_true",
+                   help="write libxbitc.a's sources, kernel objects and a Makefile instead of building it (for the "
+                        "Android NDK or any other toolchain)")
     x.add_argument("--cpu", help="pin the kernels to one CPU (LLVM name, e.g. cortex-a55, neoverse-n1, znver4) instead of "
                                  "choosing among the family's levels at run time; only that CPU's features are used")
     x.set_defaults(fn=cmd_export)

@@ -128,7 +128,7 @@ def host_backend(artifact_backend: str) -> str:
     executes here, else the host's CPU backend (x86 on x86-64, arm on AArch64), else reference: every artifact
     carries the portable packed format, so an artifact compiled for another ISA (arm on an x86-64 host) still
     runs."""
-    from xbitc.backends.cpu.targets import host_family
+    from xbitc.backends.cpu.backend import CpuBackend
 
     if artifact_backend != "reference":
         try:
@@ -136,17 +136,13 @@ def host_backend(artifact_backend: str) -> str:
                 return artifact_backend
         except registry.UnknownPlugin:
             return artifact_backend  # CompiledModel names what to install
-    family = host_family()
-    if family is not None:
-        from xbitc.backends.cpu.backend import CpuBackend
-
-        for name in registry.names(registry.BACKEND_GROUP):  # the CPU backend built on the host's family
-            try:
-                cls = registry.get(registry.BACKEND_GROUP, name)
-            except Exception:  # a broken plugin must not stop artifacts from loading
-                continue
-            if isinstance(cls, type) and issubclass(cls, CpuBackend) and cls.family is family:
-                return name
+    for name in registry.names(registry.BACKEND_GROUP):  # the CPU backend whose family's ISA is the host's
+        try:
+            cls = registry.get(registry.BACKEND_GROUP, name)
+        except Exception:  # a broken plugin must not stop artifacts from loading
+            continue
+        if isinstance(cls, type) and issubclass(cls, CpuBackend) and cls.family.runs_here():
+            return name
     return "reference"
 
 

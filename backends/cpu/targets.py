@@ -40,6 +40,8 @@ class CpuFamily:
     c_define: str = ""  # what the C library is compiled with to link this family's objects (xbitc/native)
     cross_prefix: str = ""  # of the GNU cross toolchain that builds for it on another host (Debian's names)
     cpus: tuple[str, ...] = ()  # LLVM CPU names a build may be pinned to (--cpu), each implying its features
+    systems: tuple[str, ...] = ("Linux",)  # platform.system() of hosts whose C library it is (arm64: macOS, Linux)
+    builds_here: bool = True  # False: no toolchain for it exists on Linux hosts; exports ship sources and objects
 
     def pinned(self, cpu: str) -> "CpuFamily":
         """This family with one level, `cpu` (LLVM derives its features): a library that runs those kernels on
@@ -50,7 +52,12 @@ class CpuFamily:
         return replace(self, levels=(Level("pinned", cpu, "", f"pinned to {cpu}"),), c_define="XBITC_KERNELS_PINNED")
 
     def runs_here(self) -> bool:
+        """Whether this host's ISA runs the family's code (JIT-compiled kernels: the operating system is moot)."""
         return platform.machine().lower() in self.machines
+
+    def is_host(self) -> bool:
+        """Whether this host's C library is the family's (ISA and operating system): the default export target."""
+        return self.runs_here() and platform.system() in self.systems
 
 
 _X86_V3 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
@@ -94,8 +101,29 @@ AARCH64 = CpuFamily(
           "neoverse-n2", "neoverse-v1", "apple-m1"),
 )
 
+# Apple silicon: the AArch64 levels as Mach-O objects (Apple's C symbol prefix "_" comes with the triple). M1 has dot
+# products, M2 and later int8 matrix multiply; the runtime asks sysctlbyname("hw.optional.arm.FEAT_DotProd" /
+# "FEAT_I8MM"). No Apple linker or SDK exists on Linux, so an export ships the library's sources, these objects and a
+# Makefile that Xcode's clang runs; tests check the objects (format, platform, symbols) and compile the sources' Apple
+# branch with the AArch64 cross compiler.
+MACOS_ARM64 = replace(
+    AARCH64,
+    name="macos-arm64",
+    triple="arm64-apple-macosx11.0.0",
+    object_format="Mach-O arm64 (macOS 11+)",
+    systems=("Darwin",),
+    pick_hint='Pick one at run time with sysctlbyname("hw.optional.arm.FEAT_DotProd") / ("hw.optional.arm.FEAT_I8MM").',
+    c_define="XBITC_KERNELS_APPLE_ARM64",
+    cross_prefix="",
+    cpus=("apple-m1", "apple-m2", "apple-m3", "apple-m4"),
+    builds_here=False,
+)
+# iOS: the same code; the objects' platform load command says iOS, which Apple's linker requires of an iOS binary.
+IOS_ARM64 = replace(MACOS_ARM64, name="ios-arm64", triple="arm64-apple-ios15.0.0", object_format="Mach-O arm64 (iOS 15+)",
+                    systems=("iOS",), cpus=("apple-a14", "apple-a15", "apple-a16", "apple-a17", "apple-m1"))
+
 # Only families whose objects are tested belong here.
-FAMILIES: tuple[CpuFamily, ...] = (X86_64, AARCH64)
+FAMILIES: tuple[CpuFamily, ...] = (X86_64, AARCH64, MACOS_ARM64, IOS_ARM64)
 
 
 def family(name: str) -> CpuFamily:
@@ -107,5 +135,5 @@ def family(name: str) -> CpuFamily:
 
 
 def host_family() -> CpuFamily | None:
-    """The family this host runs, or None."""
-    return next((fam for fam in FAMILIES if fam.runs_here()), None)
+    """The family this host is (ISA and operating system), or None."""
+    return next((fam for fam in FAMILIES if fam.is_host()), None)

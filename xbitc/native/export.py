@@ -1,7 +1,9 @@
 """`xbitc export ARTIFACT --c-lib OUT`: a compiled artifact as a library a C program links, with no Python.
 
 OUT holds model.bin (xbitc/native/modelbin.py), xbitc.h (the C ABI), model.h (this model's constants),
-libxbitc.a (the runtime and the CPU kernels, build.py) and README.md (docs/c-library.md: how to link and call it).
+libxbitc.a (the runtime and the CPU kernels, build.py) and README.md (xbitc/native/README.md: how to link and call
+it). For a target this host has no toolchain for (Apple's), or with `sources=True` (Android's NDK, any other
+toolchain), libxbitc.a's sources, kernel objects and a Makefile come instead (build.write_sources).
 It is written to a temporary folder beside OUT and renamed, so a failure leaves no half-written folder.
 """
 from __future__ import annotations
@@ -79,13 +81,15 @@ def model_header(kind: str, vocab: int, cache: dict, bin_bytes: int, source: str
 
 
 def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "f32", target: str | None = None,
-                 cpu: str | None = None) -> Path:
+                 cpu: str | None = None, sources: bool = False) -> Path:
     """Write OUT (see the module docstring) from a compiled artifact; OUT's path. `act`: the packed matrices'
     activation strategy, "f32" (exact: the Python runtime's default; every build runs it) or "q8" (int8 activations
     per record: faster where the generated kernels are linked, llama.cpp's trade). `target`: a CPU family of
-    backends/cpu/targets.py ("x86-64", "aarch64"; default: the one the artifact was compiled for, `--backend arm`
-    or `x86`, else the host's), built with its cross toolchain. `cpu` pins the kernels to one CPU of that family
-    (its LLVM name): no run-time choice, and no other CPU of the family is safe to run it on."""
+    backends/cpu/targets.py ("x86-64", "aarch64", "macos-arm64", "ios-arm64"; default: the one the artifact was
+    compiled for, `--backend arm` or `x86`, else the host's), built with its cross toolchain. `cpu` pins the
+    kernels to one CPU of that family (its LLVM name): no run-time choice, and no other CPU of the family is safe to
+    run it on. `sources`: write the library's sources, objects and Makefile instead of building it (always so for a
+    family that cannot be built on this host)."""
     from xbitc.backends.cpu.targets import family, host_family
 
     if act not in modelbin.ACTS:
@@ -111,7 +115,10 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         size = modelbin.write(tmp / "model.bin", progs, kind=manifest.kind, vocab=vocab, cache=cache, act=act)
-        build.build_library(tmp, sanitize=sanitize, family=fam)
+        if sources or (fam is not None and not fam.builds_here):
+            build.write_sources(tmp, fam or host_family())
+        else:
+            build.build_library(tmp, sanitize=sanitize, family=fam)
         shutil.copy(build.INCLUDE / "xbitc.h", tmp / "xbitc.h")
         (tmp / "model.h").write_text(model_header(manifest.kind, vocab, cache, size, Path(artifact).name, act,
                                                          fam.name if fam else "portable"))

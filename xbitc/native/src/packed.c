@@ -1,8 +1,8 @@
 /* The packed matrix product over row-lane records (backends/product.py, f32 layout), and packed-table rows.
  *
- * Where the library is built with a CPU family's generated kernels (XBITC_KERNELS_X86_64 / _AARCH64: the export
- * links the objects of every level), the best level the CPU supports runs; elsewhere the C renderer's kernels, which
- * read the same layout, do. Rows are split in ranges of whole 16-row blocks over the caller's threads. */
+ * Where the library is built with a CPU family's generated kernels (XBITC_KERNELS_X86_64 / _AARCH64 /
+ * _APPLE_ARM64: the export links the objects of every level), the best level the CPU supports runs; elsewhere the C
+ * renderer's kernels, which read the same layout, do. Rows are split in ranges of whole 16-row blocks over the caller's threads. */
 #include <string.h>
 
 #include "internal.h"
@@ -67,6 +67,32 @@ static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **n
     int dot = (getauxval(AT_HWCAP) & (1UL << 20)) != 0;
     int i8mm = dot && (getauxval(AT_HWCAP2) & (1UL << 13)) != 0;
     if (i8mm)
+        PICK(i8mm);
+    else if (dot)
+        PICK(dotprod);
+    else
+        PICK(neon);
+}
+
+int xb_packed_runs(int64_t act) { return act == 0 || act == 1; }
+#elif defined(XBITC_KERNELS_APPLE_ARM64)
+/* <sys/sysctl.h>'s declaration, written out so the sources also compile (checked) where no Apple SDK is. */
+int sysctlbyname(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen);
+DECLARE(neon)
+DECLARE(dotprod)
+DECLARE(i8mm)
+
+static int apple_feature(const char *name) {
+    int value = 0;
+    size_t size = sizeof value;
+    return sysctlbyname(name, &value, &size, NULL, 0) == 0 && value != 0;
+}
+
+/* The kernels for the best level the CPU reports (macOS 12+ / iOS 15+ name Arm features in sysctl: M1 has dot
+ * products, M2 and later int8 matrix multiply). */
+static void host_kernels(gemv_fn *gemv, gemm_fn *gemm, q8_fn *q8, const char **name) {
+    int dot = apple_feature("hw.optional.arm.FEAT_DotProd");
+    if (dot && apple_feature("hw.optional.arm.FEAT_I8MM"))
         PICK(i8mm);
     else if (dot)
         PICK(dotprod);
