@@ -76,3 +76,18 @@ def test_allocation_predicts_the_artifact_bytes_with_the_step_graph(tmp_path, mo
     # (the plan summary's numbers at their longest: measured 235 bytes on 2026-12-05)
     assert 0 <= predicted[-1] - m.size.counted_bytes <= 320
     assert m.size.bits_per_weight <= 12.0
+
+
+def test_self_calibration_samples_through_the_cache_as_through_the_whole_prefix():
+    """--calib self on a Hugging Face causal LM: sampling with the model's key/value cache (one token per step)
+    draws the same sequences as re-running the prefix (same generator; the logits agree to float rounding, so the
+    same uniform draws pick the same tokens), at a fraction of the work."""
+    from xbitc import calibration
+
+    loaded = frontend.wrap_hf(build("llama"), None, "llama", "llama")
+    vocab = loaded.module.model.config.vocab_size
+    cached = calibration.self_windows(loaded.module, vocab, None, n=3, length=12, seed=5)
+    rerun = calibration.self_windows(lambda ids: loaded.module(ids), vocab, None, n=3, length=12, seed=5)
+    assert len(cached) == 3 and cached[0][0].shape == (1, 12)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(cached, rerun))
+    assert len({tuple(w[0][0].tolist()) for w in cached}) == 3  # sampled, not one sequence repeated

@@ -57,16 +57,26 @@ def text_windows(tokenizer: Any, path: Path, n: int, length: int, seed: int = 0)
 
 @torch.no_grad()
 def self_windows(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor], vocab: int, bos: int | None, n: int, length: int, seed: int = 0
+    model: Callable[[torch.Tensor], torch.Tensor], vocab: int, bos: int | None, n: int, length: int, seed: int = 0,
+    progress: bool = False,
 ) -> list[tuple[torch.Tensor]]:
     """Data-free calibration: sample `n` sequences from the float model (temperature 1), starting from BOS or a
-    random token. Sampling is batched over all `n` sequences and re-runs the full prefix (no KV cache)."""
+    random token, batched over all `n`. A Hugging Face causal LM (`model.model`, as the frontend wraps it) samples
+    through its own key/value cache, one new token per step; any other model re-runs the whole prefix per token."""
+    from tqdm import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     first = torch.full((n, 1), bos) if bos is not None else torch.randint(0, vocab, (n, 1), generator=gen)
-    seqs = first
-    for _ in range(length - 1):
-        probs = torch.softmax(logits_fn(seqs)[:, -1].float(), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
+    seqs, past = first, None
+    hf = getattr(model, "model", None)
+    cached = hasattr(getattr(hf, "config", None), "use_cache")
+    for _ in tqdm(range(length - 1), desc="sampling calibration text", unit="token", leave=False, disable=not progress):
+        if cached:
+            out = hf(input_ids=seqs if past is None else seqs[:, -1:], cache=past, use_cache=True)
+            logits, past = out.logits[:, -1], out.cache
+        else:
+            logits = model(seqs)[:, -1]
+        nxt = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=gen)
         seqs = torch.cat([seqs, nxt], dim=1)
     return [(seqs[i : i + 1],) for i in range(n)]
 

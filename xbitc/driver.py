@@ -168,7 +168,8 @@ def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> lis
         tok = model.tokenizer
         vocab = model.module.model.config.vocab_size
         bos = tok.bos_token_id if tok is not None else None
-        return calibration.self_windows(model.module, vocab, bos, opts.calib_windows, opts.calib_len, opts.seed)
+        return calibration.self_windows(model.module, vocab, bos, opts.calib_windows, opts.calib_len, opts.seed,
+                                         progress=opts.progress)
     if model.tokenizer is None or model.kind not in ("causal-lm", "encoder"):
         return calibration.random_inputs(model.example_inputs, opts.calib_windows, opts.seed)
     path = Path(opts.calib) if opts.calib and opts.calib != "self" else calibration.PACKAGE_TEXT / "calib.txt"
