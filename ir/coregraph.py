@@ -39,11 +39,12 @@ def _get(v: Any, env: dict[str, Any]) -> Any:
     return v
 
 
-def run(g: CoreGraph, *inputs: Any, weight=None, check_shapes: bool = True) -> Any:
+def run(g: CoreGraph, *inputs: Any, weight=None, check_shapes: bool = True, values: dict | None = None) -> Any:
     """Execute with the reference implementations. `weight(name)` gives a parameter's float tensor (default: the
-    stored value itself); every output's shape is compared with its op's shape rule."""
+    stored value itself); every output's shape is compared with its op's shape rule. `values`, if given, receives
+    every node's value by name (what a target's results are compared with)."""
     weight = weight or (lambda name: g.params[name])
-    env: dict[str, Any] = {}
+    env: dict[str, Any] = {} if values is None else values
     feed = iter(inputs)
     for n in g.nodes:
         if n.op == "input":
