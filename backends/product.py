@@ -11,8 +11,10 @@ the codes: `lanes` float16 scales, then `lanes` uint8 zero points. A record is `
 backends/llvm/rowlane.py `pack` builds the layout (its docstring has the why); `PackedProduct` is what a renderer
 reads: the constants, the code extraction of every kind, the entry points and their C parameters.
 
-Renderers: backends/llvm/render.py (LLVM IR -> objects for x86-64 and AArch64) and backends/cstyle/ (C
-source: the C library's portable kernels; CUDA, Metal and WGSL are meant to subclass its renderer).
+Renderers: backends/llvm/render.py (LLVM IR -> objects for x86-64 and AArch64), backends/cstyle/ (C source: the
+C library's portable kernels) and backends/gpu/packed.py `GpuRenderer` (WGSL, CUDA and Metal source, written in
+backends/gpu/lang.py's kernel language and printed by backends/gpu/render.py; the same record bytes as one u32
+buffer, records cut into pieces of at most 128 columns).
 """
 from __future__ import annotations
 

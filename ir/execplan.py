@@ -240,8 +240,7 @@ def plan(graph: CoreGraph, inputs: list[tuple[tuple[int, ...], str]], param_shap
             stored = graph.params[name]
             shape = (param_shapes or {}).get(name)
             if shape is None:
-                shape = (stored.out_features, stored.in_features) if isinstance(stored, PackedMatrix) \
-                    else tuple(stored.shape)
+                shape = tuple(stored.shape)  # a packed matrix's shape is [out, in] too
             v = Value(node.name, shape=tuple(shape), dtype=_param_dtype(stored))
             if not isinstance(stored, PackedMatrix) and name not in (packed or set()):
                 new_buffer(v, "param", -1)
