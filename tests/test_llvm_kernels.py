@@ -406,12 +406,12 @@ def _rowlane_targets():
 @settings(max_examples=40, **SETTINGS)
 @given(seed=st.integers(0, 2**31), rows=st.integers(1, 150),
        specs=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 90)), min_size=1, max_size=6),
-       batch=st.sampled_from([1, 2, 5]), extreme=st.booleans())
+       batch=st.integers(1, 9), extreme=st.booleans())
 def test_rowlane_kernel_matches_reference(act, without, seed, rows, specs, batch, extreme):
     """Every depth, packed and byte records, widths that are not multiples of 32, row counts that are not
     multiples of 16, one token (gemv) and several (gemm), row ranges starting on a 16-row block, q8's runs of four
-    row blocks (shallow matrices), of two, and single tail blocks. q8: equals W
-    applied to each record's int8-rounded activations (reference_rows_q8)."""
+    row blocks (shallow matrices), of two, and single tail blocks, and q8's token groups with every remainder
+    (batch 1..9). q8: equals W applied to each record's int8-rounded activations (reference_rows_q8)."""
     from xbitc.backends.llvm.rowlane import ROWS_KIND, RowLaneSpec, q8_scratch_bytes, reference_rows, reference_rows_q8
 
     k = compile_kernel(RowLaneSpec(act=act), target=host_target(without), kinds=(ROWS_KIND,))
@@ -436,33 +436,40 @@ def test_rowlane_kernel_matches_reference(act, without, seed, rows, specs, batch
         assert np.all(np.abs(y[:, rb:] - exact[:, rb:]) <= tol[:, rb:] + 1e-30)
 
 
+@pytest.mark.parametrize("without", [p.values[1] for p in _rowlane_targets() if p.values[0] == "q8"])
 @pytest.mark.parametrize("specs", [
     [(1, 128), (2, 100), (5, 40)],  # shallow: runs of four row blocks
     [(7, 64), (8, 70), (1, 128)],  # deep: runs of two
     [(6, 60), (3, 120)],  # deep code bytes exactly half (360 of 720): not under half, runs of two
-    [(6, 59), (3, 120)],  # just under half: four
+    [(6, 59), (3, 120), (4, 96)],  # just under half: four
 ])
-def test_q8_row_runs_for_every_depth_mix(specs):
-    """The q8 kernel picks four row blocks per record visit for matrices with under half their code bytes in records
-    deeper than Q8_WIDE_MAX_BITS, else two; 7 whole blocks + a partial one run every loop (a run of 4, one of 2, a
-    single block, the partial block) from row 0 and from a range start inside a run. Equal to the oracle either way."""
-    from xbitc.backends.llvm.rowlane import (Q8_WIDE_MAX_BITS, ROWS_KIND, RowLaneSpec, q8_scratch_bytes,
-                                             reference_rows_q8)
+def test_q8_row_runs_and_token_groups_for_every_depth_mix(specs, without):
+    """Below q8_group_tokens tokens the q8 kernel picks four row blocks per record visit for matrices with under
+    half their code bytes in records deeper than Q8_WIDE_MAX_BITS, else two; 7 whole blocks + a partial one run
+    every loop (a run of 4, one of 2, a single block, the partial block) from row 0 and from a range start inside a
+    run. From q8_group_tokens tokens on it runs them in groups (every code plane of every depth shared by a group)
+    and the remainder one at a time: batch 1..9 covers every remainder. Equal to the oracle every way."""
+    from xbitc.backends.llvm.rowlane import (Q8_WIDE_MAX_BITS, ROWS_KIND, RowLaneSpec, q8_group_tokens,
+                                             q8_scratch_bytes, reference_rows_q8)
 
     assert Q8_WIDE_MAX_BITS == 5  # the cases above straddle this boundary
-    k = compile_kernel(RowLaneSpec(act="q8"), target=host_target(), kinds=(ROWS_KIND,))
+    target = host_target(without)
+    assert q8_group_tokens(target) <= 4  # batches up to 9 hold two groups and every remainder
+    k = compile_kernel(RowLaneSpec(act="q8"), target=target, kinds=(ROWS_KIND,))
     rows = 16 * 7 + 5
     recs, buf, table, n = _rowlane_case(3, rows, specs, act="q8")
-    x = np.random.default_rng(4).standard_normal((2, n)).astype(np.float32)
-    exact = reference_rows_q8([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
-    tol = _rowlane_bound(recs, x, "q8")
-    for rb in (0, 16, 48):
-        y = np.full((2, rows), np.nan, dtype=np.float32)
-        scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], 2, [r[4] for r in recs]), np.uint8)
-        k.rows_q8(table.ctypes.data, len(recs), x.ctypes.data, None, y.ctypes.data, rb, rows, 2, n, rows,
-                  scratch.ctypes.data)
-        assert np.isnan(y[:, :rb]).all()
-        assert np.all(np.abs(y[:, rb:] - exact[:, rb:]) <= tol[:, rb:] + 1e-30)
+    for batch in range(1, 10):
+        x = np.random.default_rng(4 + batch).standard_normal((batch, n)).astype(np.float32)
+        exact = reference_rows_q8([(q, s.astype(np.float32), z, off) for q, s, z, off, _ in recs], x, rows)
+        tol = _rowlane_bound(recs, x, "q8")
+        for rb in (0, 16, 48):
+            y = np.full((batch, rows), np.nan, dtype=np.float32)
+            scratch = np.zeros(q8_scratch_bytes([q.shape[1] for q, *_ in recs], batch, [r[4] for r in recs]),
+                               np.uint8)
+            k.rows_q8(table.ctypes.data, len(recs), x.ctypes.data, None, y.ctypes.data, rb, rows, batch, n, rows,
+                      scratch.ctypes.data)
+            assert np.isnan(y[:, :rb]).all()
+            assert np.all(np.abs(y[:, rb:] - exact[:, rb:]) <= tol[:, rb:] + 1e-30), (batch, rb)
 
 
 def test_rowlane_record_formats():

@@ -82,7 +82,8 @@ X86_64 = CpuFamily(
 
 # The C library's objects for AArch64 Linux (and Android, the same ELF objects); tests run them under qemu-aarch64.
 # The row-lane generator emits generic vector IR (LLVM selects NEON); with int8 activations the dotprod level's
-# integer dot products are sdot and the i8mm level's usdot (codegen.DotU8S8). smmla (several tokens) is not used yet.
+# integer dot products are sdot and the i8mm level's usdot (codegen.DotU8S8); the i8mm level's prefill multiplies
+# token pairs with usmmla (rowlane.uses_usmmla).
 AARCH64 = CpuFamily(
     name="aarch64",
     triple="aarch64-unknown-linux-gnu",

@@ -491,8 +491,14 @@ class DotU8S8:
       (pair sum <= 2 * qmax * 127) and only then widened with ``pmaddwd(., 1)`` into the i32 accumulator. 8-bit
       codes are split into nibbles (pair sums would saturate pmaddubsw) and recombined as lo + 16 * hi.
     * AArch64 with dot products: ``sdot`` (or ``usdot`` with i8mm) on each 16-byte half, the same four-byte groups
-      per i32 lane as vpdpbusd; sdot reads codes as signed, so 8-bit codes go in as nibbles (lo + 16 * hi).
+      per i32 lane as vpdpbusd; sdot reads codes as signed, so 8-bit codes go in as nibbles (lo + 16 * hi). An
+      activation vector that repeats one 32-bit lane of a register becomes the indexed form (``sdot v.4s, c.16b,
+      x.4b[i]``).
     * anything else: generic widening multiply (LLVM picks the instructions).
+
+    One accumulator is one token's. The row-lane q8 kernel's prefill path (rowlane._q8_plane_dots) feeds the same
+    masked codes to one accumulator per token of a group; on i8mm it uses ``usmmla`` on token pairs instead
+    (rowlane._q8_plane_mmla), not this class.
     """
 
     def __init__(self, e: Emitter, acc, bits: int):

@@ -38,6 +38,18 @@ multiple of 16, so disjoint row ranges run on different threads. gemm decodes ea
 columns and applies them to every token (partial sums per token in a stack buffer), so prefill does not re-extract
 codes per token. Padding columns carry code 0; their x index is clamped to a valid column, so nothing past a
 record's columns is read and padding contributes exactly 0.
+
+With int8 activations (RowLaneSpec(act="q8")) one function serves any batch::
+
+    void xbitc_rows_q8(const int64_t* rec, int64_t nrec, const float* x, const int32_t* perm, float* y,
+                       int64_t rows_begin, int64_t rows_end, int64_t batch, int64_t ldx, int64_t ldy,
+                       int8_t* scratch)
+
+Its records hold the codes as bit planes (`q8_planes`, `layout_codes`); every record's x is quantized to int8 per
+token into the caller's scratch (`q8_scratch_bytes`). Under q8_group_tokens(target) tokens (decode) it runs token by
+token, a record visit serving two or four 16-row blocks. From that many on (prefill) a visit serves one row block and
+a group of T tokens: each code word is loaded, shifted and masked once for all T (on AArch64 i8mm, token pairs go
+through usmmla); the batch % T tokens left run the one-token path.
 """
 from __future__ import annotations
 
@@ -50,7 +62,7 @@ from .codegen import (F32, I8, I16, I32, I64, P, V, VOID, DotU8S8, Emitter, _hma
                       extraction_plan)
 
 ROWS_KIND = "rows"
-ROWS_VERSION = 13  # of the record format and code generator: part of the cache key
+ROWS_VERSION = 14  # of the record format and code generator: part of the cache key
 REC_FIELDS = 7
 BYTES_KIND = 9
 LANES = 16
@@ -549,6 +561,10 @@ def _gen_gemm(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     return fn
 
 
+def _wide_vnni(target) -> bool:
+    return target.is_x86 and target.has("avx512vnni") and target.has("avx512f")
+
+
 class _Dot16:
     """acc (<16 x i32>, one lane per row) += dot of each lane's 4 code bytes with 4 int8 activations: one 512-bit
     vpdpbusd with AVX-512 VNNI, else two 256-bit halves through codegen.DotU8S8 (AVX-VNNI, AVX2 pmaddubsw, generic).
@@ -556,7 +572,7 @@ class _Dot16:
 
     @staticmethod
     def is_wide(e: Emitter) -> bool:
-        return e.t.is_x86 and e.t.has("avx512vnni") and e.t.has("avx512f")
+        return _wide_vnni(e.t)
 
     def __init__(self, e: Emitter, acc):
         self.e, self.acc = e, acc
@@ -585,12 +601,124 @@ class _Dot16:
         return self.e.b.shuffle_vector(lo, hi, cvec(I32, LANES, list(range(LANES))))
 
 
+def q8_group_tokens(target) -> int:
+    """Tokens T the q8 kernel's prefill path serves per pass over a record's code words, one accumulator each
+    (1: no prefill path, every batch runs token by token). By timings on AVX2 and instruction counts on AArch64
+    (BENCHMARKS.md): 4 with AVX2 (beats 2 despite some spills of 16 ymm) and AArch64 dot products (4 accumulators of
+    4 registers each); 2 on plain NEON, whose widening multiplies need more temporaries; 1 on SSE2, where the
+    generic multiply, not the decoding, is the cost (no gain measured). 512-bit VNNI: 4, by register budget (not
+    measured here: no such host)."""
+    if target.is_x86:
+        return 4 if _wide_vnni(target) or target.has("avx2") else 1
+    return 4 if target.has("dotprod") else 2
+
+
+def uses_usmmla(target) -> bool:
+    """Whether the q8 prefill path multiplies token pairs with usmmla (AArch64 i8mm) instead of usdot per token."""
+    return not target.is_x86 and target.has("i8mm")
+
+
+def _plane_word(e: Emitter, crow, blk, k, wi):
+    """Word wi of a k-word block: 16 lanes (rows) of 32 bits."""
+    b = e.b
+    return e.load(crow, b.mul(b.add(b.mul(blk, ci(k)), ci(wi)), ci(LANES * 4)), V(I32, LANES), 4)
+
+
+def _low_bits_mask(p, lanes):
+    """The low p bits of every byte of `lanes` 32-bit lanes."""
+    return cvec(I32, lanes, int.from_bytes(bytes([(1 << p) - 1] * 4), "little"))
+
+
+def _q8_plane_dots(e: Emitter, crow, k, wi0, p, xqs, nb):
+    """One code plane (width p: words wi0 .. wi0+p-1 of each k-word block) of a record's 16-row block against the
+    int8 activations of every token in xqs: each word is loaded, shifted and masked once and fed to every token's
+    accumulator (_Dot16). Returns per token the <16 x i32> dot products of the plane's codes."""
+    b = e.b
+    mask = _low_bits_mask(p, LANES)
+
+    def block(blk, accs):
+        dots = [_Dot16(e, a) for a in accs]
+        c0 = b.mul(blk, ci(BLOCK_COLS))
+        if not e.t.is_x86:  # a 16-byte load per 16 columns; sdot / usdot take a lane of it (the indexed form)
+            x16 = [[e.load(xq, b.add(c0, ci(16 * h)), V(I32, 4), 1) for h in range(2)] for xq in xqs]
+        for w in range(p):
+            word = _plane_word(e, crow, blk, k, wi0 + w)
+            for sub in range(8 // p):
+                codes = b.and_(b.lshr(word, cvec(I32, LANES, p * sub)) if sub else word, mask)
+                c = w * (BLOCK_COLS // p) + 4 * sub  # the 4 columns' place in the block
+                for j, xq in enumerate(xqs):
+                    if e.t.is_x86:  # a broadcast load
+                        x4 = e.bcast(b.load(b.bitcast(b.gep(xq, [b.add(c0, ci(c))], inbounds=True), P(I32)),
+                                            align=1), LANES)
+                    else:
+                        x4 = b.shuffle_vector(x16[j][c // 16], x16[j][c // 16], cvec(I32, LANES, c % 16 // 4))
+                    dots[j].add(codes, x4)
+        return [d.value() for d in dots]
+
+    return e.loop(ci(0), nb, ci(1), [cvec(I32, LANES, 0)] * len(xqs), block, name="gblk")
+
+
+def _q8_plane_mmla(e: Emitter, crow, k, wi0, p, xqs, nb):
+    """_q8_plane_dots through usmmla, tokens in pairs. usmmla multiplies a 2 x 8 matrix of unsigned bytes (two
+    rows' codes) by an 8 x 2 one of signed bytes (two tokens' activations) into 2 x 2 int32: twice usdot's
+    multiply-adds. A word lane holds 4 columns of one row per sub-position, sub-positions s and s+1 together 8
+    consecutive columns: so each word is zipped with itself shifted down by p, [row r, row r >> p, row r+1,
+    row r+1 >> p] (one shift per 4 rows and one zip per 2 rows, once per word), and each pair of sub-positions
+    costs one shift and one mask per 2 rows, then one usmmla per token pair against both tokens' 8 activations.
+    The 2 x 2 interleave (rows x tokens) is undone once per record visit."""
+    b = e.b
+    v4, v16b = V(I32, 4), V(I8, 16)
+    mm = e.intrinsic("llvm.aarch64.neon.usmmla.v4i32.v16i8", v4, [v4, v16b, v16b])
+    pairs = [(xqs[m], xqs[m + 1]) for m in range(0, len(xqs), 2)]
+    npc = LANES // 2  # row pairs
+    mask = _low_bits_mask(p, 4)
+
+    def x8(xq, col):  # 8 int8 activations as 2 x i32
+        return b.load(b.bitcast(b.gep(xq, [col], inbounds=True), P(V(I32, 2))), align=1)
+
+    def block(blk, accs):  # accs[m * npc + c]: token pair m, rows 2c and 2c+1
+        accs = list(accs)
+        for w in range(p):
+            word = _plane_word(e, crow, blk, k, wi0 + w)
+            down = b.lshr(word, cvec(I32, LANES, p))
+            zs = [b.shuffle_vector(word, down, cvec(I32, 4, [2 * c, LANES + 2 * c, 2 * c + 1, LANES + 2 * c + 1]))
+                  for c in range(npc)]
+            subs = []
+            for s in range(0, 8 // p, 2):
+                col = b.add(b.mul(blk, ci(BLOCK_COLS)), ci(w * (BLOCK_COLS // p) + 4 * s))
+                subs.append((s, [b.bitcast(b.shuffle_vector(x8(xa, col), x8(xb, col), cvec(I32, 4, [0, 1, 2, 3])),
+                                           v16b) for xa, xb in pairs]))
+            for s, xops in subs:
+                for c, z in enumerate(zs):
+                    codes = b.bitcast(b.and_(b.lshr(z, cvec(I32, 4, p * s)) if s else z, mask), v16b)
+                    for m, xop in enumerate(xops):
+                        accs[m * npc + c] = b.call(mm, [accs[m * npc + c], codes, xop])
+        return accs
+
+    res = e.loop(ci(0), nb, ci(1), [cvec(I32, 4, 0)] * (len(pairs) * npc), block, name="mblk")
+    # res[m * npc + c] = [row 2c x token 2m, row 2c x token 2m+1, row 2c+1 x token 2m, row 2c+1 x token 2m+1]
+    sums = []
+    for m in range(len(pairs)):
+        for tk in (0, 1):
+            quads = [b.shuffle_vector(res[m * npc + 2 * q], res[m * npc + 2 * q + 1],
+                                      cvec(I32, 4, [tk, tk + 2, tk + 4, tk + 6])) for q in range(LANES // 4)]
+            halves = [b.shuffle_vector(quads[h], quads[h + 1], cvec(I32, 8, list(range(8)))) for h in (0, 2)]
+            sums.append(b.shuffle_vector(halves[0], halves[1], cvec(I32, LANES, list(range(LANES)))))
+    return sums
+
+
 def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     """Any batch. Prologue per token and record: x gathered through the permutation, zero padded to whole
     32-column blocks, quantized to int8 (d = max|x|/127) into the caller's scratch, with d and d * sum(xq). Then per
     16-row block, token and record: integer dot products of the code planes with four int8 activations at a time
-    (codegen.DotU8S8: vpdpbusd, or pmaddubsw + pmaddwd on AVX2), planes recombined by shifts, and
-    y += s*d*dot - s*z*d*sum(xq)."""
+    (_Dot16 / codegen.DotU8S8: vpdpbusd, pmaddubsw + pmaddwd on AVX2, sdot / usdot on AArch64), planes recombined
+    by shifts, and y += s*d*dot - s*z*d*sum(xq).
+
+    Batches of q8_group_tokens(target) = T tokens or more (prefill) go to a second, internal function: per 16-row
+    block and record, whole groups of T tokens one code plane at a time (_q8_plane_dots: one word load, shift and
+    mask for T dot products; _q8_plane_mmla on i8mm: usmmla on token pairs), then the remaining tokens through the
+    one-token code. Smaller batches (decode) run the one-token code in this function, unchanged by the prefill
+    path: same instructions, same registers."""
     g = _Gen(e, spec)
     fn = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), P(I32), P(F32), I64, I64, I64, I64, I64, P(I8)]),
                      name=spec.q8_name)
@@ -600,6 +728,8 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
     acc_slots = [b.alloca(V(I32, LANES), name=f"acc{i}") for i in range(max(Q8_ROW_BLOCKS, Q8_ROW_BLOCKS_WIDE))]
     for a in acc_slots:
         a.align = 64
+    T = q8_group_tokens(e.t)
+    mmla = uses_usmmla(e.t)
     f0 = ir.Constant(F32, 0.0)
 
     def width(n):
@@ -679,10 +809,11 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
 
     e.loop(ci(0), batch, ci(1), [], prologue_token, name="prot")
 
-    def rowblocks(r, nblk):
+    def rowblocks(r, nblk, prefill=False):
         """nblk consecutive 16-row blocks from row r: one visit of each record serves them all, so its fields, the
         depth dispatch and the activation loads are shared (a 1-bit record of one group is only 4 x 32 columns per
-        row block: alone, that per-visit work costs as much as its dot products)."""
+        row block: alone, that per-visit work costs as much as its dot products). `prefill` (nblk = 1): tokens in
+        groups of T, then the rest one at a time."""
         blk0 = b.sdiv(r, ci(LANES))
         rows = [(b.add(blk0, ci(i)), b.add(r, ci(i * LANES))) for i in range(nblk)]
 
@@ -772,36 +903,122 @@ def _gen_q8(e: Emitter, spec: RowLaneSpec) -> ir.Function:
                 e.masked_store_f32(v, b.gep(y, [b.add(b.mul(t, ldy), r_i)], inbounds=True), mask)
             return []
 
-        e.loop(ci(0), batch, ci(1), [], token, name="tok")
+        def group(t0, _):
+            """T tokens on one row block: each code word is loaded, shifted and masked once and applied to every
+            token's int8 activations (one accumulator per token), one code plane at a time, so that the T
+            accumulators fit the registers whatever the depth."""
+            toks = [b.add(t0, ci(j)) for j in range(T)]
+            (blk, r0), = rows
+
+            def record(s, yv):
+                n = g.field(rec, s, 1)
+                crow = g.at_block(rec, s, 2, blk)
+                base = b.load(b.gep(xbase, [s], inbounds=True), align=8)
+                xqs = [b.gep(scratch, [b.add(b.mul(t, total), base)], inbounds=True) for t in toks]
+                nb = b.sdiv(width(n), ci(BLOCK_COLS))
+
+                def emit_kind(k):
+                    if k <= Q8_PREFETCH_MAX_BITS:
+                        ahead = b.gep(crow, [ci(Q8_PREFETCH)])
+                        e.loop(ci(0), b.add(b.mul(nb, ci(LANES * 4 * k)), ci(3 * LANES)), ci(64), [],
+                               lambda o, _: (e.prefetch(b.gep(ahead, [o]), locality=2), [])[1], name="pf")
+                    if k == 1 and lut:  # the tables are per token: no codes to share
+                        for xq, slot in zip(xqs, gslots):
+                            _lut1_blocks(e, [crow], b.gep(xq, [width(n)], inbounds=True), nb, 1, [slot])
+                        return
+                    tot, wi = None, 0
+                    for p, shift in q8_planes(k):
+                        sums = (_q8_plane_mmla if mmla else _q8_plane_dots)(e, crow, k, wi, p, xqs, nb)
+                        sums = [b.shl(a, cvec(I32, LANES, shift)) if shift else a for a in sums]
+                        tot = sums if tot is None else [b.add(u, v) for u, v in zip(tot, sums)]
+                        wi += p
+                    for a, slot in zip(tot, gslots):
+                        b.store(a, slot)
+
+                g.switch_kind(g.field(rec, s, 0), emit_kind, kinds=range(1, 9))
+                sv, szv = g.scale_zero(rec, s, blk)  # once for all T tokens
+                out = []
+                for t, slot, yj in zip(toks, gslots, yv):
+                    k_ = b.add(b.mul(t, nrec), s)
+                    d = e.bcast(b.load(b.gep(fbase, [k_], inbounds=True), align=4), LANES)
+                    dsum = e.bcast(b.load(b.gep(fbase, [b.add(ntok_rec, k_)], inbounds=True), align=4), LANES)
+                    out.append(e.fmuladd(b.fneg(szv), dsum, e.fmuladd(b.fmul(sv, d), b.sitofp(b.load(slot), g.vf), yj)))
+                return out
+
+            yv = e.loop(ci(0), nrec, ci(1), [g.zero] * T, record, name="grec")
+            mask = b.icmp_signed("<", g.lane, e.bcast(b.sub(re, r0), LANES))
+            for t, v in zip(toks, yv):
+                e.masked_store_f32(v, b.gep(y, [b.add(b.mul(t, ldy), r0)], inbounds=True), mask)
+            return []
+
+        if prefill:
+            grp_end = b.mul(b.sdiv(batch, ci(T)), ci(T))
+            e.loop(ci(0), grp_end, ci(T), [], group, name="grp")
+            e.loop(grp_end, batch, ci(1), [], token, name="tok")
+        else:
+            e.loop(ci(0), batch, ci(1), [], token, name="tok")
         return []
 
-    # this matrix's code bytes (per row block: kind x columns) in all records and in those above Q8_WIDE_MAX_BITS
-    def weigh(s, acc):
-        kind = g.field(rec, s, 0)
-        w = b.mul(kind, g.field(rec, s, 1))
-        return [b.add(acc[0], w), b.add(acc[1], b.select(b.icmp_signed(">", kind, ci(Q8_WIDE_MAX_BITS)), w, ci(0)))]
+    def decode_rows():
+        # this matrix's code bytes (per row block: kind x columns) in all records and in those above Q8_WIDE_MAX_BITS
+        def weigh(s, acc):
+            kind = g.field(rec, s, 0)
+            w = b.mul(kind, g.field(rec, s, 1))
+            return [b.add(acc[0], w),
+                    b.add(acc[1], b.select(b.icmp_signed(">", kind, ci(Q8_WIDE_MAX_BITS)), w, ci(0)))]
 
-    # only with 512-bit VNNI (where it was measured, and where the accumulators of four blocks fit the registers at
-    # 1-5 bits): elsewhere a third row loop would only grow the object (the SSE2 one 150 -> 420 KB)
-    four_block_visits = _Dot16.is_wide(e)
-    if four_block_visits:
-        all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
-        wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
-    else:
-        wide = ir.Constant(ir.IntType(1), 0)
+        # only with 512-bit VNNI (where it was measured, and where the accumulators of four blocks fit the registers
+        # at 1-5 bits): elsewhere a third row loop would only grow the object (the SSE2 one 150 -> 420 KB)
+        four_block_visits = _Dot16.is_wide(e)
+        if four_block_visits:
+            all_bytes, deep_bytes = e.loop(ci(0), nrec, ci(1), [ci(0), ci(0)], weigh, name="weigh")
+            wide = b.icmp_signed("<", b.mul(deep_bytes, ci(2)), all_bytes)
+        else:
+            wide = ir.Constant(ir.IntType(1), 0)
 
-    def whole(start, nblk):  # end of the whole runs of nblk row blocks from start
-        return b.add(start, b.mul(b.sdiv(b.sub(re, start), ci(nblk * LANES)), ci(nblk * LANES)))
+        def whole(start, nblk):  # end of the whole runs of nblk row blocks from start
+            return b.add(start, b.mul(b.sdiv(b.sub(re, start), ci(nblk * LANES)), ci(nblk * LANES)))
 
-    # runs of Q8_ROW_BLOCKS_WIDE row blocks (if this matrix is shallow enough), then of Q8_ROW_BLOCKS, then single
-    # (possibly partial) blocks: a loop whose end is its start runs no iteration
-    wide_end = b.select(wide, whole(rb, Q8_ROW_BLOCKS_WIDE), rb)
-    if four_block_visits:
-        e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
-               name="rowsw")
-    pair_end = whole(wide_end, Q8_ROW_BLOCKS)
-    e.loop(wide_end, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS), name="rowsn")
-    e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
+        # runs of Q8_ROW_BLOCKS_WIDE row blocks (if this matrix is shallow enough), then of Q8_ROW_BLOCKS, then single
+        # (possibly partial) blocks: a loop whose end is its start runs no iteration
+        wide_end = b.select(wide, whole(rb, Q8_ROW_BLOCKS_WIDE), rb)
+        if four_block_visits:
+            e.loop(rb, wide_end, ci(Q8_ROW_BLOCKS_WIDE * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS_WIDE),
+                   name="rowsw")
+        pair_end = whole(wide_end, Q8_ROW_BLOCKS)
+        e.loop(wide_end, pair_end, ci(Q8_ROW_BLOCKS * LANES), [], lambda r, _: rowblocks(r, Q8_ROW_BLOCKS),
+               name="rowsn")
+        e.loop(pair_end, re, ci(LANES), [], lambda r, _: rowblocks(r, 1), name="rows")
+        return []
+
+    if T == 1:
+        decode_rows()
+        b.ret_void()
+        return fn
+    # Prefill (batch >= T): one 16-row block per record visit and T tokens per pass over its code words (their
+    # accumulators take the registers more blocks would). Its own function, so that decode's code and register
+    # allocation stay what they were; it shares the prologue's scratch.
+    pre = ir.Function(e.m, ir.FunctionType(VOID, [P(I64), I64, P(F32), I64, I64, I64, I64, P(I8), P(I64), I64]),
+                      name=spec.q8_name + "_prefill")
+    pre.linkage = "internal"
+    pre.attributes.add("noinline")
+    prefill = b.icmp_signed(">=", batch, ci(T))
+    e.if_then_values(prefill, [], lambda _: (b.call(pre, [rec, nrec, y, rb, re, batch, ldy, scratch, xbase, total]),
+                                             [])[1], name="prefill")
+    e.if_then_values(b.not_(prefill), [], lambda _: decode_rows(), name="decode")
+    b.ret_void()
+
+    # the closures above read these names: rebound to the prefill function's own
+    rec, nrec, y, rb, re, batch, ldy, scratch, xbase, total = pre.args
+    y.add_attribute("noalias")
+    b = e.b = ir.IRBuilder(pre.append_basic_block("entry"))
+    acc_slots = [b.alloca(V(I32, LANES), name="acc")]  # the remainder tokens' record sums
+    gslots = [b.alloca(V(I32, LANES), name=f"gacc{j}") for j in range(T)]  # a group's record sums, per token
+    for a in acc_slots + gslots:
+        a.align = 64
+    fbase = b.bitcast(b.gep(scratch, [b.mul(batch, total)], inbounds=True), P(F32))
+    ntok_rec = b.mul(batch, nrec)
+    e.loop(rb, re, ci(LANES), [], lambda r, _: rowblocks(r, 1, True), name="rowsg")
     b.ret_void()
     return fn
 
