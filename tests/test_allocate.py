@@ -167,13 +167,14 @@ def test_column_costs_are_the_measured_grid_error_and_fall_with_depth():
 
 
 def test_budget_counts_the_backends_kernel_objects(tmp_path):
-    """--backend x86 ships ~280 KB of kernel objects (3.8 bits per weight of this 0.6 M-parameter model); the
-    allocation reserves them before choosing depths, so the bytes on disk still land on the target."""
+    """--backend x86 ships ~555 KB of kernel objects (7.5 bits per weight of this 0.6 M-parameter model: decode and
+    prefill paths of three levels); the allocation reserves them before choosing depths, so the bytes on disk still
+    land on the target."""
     m = MidLM()
     loaded = frontend._from_module(m, m.example_inputs, "mid", "0")
-    opts = CompileOptions(bpw=7.0, quantize_embeddings=True, method="rtn", objective="kl", calib_windows=4,
+    opts = CompileOptions(bpw=11.0, quantize_embeddings=True, method="rtn", objective="kl", calib_windows=4,
                           backend="x86", log=lambda s: None, progress=False)
     manifest = compile_model(loaded, tmp_path / "k.xbitc", opts)
     kernel_bytes = sum(b for f, b in manifest.size.files.items() if f.startswith("kernels/"))
     assert kernel_bytes > 100_000
-    assert 7.0 - 0.01 <= manifest.size.bits_per_weight <= 7.0, manifest.size.bits_per_weight
+    assert 11.0 - 0.01 <= manifest.size.bits_per_weight <= 11.0, manifest.size.bits_per_weight
