@@ -254,9 +254,6 @@ def plan(graph: CoreGraph, inputs: list[tuple[tuple[int, ...], str]], param_shap
         else:
             v = _plan_node(node, _resolve(list(node.args), values), launches, new_buffer, read)
         values[node.name] = v
-    for b in buffers:
-        if b.role != "temp":
-            b.first = -1
     for o in outputs:  # outputs are read after the last launch
         if isinstance(o, Value) and o.buffer >= 0:
             buffers[o.buffer].last = len(launches)

@@ -130,3 +130,18 @@ def test_the_host_family_is_isa_and_system_while_jit_kernels_need_only_the_isa(s
     monkeypatch.setattr(platform, "machine", lambda: machine)
     assert targets.host_family() is family
     assert runtime.host_backend("reference") == backend
+
+
+def test_sources_on_a_host_outside_the_target_table_asks_for_a_target(tmp_path, monkeypatch, capsys):
+    """An artifact compiled for no CPU family (reference) exported with --sources on a host that is none of the
+    families: the one line names --target and the choices, exit 2, no folder."""
+    from xbitc.native import export as export_mod
+
+    art = compiled("llama", tmp_path)
+    monkeypatch.setattr(export_mod, "_artifact_family", lambda backend: None)
+    monkeypatch.setattr("xbitc.backends.cpu.targets.host_family", lambda: None)
+    out = tmp_path / "lib"
+    assert cli(["export", str(art), "--c-lib", str(out), "--sources"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--target" in err[0] and "aarch64" in err[0], err
+    assert not out.exists()

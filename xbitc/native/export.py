@@ -90,7 +90,7 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
     kernels to one CPU of that family (its LLVM name): no run-time choice, and no other CPU of the family is safe to
     run it on. `sources`: write the library's sources, objects and Makefile instead of building it (always so for a
     family that cannot be built on this host)."""
-    from xbitc.backends.cpu.targets import family, host_family
+    from xbitc.backends.cpu.targets import FAMILIES, family, host_family
 
     if act not in modelbin.ACTS:
         raise modelbin.ExportError(f"--act {act}: one of {', '.join(modelbin.ACTS)}")
@@ -102,6 +102,10 @@ def export_c_lib(artifact: Path, out: Path, sanitize: bool = False, act: str = "
 
     graph, manifest = load_graph(Path(artifact))
     fam = fam or _artifact_family(manifest.backend) or host_family()
+    if fam is None and sources:
+        names = ", ".join(f.name for f in FAMILIES)
+        raise modelbin.ExportError(f"--sources: this host is none of the CPU targets and the artifact names none; "
+                                   f"choose one with --target ({names})")
     if cpu is not None:
         try:
             fam = fam.pinned(cpu)
