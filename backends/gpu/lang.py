@@ -562,6 +562,15 @@ class Kernel:
         raw = b"".join(struct.pack(fmt[t.name], values[n]) for n, t in self.params)
         return raw + bytes(-len(raw) % 16)
 
+    def interface(self) -> dict:
+        """How a host calls this kernel, as JSON-able data: its workgroup size, storage buffers in binding order
+        (the parameter struct, when there is one, is the binding after them) and the struct's fields with their byte
+        offsets in `pack_params`' layout."""
+        return {"name": self.name, "workgroup": list(self.workgroup),
+                "buffers": [{"name": m.name, "type": m.dtype.name, "write": m.write} for m in self.buffers],
+                "params": [{"name": n, "type": t.name, "offset": 4 * i} for i, (n, t) in enumerate(self.params)],
+                "params_bytes": len(self.pack_params(**{n: 0 for n, _ in self.params})) if self.params else 0}
+
     @property
     def shared_bytes(self) -> int:
         return sum(m.dtype.bytes * m.size for m in self.shared_arrays)
