@@ -9,7 +9,8 @@ the table measures what users get. Appends the table to BENCHMARKS.md.
 Rows (ROWS, LLAMA_ROWS; `--rows` picks some, in the order given):
 * RTN / GPTQ b-bit g128 / per-channel: uniform baselines, embeddings and output layer float16, plain full-range grid.
 * xbitc B bpw: learned allocation under a whole-model budget (everything counted); `(--calib self)`: the same, but
-  calibrated on as many sequences of the same length sampled from the float model (data-free) instead of the text.
+  calibrated on as many sequences of the same length sampled from the float model (data-free) instead of the text;
+  `(= GPTQ k-bit size)` / `(= llama.cpp Q size)`: the budget that gives that row's file size.
 * llama.cpp Q: bench/llamacpp.py's build of llama.cpp; `llama-imatrix` runs over the xbitc rows' calibration
   windows (decoded into one text that tokenizes back to exactly those tokens, one chunk per window), then
   `llama-quantize --imatrix` makes type Q from the installed GGUF (cached under ~/.cache/xbitc-bench). The GGUF is
@@ -63,6 +64,9 @@ ROWS = {  # name -> xbitc compile arguments
     # equal file size with the GPTQ g128 rows above (embeddings float16; whole-model bpw as measured for those rows)
     **{f"xbitc {b} bpw (= GPTQ {k}-bit size)": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"]
        for k, b in ((2, "5.129"), (3, "5.921"), (4, "6.719"))},
+    # equal file size with llama.cpp's rows (the GGUF file's bits over the model's parameters, as measured)
+    **{f"xbitc {b} bpw (= llama.cpp {q} size)": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"]
+       for q, b in (("IQ2_XXS", "4.985"), ("Q3_K_M", "5.561"), ("Q4_K_M", "6.272"))},
 }
 # llama.cpp, quantized with an importance matrix that llama-imatrix computes on the xbitc rows' calibration windows
 LLAMA_ROWS = {f"llama.cpp {q}": q for q in ("Q4_K_M", "Q3_K_M", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XXS", "IQ1_M")}
