@@ -89,14 +89,16 @@ class CudaDevice:
         self._call("cuModuleGetFunction", ctypes.byref(fn), module, name.encode())
         return fn
 
-    def launch(self, fn, kernel: Kernel, buffers: list[int], params: dict | None, groups: tuple[int, ...]) -> None:
+    def launch(self, fn, kernel: Kernel, buffers: list[int], params: dict | bytes | None,
+               groups: tuple[int, ...]) -> None:
         """kernel's function on `groups` workgroups of its workgroup size; buffers are device pointers in binding
-        order, params its parameter struct (passed by value)."""
+        order, params its parameter struct (passed by value; by name, or the bytes of `Kernel.pack_params`)."""
         if len(buffers) != len(kernel.buffers):
             raise ValueError(f"{kernel.name} takes {len(kernel.buffers)} buffers, got {len(buffers)}")
         values: list = [ctypes.c_uint64(b) for b in buffers]
         if kernel.params:
-            values.append(ctypes.create_string_buffer(kernel.pack_params(**(params or {}))))
+            raw = params if isinstance(params, bytes) else kernel.pack_params(**(params or {}))
+            values.append(ctypes.create_string_buffer(raw))
         args = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
         gx, gy, gz = tuple(groups) + (1,) * (3 - len(groups))
         bx, by, bz = kernel.workgroup
@@ -116,8 +118,12 @@ class CudaDevice:
     def upload(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a)
         ptr = self.alloc(a.nbytes)
-        self._call("cuMemcpyHtoD_v2", ctypes.c_uint64(ptr), ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(a.nbytes))
+        self.copy_in(ptr, a)
         return ptr
+
+    def copy_in(self, ptr: int, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        self._call("cuMemcpyHtoD_v2", ctypes.c_uint64(ptr), ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(a.nbytes))
 
     def download(self, ptr: int, dtype, count: int) -> np.ndarray:
         out = np.empty(count, dtype=dtype)
@@ -127,6 +133,11 @@ class CudaDevice:
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         self._call("cuMemcpyDtoD_v2", ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_size_t(nbytes))
+
+    def free(self, ptr: int) -> None:
+        if ptr in self._allocs:  # free_all may have come first
+            self._allocs.remove(ptr)
+            self._call("cuMemFree_v2", ctypes.c_uint64(ptr))
 
     def free_all(self) -> None:
         for p in self._allocs:

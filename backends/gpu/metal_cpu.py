@@ -69,8 +69,9 @@ class MetalCPU:
         self.lib = ctypes.CDLL(str(so))
         self.kernels = {k.name: k for k in kernels}
 
-    def run(self, name: str, buffers: list[np.ndarray], params: dict | None = None,
+    def run(self, name: str, buffers: list[np.ndarray], params: dict | bytes | None = None,
             groups: tuple[int, ...] = (1,)) -> None:
+        """`params`: by name, or the struct's bytes as `Kernel.pack_params` lays them out."""
         k = self.kernels[name]
         if len(buffers) != len(k.buffers):
             raise ValueError(f"{name} binds {len(k.buffers)} buffers, got {len(buffers)}")
@@ -78,7 +79,7 @@ class MetalCPU:
             if not (a.flags.c_contiguous and a.flags.writeable):
                 raise ValueError(f"buffer {b.name}: a contiguous writable array")
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[a.ctypes.data for a in buffers])
-        prm = k.pack_params(**(params or {}))
+        prm = params if isinstance(params, bytes) else k.pack_params(**(params or {}))
         gx, gy, gz = tuple(groups) + (1,) * (3 - len(groups))
         fn = getattr(self.lib, f"xb_run_{name}")
         if fn(ptrs, ctypes.c_char_p(prm or b"\0"), ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(gz)):

@@ -60,3 +60,38 @@ class Device(WebGPU):
 
     def read_bytes(self, buf, offset: int, nbytes: int) -> bytes:
         return bytes(self.device.queue.read_buffer(buf, offset, nbytes)) if nbytes else b""
+
+    def run_calls(self, prepared, calls) -> None:
+        """The executor's calls (executor.Bound) recorded into one compute pass and submitted. The parameters are
+        one uniform buffer made at the first run of a plan; a call's bind group is kept while its bindings stay the
+        same buffers and ranges (everything but fresh inputs and new outputs), so a repeated decode step rebuilds
+        only the groups that bind those."""
+        dev, state = self.device, prepared.state
+        if "uniforms" not in state:
+            state["uniforms"] = dev.create_buffer_with_data(data=prepared.uniforms or bytes(16),
+                                                            usage=self.wgpu.BufferUsage.UNIFORM)
+            state["groups"] = [None] * len(calls)
+        kept = state["groups"]
+        enc = dev.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for i, c in enumerate(calls):
+            pipe = self.pipeline_for(c.kernel)
+            key = tuple((id(buf), off, size) for buf, off, size in c.bindings)
+            if kept[i] is None or kept[i][0] != key:
+                entries = [{"binding": j, "resource": {"buffer": buf, "offset": off, "size": size}}
+                           for j, (buf, off, size) in enumerate(c.bindings)]
+                if c.kernel.params:
+                    off, size = c.slot
+                    entries.append({"binding": len(entries),
+                                    "resource": {"buffer": state["uniforms"], "offset": off, "size": size}})
+                try:
+                    group = dev.create_bind_group(layout=pipe.layout, entries=entries)
+                except self.wgpu.GPUError as err:
+                    raise RuntimeError(f"node {c.node}: kernel {c.kernel.name} could not be bound: {err}") from None
+                # the buffers are held with the group: an id is never reused while its key is kept
+                kept[i] = (key, group, [b for b, _, _ in c.bindings])
+            cp.set_pipeline(pipe.gpu)
+            cp.set_bind_group(0, kept[i][1])
+            cp.dispatch_workgroups(*c.groups)
+        cp.end()
+        dev.queue.submit([enc.finish()])

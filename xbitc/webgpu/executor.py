@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,19 @@ class Prepared:
     slots: list[tuple[int, int]]  # (offset, size) of each call's parameters in `uniforms`
     scratch_bytes: int
     dedicated: set[int]  # plan buffers (temporaries) that are outputs: buffers of their own
-    uniform_buffer: Any = None  # `uniforms` on the device, made at the first run
+    state: dict = field(default_factory=dict)  # what the device keeps for these calls (uniform buffer, bindings)
+
+
+@dataclass
+class Bound:
+    """One kernel call with its storage bindings resolved to (device buffer, byte offset, byte size); `slot` is the
+    (offset, size) of its parameter struct in the Prepared's `uniforms`."""
+
+    node: str
+    kernel: Any
+    bindings: list[tuple[Any, int, int]]
+    slot: tuple[int, int]
+    groups: tuple[int, ...]
 
 
 class _Env(Env):
@@ -138,36 +150,17 @@ class Executor:
         for b in pr.dedicated:
             where[b] = (self.device.storage(p.buffers[b].bytes), 0)
 
-        def resolve(b) -> dict:
+        def resolve(b) -> tuple[Any, int, int]:
             if isinstance(b, Packed):
                 buf = self.weights.packed(b.param)[1][b.part]
-                return {"buffer": buf, "offset": 0, "size": buf.size}
+                return buf, 0, buf.size
             if isinstance(b, Scratch):
-                return {"buffer": self._scratch, "offset": b.offset, "size": -(-b.nbytes // 16) * 16}
+                return self._scratch, b.offset, -(-b.nbytes // 16) * 16
             buf, off = where.get(b.buffer) or (self._arena, p.buffers[b.buffer].offset)
-            return {"buffer": buf, "offset": off, "size": p.buffers[b.buffer].bytes}
+            return buf, off, p.buffers[b.buffer].bytes
 
-        dev = self.device.device
-        use = self.device.wgpu.BufferUsage
-        if pr.uniform_buffer is None:
-            pr.uniform_buffer = dev.create_buffer_with_data(data=pr.uniforms or bytes(16), usage=use.UNIFORM)
-        ubuf = pr.uniform_buffer
-        enc = dev.create_command_encoder()
-        cp = enc.begin_compute_pass()
-        for (node, c), (off, size) in zip(pr.calls, pr.slots):
-            pipe = self.device.pipeline_for(c.kernel)
-            entries = [{"binding": i, "resource": resolve(b)} for i, b in enumerate(c.bind)]
-            if c.kernel.params:
-                entries.append({"binding": len(c.bind), "resource": {"buffer": ubuf, "offset": off, "size": size}})
-            try:
-                group = dev.create_bind_group(layout=pipe.layout, entries=entries)
-            except self.device.wgpu.GPUError as err:
-                raise RuntimeError(f"node {node}: kernel {c.kernel.name} could not be bound: {err}") from None
-            cp.set_pipeline(pipe.gpu)
-            cp.set_bind_group(0, group)
-            cp.dispatch_workgroups(*c.groups)
-        cp.end()
-        dev.queue.submit([enc.finish()])
+        self.device.run_calls(pr, [Bound(node, c.kernel, [resolve(b) for b in c.bind], slot, c.groups)
+                                   for (node, c), slot in zip(pr.calls, pr.slots)])
 
         outs: list[Any] = []
         for i, v in enumerate(p.outputs):
