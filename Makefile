@@ -14,9 +14,18 @@ PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 # CPU Vulkan driver for WebGPU (lavapipe: tests of the wgsl backend). Installed with apt when missing (as root, or
 # through password-less sudo); otherwise those tests are skipped and say why.
 SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross mesa-vulkan-drivers libvulkan1
-APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES)
+# Headless Chromium (its WebGPU runs on SwiftShader without a GPU) for the browser page of examples/webgpu
+# (tests/test_webgpu_page.py, slow suite only): installed for `make test-all` alone.
+BROWSER_PACKAGES := chromium
+# $(call apt_install,PACKAGES,WHAT NEEDS THEM): apt-get install as root or through password-less sudo, else a note
+apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  APT='DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1)'; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null; then \
+	    echo "note: install $(1) for $(2) (skipped without them)"; \
+	  else $$SUDO sh -c "$$APT >/dev/null 2>&1 || { apt-get update -q >/dev/null && $$APT >/dev/null; }" || \
+	    echo "note: apt could not install $(1); $(2) are skipped"; fi
 
-.PHONY: demo test test-all bench clean lock system-deps
+.PHONY: demo test test-all bench clean lock system-deps browser-deps
 
 $(STAMP): pyproject.toml tests/plugin/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,16 +52,16 @@ demo: $(STAMP)
 system-deps:
 	@if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null || \
 	    [ ! -e /usr/aarch64-linux-gnu/lib/libc.a ] || ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null; then \
-	    echo "note: install $(SYSTEM_PACKAGES) for the AArch64 and WebGPU tests (skipped without them)"; \
-	  else $$SUDO sh -c '$(APT) >/dev/null 2>&1 || { apt-get update -q >/dev/null && $(APT) >/dev/null; }' || \
-	    echo "note: apt could not install $(SYSTEM_PACKAGES); the AArch64 and WebGPU tests are skipped"; fi; fi
+	  $(call apt_install,$(SYSTEM_PACKAGES),the AArch64 and WebGPU tests); fi
+
+browser-deps:
+	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  $(call apt_install,$(BROWSER_PACKAGES),the browser tests of examples/webgpu); fi
 
 test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PYTEST) -q
 
-test-all: $(STAMP) system-deps
+test-all: $(STAMP) system-deps browser-deps
 	HF_HUB_OFFLINE=1 $(PYTEST) -q -m ""
 
 clean:

@@ -40,9 +40,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from xbitc.backends.base import BackendUnavailable
     from xbitc.native.build import BuildError
     from xbitc.native.modelbin import ExportError
+    from xbitc.webgpu.export import BundleError
 
     return (ArtifactError, LoadError, TraceError, PassError, registry.UnknownPlugin, BackendUnavailable, TextError,
-            UsageError, ExportError, BuildError)
+            UsageError, ExportError, BuildError, BundleError)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -138,14 +139,34 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.webgpu is not None:
+        return _export_webgpu(a)
+    if a.check is not None:
+        raise UsageError("--check applies to --webgpu (a bundle's self-check); drop it, or export with --webgpu DIR")
     from xbitc.native.export import export_c_lib
 
-    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act, target=a.target, cpu=a.cpu, sources=a.sources)
+    out = export_c_lib(Path(a.artifact), Path(a.c_lib), act=a.act or "f32", target=a.target, cpu=a.cpu,
+                       sources=a.sources)
     target = (out / "model.h").read_text().split("XBITC_MODEL_TARGET ")[1].split()[0].strip('"')
     lib = f"libxbitc.a for {target}" if (out / "libxbitc.a").exists() else \
         f"libxbitc.a's sources, {target} kernel objects and a Makefile (run make with the target's C compiler)"
     print(f"wrote {out}: model.bin ({(out / 'model.bin').stat().st_size / 1e6:.2f} MB), {lib}, xbitc.h, model.h, "
           "README.md")
+    return 0
+
+
+def _export_webgpu(a: argparse.Namespace) -> int:
+    from xbitc.webgpu.export import CHECK_TOKENS, export_webgpu
+
+    given = [flag for flag, v in (("--act", a.act), ("--target", a.target), ("--cpu", a.cpu),
+                                  ("--sources", a.sources or None)) if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} applies to --c-lib only (the C library); drop it for --webgpu")
+    out = Path(a.webgpu)
+    model = export_webgpu(Path(a.artifact), out, check=a.check)
+    check = f", check.json ({a.check}, {CHECK_TOKENS} tokens)" if a.check else ""
+    print(f"wrote {out}: kernels.wgsl, model.json ({len(model['matrices'])} packed matrices), weights.bin "
+          f"({model['weights_bytes'] / 1e6:.2f} MB){check}")
     return 0
 
 
@@ -221,13 +242,20 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", metavar="PNG", help="draw bits per component type per layer and column depth histograms")
     i.add_argument("--no-verify", action="store_true", help="print the manifest's claims without checking the files")
     i.set_defaults(fn=cmd_inspect)
-    x = sub.add_parser("export", help="write a compiled artifact as a C library a program links (no Python)")
+    x = sub.add_parser("export", help="write a compiled artifact as a C library a program links (no Python), or "
+                                      "its packed matrices as a WebGPU bundle for a web page")
     x.add_argument("artifact")
-    x.add_argument("--c-lib", required=True, metavar="DIR",
-                   help="folder to write: model.bin, libxbitc.a, xbitc.h, model.h, README.md")
-    x.add_argument("--act", default="f32", choices=["f32", "q8"],
-                   help="packed products on float activations (exact, the Python runtime's default) or on int8 "
-                        "activations per record (faster, as llama.cpp does; needs the generated kernels)")
+    to = x.add_mutually_exclusive_group(required=True)
+    to.add_argument("--c-lib", metavar="DIR", help="folder to write: model.bin, libxbitc.a, xbitc.h, model.h, README.md")
+    to.add_argument("--webgpu", metavar="DIR",
+                    help="new folder to write a browser bundle into: kernels.wgsl, model.json, weights.bin (the packed "
+                         "matrices and their WebGPU kernels; examples/webgpu/ runs it)")
+    x.add_argument("--check", metavar="NAME",
+                   help="with --webgpu: also write check.json, seeded activations and the reference product for "
+                        "packed matrix NAME, so a page can verify itself")
+    x.add_argument("--act", choices=["f32", "q8"],
+                   help="packed products on float activations (f32, the default: exact, the Python runtime's) or on "
+                        "int8 activations per record (q8: faster, as llama.cpp does; needs the generated kernels)")
     x.add_argument("--target", help="CPU family to build the library for: x86-64 or aarch64 (Linux, Android; built "
                                     "with the GNU cross compiler), macos-arm64 or ios-arm64 (Mach-O objects and "
                                     "sources with a Makefile, built on a Mac); default: the family the artifact was "

@@ -19,6 +19,8 @@ rebuilds only the groups of its fresh inputs and outputs.
   executor.py  one core graph on the device: arena, scratch, inputs, the calls with their bindings, read back
   native_devices.py  the CUDA device and the Metal-shim CPU device
   program.py   the Program interface runtime.CompiledModel drives (`__call__`, `companion` for the decode step)
+  export.py    `xbitc export ART --webgpu DIR`: the packed matrices and their WGSL kernels as a bundle a web page
+               runs (examples/webgpu/), described by its model.json
 
 Decoding: the decode step's key / value caches are outputs left on the device (`DeviceTensor`) and bound in place as
 the next step's inputs, so a token costs one submission and the read back of its logits. The step graph extends
