@@ -77,7 +77,7 @@ def tiny_llama_artifact(out, bits: int, group: int):
 
 # Mesa's lavapipe (the WebGPU adapter here) loads its own libLLVM into the process, after which llvmlite's MCJIT
 # aborts while finalizing kernels (seen in test_x86_backend after test_webgpu): the WebGPU tests run last.
-GPU_MODULES = ("test_webgpu.py", "test_gpu_kernels.py")
+GPU_MODULES = ("test_gpu_emit.py", "test_webgpu.py", "test_gpu_kernels.py", "test_webgpu_export.py")
 
 
 def pytest_collection_modifyitems(config, items):

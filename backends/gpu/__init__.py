@@ -8,6 +8,8 @@
     packed.py     the packed matrix product (backends/product.py's semantics) on GPUs: the GPU layout of a
                   row-lane matrix (`GpuMatrix`) and its gather, gemv, gemm and dequant kernels; `GpuRenderer` is
                   product.py's Renderer for "wgsl", "cuda" and "metal"
+    emit.py       the artifact's gpu/ for the wgsl, cuda and metal backends: every kernel a model launches as source,
+                  and kernels.json (interfaces, the packed layout's rules); `GpuBackend`, their shared base
     webgpu.py     running kernels through wgpu-py (Mesa's lavapipe where there is no GPU); WGSL errors name the
                   kernel, line and column
     cuda.py       nvcc + the CUDA driver API through ctypes (tests/device, bench/gpu_kernels.py)

@@ -43,8 +43,8 @@ def product_kernel(brank: int, bias: bool, few: bool) -> Kernel:
         with k.if_(g < count):  # uniform: one output per workgroup
             n = k.let("n", g % N)
             m = k.let("m", (g / N) % M)
-            z = k.let("z", g / (N * M))
-            cs = coords(k, z, bd, "z") if brank else []
+            # the batch index only where there are batch dims (an unused local fails nvcc -Werror)
+            cs = coords(k, k.let("z", g / (N * M)), bd, "z") if brank else []
             arow = k.let("arow", dot(cs, a_bs, m * a_rs))
             bcol = k.let("bcol", dot(cs, b_bs, n * b_ns))
             acc = k.var("acc", 0.0)
