@@ -4,7 +4,12 @@ before it are already quantized (the paper's protocol), in one pass over the cal
 One interpreter generator per calibration batch runs in lock-step: each stops before every linear and hands over its
 input; once all batches stand at the same linear, its Hessian H = 2/N sum x x^T is formed, the weight is quantized,
 and the batches continue through the now-quantized layer. Memory is the live activations of the batches plus one
-[in, in] Hessian; no layer inputs are cached on disk, and no model-specific block structure is assumed.
+[in, in] Hessian; no layer inputs are cached on disk, and no model-specific block structure is assumed. The linears
+that read the same input (q/k/v, gate/up) share one Hessian and are quantized together when the first is reached.
+
+Under torchrun each process drives its share of the batches; each Hessian's sum and token count are added over all
+processes, the linears of a shared input are quantized on different ranks (the i-th on rank i % N) and sent to every
+rank (xbitc.distributed), and all continue through the same quantized layers.
 """
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xbitc.ir.graph import Graph
+from xbitc import distributed
+from xbitc.ir.graph import LINEAR_OPS, Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import gptq_quantize
 from xbitc.quant.rtn import rtn_any
 
 from .base import PassContext, PassError
+from .calibrate import too_few_batches
 
 
 def quantize_gptq(
@@ -27,53 +34,65 @@ def quantize_gptq(
 ) -> None:
     if not ctx.calib_inputs:
         raise PassError("GPTQ needs calibration inputs (--calib FILE or --calib self)")
+    batches = distributed.my_share(ctx.calib_inputs)
+    if not batches:
+        raise PassError(too_few_batches(len(ctx.calib_inputs)))
     interp = Interpreter(graph)
-    steps = [interp.steps(*batch) for batch in ctx.calib_inputs]
+    readers: dict[str, list[str]] = {}  # input node -> the weights of the linears reading it, in graph order
+    for n in graph.nodes:
+        if n.op in LINEAR_OPS and interp.param_name(n) not in readers.setdefault(n.args[0].name, []):
+            readers[n.args[0].name].append(interp.param_name(n))
+    steps = [interp.steps(*batch) for batch in batches]
     items = [next(s) for s in steps]
     pending = set(plan)
-    cached = None  # (input node name, its Hessian)
     bar = tqdm(total=len(plan), desc="quantize gptq", leave=False, disable=not ctx.stats.get("progress", True))
     while pending and items[0][0] == "linear":
         node = items[0][1]
         if any(it[1] is not node for it in items):
             raise PassError("calibration batches took different paths through the graph; GPTQ needs a static graph")
-        name = interp.param_name(node)
-        if name in pending:
-            source = node.args[0].name
-            if cached is None or cached[0] != source:  # q/k/v (gate/up) read the same input: one Hessian
-                width = int(graph.params[name].shape[1])
-                hessian = torch.zeros(width, width, dtype=torch.float64)
-                tokens = 0
-                for it in items:
-                    x = it[2].reshape(-1, it[2].shape[-1]).float()
-                    hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
-                    tokens += x.shape[0]
-                hessian *= 2.0 / tokens
-                cached = (source, hessian)
-            hessian = cached[1]
-            cfg = plan[name]
-            w = graph.params[name]
-            graph.params[name] = gptq_quantize(
-                w.float(), hessian.float(), depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp, act_order=act_order,
-                clip=clip, depth_order=depth_order,
-            )
-            interp.forget(name)
-            pending.discard(name)
-            bar.update(1)
+        if interp.param_name(node) in pending:
+            group = [n for n in readers[node.args[0].name] if n in pending]
+            hessian = _hessian([it[2] for it in items], int(graph.params[group[0]].shape[1])).float()
+
+            def quantize(name: str) -> QuantizedMatrix:
+                cfg, w = plan[name], graph.params[name]
+                return gptq_quantize(w.float(), hessian, depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp,
+                                     act_order=act_order, clip=clip, depth_order=depth_order)
+
+            done = distributed.map_matrices(group, quantize)
+            for name in group:
+                graph.params[name] = done[name]
+                interp.forget(name)
+                pending.discard(name)
+                bar.update(1)
         if not pending:
             break  # every planned weight is done: skip the rest of the forward (the logits are not needed)
         items = [s.send(None) for s in steps]
     for s in steps:
         s.close()
     # Tables only read by embeddings never pass through a linear; their inputs are one-hot, so RTN is GPTQ here.
-    for name in sorted(pending):
-        cfg = plan[name]
-        w = graph.params[name]
-        graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1], clip=clip)
+    rest = sorted(pending)
+    done = distributed.map_matrices(rest, lambda n: rtn_any(graph.params[n], plan[n]["bits"],
+                                                            plan[n]["group"] or graph.params[n].shape[1], clip=clip))
+    for name in rest:
+        graph.params[name] = done[name]
         bar.update(1)
     bar.close()
     assert all(isinstance(graph.params[n], QuantizedMatrix) for n in plan)
 
+
+
+def _hessian(inputs: list[torch.Tensor], width: int) -> torch.Tensor:
+    """H = 2/N sum x x^T over the tokens of every rank's batches."""
+    hessian = torch.zeros(width, width, dtype=torch.float64)
+    tokens = 0
+    for x in inputs:
+        x = x.reshape(-1, x.shape[-1]).float()
+        hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
+        tokens += x.shape[0]
+    distributed.all_reduce_sum(hessian)
+    hessian *= 2.0 / distributed.sum_over_ranks(tokens)
+    return hessian
 
 
 def depths(bits):

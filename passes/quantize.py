@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from xbitc import distributed
 from xbitc.ir.graph import Graph, Op
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import DEPTH_ORDERS
@@ -54,10 +55,17 @@ class Quantize(Pass):
             quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order, clip=self.clip,
                           depth_order=self.order)
         else:
-            for name in tqdm(list(plan), desc="quantize rtn", leave=False, disable=not ctx.stats.get("progress", True)):
-                cfg = plan[name]
-                w = graph.params[name]
-                graph.params[name] = rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1], clip=self.clip)
+            names = list(plan)  # under torchrun each rank quantizes its share and sends it to the others
+            bar = tqdm(total=len(distributed.my_share(names)), desc="quantize rtn", leave=False,
+                       disable=not ctx.stats.get("progress", True))
+
+            def quantize(name: str) -> QuantizedMatrix:
+                cfg, w = plan[name], graph.params[name]
+                bar.update(1)
+                return rtn_any(w, cfg["bits"], cfg["group"] or w.shape[1], clip=self.clip)
+
+            graph.params.update(distributed.map_matrices(names, quantize))
+            bar.close()
         mark_quantized_linears(graph)
         return graph
 

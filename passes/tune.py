@@ -11,6 +11,11 @@ The first CHECK_BATCHES calibration batches are held out of the steps (when ther
 the result at `checks` checkpoints spread over the steps: the best checkpoint is kept (the untuned values if none
 beats them), and two checkpoints in a row without a new best end the tuning early -- with little calibration text
 the steps soon fit the batches rather than the task, and further steps only cost time.
+
+Under torchrun every process runs the same steps: each step reads one calibration window and starts from the
+previous step's values, so the steps cannot be split without changing the result. The held-out batches are split
+across the processes (their losses summed over all), and at the end every rank takes rank 0's scales and float
+parameters, so all hold the same graph whatever their thread counts did to the last bits.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
+from xbitc import distributed
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.objectives import default_objective, resolve_objective, task_loss
@@ -111,17 +117,19 @@ class Tune(Pass):
             for n, p in floats.items():  # judged as pack will store the norms
                 tuned.set_weight(n, p.detach().to(dtype).float() if stored else p)
 
-        held_refs: list = []  # the float model's outputs on the check batches: the same at every checkpoint
+        my_check = distributed.my_share(check)  # every rank judges its share of the held-out batches
+        held_refs: list = []  # the float model's outputs on them: the same at every checkpoint
 
         def check_loss() -> float:
             tuned.grad = False  # the interpreter would otherwise record autograd for the norm leaves
             try:
                 with torch.no_grad():
                     if not held_refs:
-                        held_refs.extend(tree_map(_Compact.of, reference.run(*b)) for b in check)
+                        held_refs.extend(tree_map(_Compact.of, reference.run(*b)) for b in my_check)
                     install(stored=True)
-                    return sum(float(task_loss(objective, tuned.run(*b), tree_map(_Compact.widen, r), b))
-                               for b, r in zip(check, held_refs)) / len(check)
+                    total = sum(float(task_loss(objective, tuned.run(*b), tree_map(_Compact.widen, r), b))
+                                for b, r in zip(my_check, held_refs))
+                    return distributed.sum_over_ranks(float(total)) / len(check)
             finally:
                 tuned.grad = True
 
@@ -167,6 +175,8 @@ class Tune(Pass):
         if kept:
             for n, p in best["floats"].items():
                 graph.params[n] = p.to(graph.params[n].dtype)
+        distributed.sync_from_main([s for n in sorted(tuners) for s in graph.params[n].scales]
+                                   + [graph.params[n] for n in sorted(floats)])
         after = best_loss
         ctx.stats["tune"] = {"objective": objective if isinstance(objective, str) else self.objective,
                              "steps": steps_run, "loss_before": before, "loss_after": after, "checks": history,

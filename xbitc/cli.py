@@ -46,6 +46,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             UsageError, ExportError, BuildError, BundleError)
 
 
+def _peer_failed() -> type[BaseException]:
+    from xbitc.distributed import PeerFailed
+
+    return PeerFailed
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     from xbitc.driver import CompileOptions, compile_model
 
@@ -56,6 +62,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         clip=not a.no_clip, tune_steps=a.tune_steps, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
     )
     m = compile_model(a.model, Path(a.output), opts)
+    if m is None:  # another process of the same torchrun run wrote the artifact and says so
+        return 0
     s = m.size
     lin = f", linears {s.linear_bits_per_weight:.3f}" if s.linear_bits_per_weight is not None else ""
     print(f"wrote {a.output}: {s.counted_bytes / 1e6:.2f} MB, {s.bits_per_weight:.3f} bits per weight (whole model{lin})")
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.fn(args)
+    except _peer_failed():  # another process of the same torchrun run failed first and printed the error
+        return 1
     except _expected_errors() as err:
         print(f"xbitc: error: {err}", file=sys.stderr)
         return 2

@@ -1,17 +1,21 @@
-"""`xbitc compile` as a function: load, trace, run the pass pipeline, write the artifact."""
+"""`xbitc compile` as a function: load, trace, run the pass pipeline, write the artifact.
+
+Under torchrun (WORLD_SIZE > 1) every process runs compile_model: all check the input and load the model, the passes
+share their work through xbitc.distributed, and rank 0 logs and writes the artifact once every rank has finished.
+"""
 from __future__ import annotations
 
 import gc
 import os
 import tempfile
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from xbitc import artifact, calibration, frontend, registry, stepgraph
+from xbitc import artifact, calibration, distributed, frontend, registry, stepgraph
 from xbitc.manifest import Manifest
 from xbitc.passes.base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
 from xbitc.passes.targets import weight_roles
@@ -180,11 +184,27 @@ def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> lis
     return calibration.text_windows(model.tokenizer, path, opts.calib_windows, opts.calib_len, opts.seed)
 
 
-def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions) -> Manifest:
-    """Compile `source` (a path/spec, or a model already loaded with frontend.load) into the artifact `out`."""
+def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions) -> Manifest | None:
+    """Compile `source` (a path/spec, or a model already loaded with frontend.load) into the artifact `out`.
+
+    Returns the artifact's manifest; under torchrun, on rank 0, and None on the other ranks (which return once the
+    artifact is in place). The first process to fail raises its error; the others raise distributed.PeerFailed."""
+    with distributed.group():
+        quiet = replace(opts, log=lambda s: None, progress=False, dump_ir=None)  # logs and IR dumps: rank 0's
+        try:
+            return _compile(source, out, opts if distributed.is_main() else quiet)
+        except BaseException as err:
+            if not distributed.first_failure():
+                raise distributed.PeerFailed("another process of this run failed first and reported why") from err
+            raise
+
+
+def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions) -> Manifest | None:
+    main = distributed.is_main()
     # Bad input is refused before the long work: options, the output path, the pipeline, the calibration file.
     check_options(opts)
-    artifact.check_output(out)  # an unwritable -o is found now, not after the compile
+    if main:  # rank 0 writes; on another host the path may mean nothing
+        artifact.check_output(out)  # an unwritable -o is found now, not after the compile
     if opts.dump_ir is not None:
         check_dump_dir(opts.dump_ir)
     backend = registry.get(registry.BACKEND_GROUP, opts.backend)()
@@ -195,7 +215,12 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
     passes = build_passes(spec)  # unknown passes / options fail here, before any model is loaded
     target_bpw = budget_target(opts, passes, spec)
     needs_calib = any(p.needs_calibration for p in passes)
+    if needs_calib and opts.calib_windows < distributed.world_size():
+        n = distributed.world_size()
+        raise PassError(f"--calib-windows {opts.calib_windows} is fewer than the {n} processes of this run, and each "
+                        f"needs a calibration window; give --calib-windows {n} or more, or start fewer processes")
     check_calib_file(opts)
+    distributed.barrier()  # every process passed the checks (one that failed ends the others here)
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle, inputs=opts.inputs)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     calib_inputs = None
@@ -224,9 +249,13 @@ def compile_model(source: str | frontend.LoadedModel, out: Path, opts: CompileOp
         opts.log(f"dropping the cached decode step: {err}")
         graph.step = None
     roles = weight_roles(graph)
-    manifest = artifact.write(
-        graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=target_bpw,
-        roles=roles, tokenizer=model.tokenizer, emit=backend.emit, notes={"plan": ctx.stats.get("plan_summary", {})},
-    )
+    distributed.barrier()  # every process has finished: only now may rank 0 write
+    manifest = None
+    if main:
+        manifest = artifact.write(
+            graph, out, backend=backend.name, pipeline=manager.spec(), passes=ctx.records, target_bpw=target_bpw,
+            roles=roles, tokenizer=model.tokenizer, emit=backend.emit, notes={"plan": ctx.stats.get("plan_summary", {})},
+        )
+    distributed.barrier()  # the others return once the artifact is in place
     return manifest
 

@@ -11,6 +11,11 @@ from the data and the cost, not from rules about layer types:
 - `package.module:function(outputs, reference_outputs, batch) -> loss`: a user's own cost. Its gradient vanishes
   at the float model if the cost compares to the reference, so it is taken at a perturbed point (weights plus
   uniform noise of a 4-bit step); the squared gradients then weigh each weight by how much the cost reacts.
+
+Under torchrun each process takes its share of the batches and the squared-gradient sums are added over all
+processes. The samples come from one generator stream in batch order; a process steps it past the batches of the
+others by drawing what they draw (the same calls on tensors of the same shape), so every batch gets the sample it
+gets in one process and the result differs from one process's only in the order of the float sums.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from xbitc import distributed
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.objectives import OBJECTIVES, resolve_objective  # noqa: F401 (re-exported)
@@ -37,6 +43,18 @@ def _sampled_loss(objective: str | Callable, out: torch.Tensor, ref: torch.Tenso
         return F.cross_entropy(logits, target, reduction="sum")
     ids = batch[0]
     return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def _skip_draws(objective: str | Callable, shape: torch.Size, gen: torch.Generator) -> None:
+    """Advance `gen` as _sampled_loss does for an output of `shape` (what it draws depends on the shape only)."""
+    if objective == "mse":
+        torch.randn(shape, generator=gen)
+    elif objective == "kl":
+        torch.multinomial(torch.ones(shape.numel() // shape[-1], shape[-1]), 1, generator=gen)
+
+
+def _signature(batch: tuple) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in batch)
 
 
 def fisher_diagonal(
@@ -62,15 +80,29 @@ def fisher_diagonal(
     # gradient until backward ends (autograd.grad) kept a second copy of all weights alive, the compile's peak.
     hooks = [leaves[name].register_post_accumulate_grad_hook(partial(_square_into, fisher[name])) for name in names]
     inputs = list(leaves.values())  # nothing else gets a .grad (e.g. parameters of a user objective)
+    mine = set(distributed.my_share(range(len(batches))))
+    draws = objective in ("kl", "mse")  # sample per batch from `gen`
+    shapes: dict[tuple, torch.Size] = {}  # output shape by input shapes: what another rank's batch draws
     try:
-        for batch in tqdm(batches, desc="sensitivity", leave=False, disable=not progress):
+        for i, batch in enumerate(tqdm(batches, desc="sensitivity", leave=False, disable=not progress)):
+            if i not in mine:
+                if draws:
+                    sig = _signature(batch)
+                    if sig not in shapes:  # a static graph: one forward tells the shape for all such batches
+                        shapes[sig] = reference.run(*batch).shape
+                    _skip_draws(objective, shapes[sig], gen)
+                continue
             out = interp.run(*batch)
+            if draws:
+                shapes[_signature(batch)] = out.shape
             loss = _sampled_loss(objective, out, reference.run(*batch), batch, gen)  # the reference dies here
             del out
             loss.backward(inputs=inputs)
     finally:
         for h in hooks:
             h.remove()
+    for name in names:
+        distributed.all_reduce_sum(fisher[name])
     return {name: f / max(len(batches), 1) for name, f in fisher.items()}
 
 
