@@ -177,7 +177,8 @@ def test_the_packed_layout_rules_match_the_kernels_and_the_artifact(artifacts):
 
 
 @pytest.mark.skipif(nvcc() is None, reason="nvcc not found: CUDA sources compile only where the CUDA toolkit is")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+# sm_90 in the default suite; sm_80 (the same source, another nvcc back end) with the slow tests
+@pytest.mark.parametrize("arch", [pytest.param("sm_80", marks=pytest.mark.slow), "sm_90"])
 def test_the_emitted_cuda_compiles_with_nvcc(artifacts, arch, tmp_path):
     art = artifacts["cuda"]
     (rel,) = index(art)["files"]

@@ -127,7 +127,8 @@ class MetalShimDevice:
         from xbitc.backends.gpu.metal_cpu import MetalCPU
 
         for batch in new_batches([c.kernel for c in calls], self._libs):
-            lib = MetalCPU(batch, self.workdir / f"lib{len(set(map(id, self._libs.values())))}")
+            # -O0: a model's kernels compile in a fraction of -O1's time, and a checking device needs no speed
+            lib = MetalCPU(batch, self.workdir / f"lib{len(set(map(id, self._libs.values())))}", opt="-O0")
             self._libs.update((k, lib) for k in batch)
         for c in calls:
             off, size = c.slot
