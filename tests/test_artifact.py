@@ -129,3 +129,14 @@ def test_gptq_artifact_round_trips_exactly(tmp_path):
     loaded, _ = artifact.load_graph(tmp_path / "q.xbitc")
     for name, w in expected.items():
         assert torch.equal(loaded.params[name].dequantize(), w), name
+
+
+def test_equal_compiles_write_equal_weight_files(tmp_path):
+    """Reproducible builds: the same model and options give byte-identical weights.safetensors (safetensors writes
+    its metadata map in hash order, so the file carries one metadata key), and so equal hashes in the manifests."""
+    from conftest import tiny_llama_artifact
+
+    pytest.importorskip("transformers")
+    a, b = (tiny_llama_artifact(tmp_path / name, bits=3, group=16) for name in ("a.xbitc", "b.xbitc"))
+    assert (a / "weights.safetensors").read_bytes() == (b / "weights.safetensors").read_bytes()
+    assert read_manifest(a).files["weights.safetensors"] == read_manifest(b).files["weights.safetensors"]

@@ -31,7 +31,7 @@ from xbitc.ir.verify import VerifyError, dry_run, verify
 from xbitc.quant.packed import PackedMatrix
 from xbitc.size import bits_per_weight
 
-from .manifest import MANIFEST_VERSION, Manifest, Size, Source, TensorEntry
+from .manifest import MANIFEST_VERSION, WEIGHTS_METADATA, Manifest, Size, Source, TensorEntry
 
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
@@ -102,7 +102,7 @@ def write(
     tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         arrays, entries = flatten_params(graph, roles)
-        save_file(arrays, str(tmp / WEIGHTS), metadata={"format": "xbitc", "version": str(MANIFEST_VERSION)})
+        save_file(arrays, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
         (tmp / GRAPH).write_text(serialize.dumps(graph))
         if graph.step is not None:
             (tmp / STEP).write_text(serialize.dumps(graph.step))

@@ -13,7 +13,7 @@ import numpy as np
 
 from xbitc.ir import serialize
 from xbitc.ir.graph import Graph, Op
-from xbitc.manifest import Manifest, Size, Source, TensorEntry
+from xbitc.manifest import WEIGHTS_METADATA, Manifest, Size, Source, TensorEntry
 from xbitc.quant.format import Segment
 from xbitc.quant.packed import planned_tensors
 from xbitc.quant.segments import segments, stored_segments, stores_perm
@@ -31,7 +31,7 @@ def segments_of(bits, group: int, inp: int, reorders: bool = False) -> tuple[lis
 
 
 def safetensors_bytes(arrays: dict[str, tuple[str, list[int]]]) -> int:
-    header, offset = {"__metadata__": {"format": "xbitc", "version": "1"}}, 0
+    header, offset = {"__metadata__": WEIGHTS_METADATA}, 0
     for name in sorted(arrays):
         dtype, shape = arrays[name]
         n = array_bytes(dtype, shape)

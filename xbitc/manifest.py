@@ -6,6 +6,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 MANIFEST_VERSION = 1
+# weights.safetensors' own metadata: one key, because safetensors writes its metadata map in hash order (two keys came
+# out in either order from run to run, so equal compiles gave files of different bytes and hashes)
+WEIGHTS_METADATA = {"format": f"xbitc/{MANIFEST_VERSION}"}
 
 
 class Strict(BaseModel):
