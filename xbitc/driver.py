@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from xbitc import artifact, calibration, distributed, frontend, registry, stepgraph
+from xbitc import artifact, calibration, distributed, frontend, lazy, registry, stepgraph
 from xbitc.manifest import Manifest
 from xbitc.passes.base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
 from xbitc.passes.targets import weight_roles
@@ -221,7 +221,9 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
                         f"needs a calibration window; give --calib-windows {n} or more, or start fewer processes")
     check_calib_file(opts)
     distributed.barrier()  # every process passed the checks (one that failed ends the others here)
-    model = source if isinstance(source, frontend.LoadedModel) else frontend.load(source, trust_pickle=opts.trust_pickle, inputs=opts.inputs)
+    # a Hugging Face folder's weights stay in their files through tracing (--calib self runs the float model: eager)
+    model = source if isinstance(source, frontend.LoadedModel) else frontend.load(
+        source, trust_pickle=opts.trust_pickle, inputs=opts.inputs, lazy=opts.calib != "self")
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     calib_inputs = None
     if opts.calib and not needs_calib:
@@ -231,6 +233,7 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
         if opts.calib != "self":  # text windows are cheap: a too-short text is refused before tracing
             calib_inputs = calibration_inputs(model, opts)
     graph = frontend.trace(model, log=opts.log)
+    lazy.materialize(graph)  # the whole-model passes hold every weight: read them once, one tensor at a time
     graph.meta["float_dtype"] = opts.float_dtype
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress

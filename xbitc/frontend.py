@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from xbitc import stepgraph
+from xbitc import lazy, stepgraph
 from xbitc.importer import TraceError, from_exported
 from xbitc.ir.graph import Graph, Op
 
@@ -31,6 +31,8 @@ class LoadedModel:
     dynamic_dims: dict[int, tuple[str, ...]] = field(default_factory=dict)  # input index -> names of its dynamic axes
     max_seq: int = 1 << 16  # longest sequence the traced graph accepts (position tables bound it)
     input_note: str = ""  # how the example inputs were made when xbitc guessed them (said when tracing fails)
+    # parameter name in the transformers model -> lazy.LazyWeight, when its parameters are on the meta device
+    lazy: dict[str, Any] | None = None
 
     @property
     def param_count(self) -> int:
@@ -152,9 +154,13 @@ def _transformers():
     return transformers
 
 
-def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
+def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False) -> LoadedModel:
+    """A Hugging Face folder (or a GGUF file in it). With `lazy`, a safetensors checkpoint is not read: the model
+    is built with meta parameters and each graph parameter reads its tensor when asked (xbitc.lazy); the module
+    then cannot run. A folder the lazy path cannot map name for name loads eagerly."""
     tf = _transformers()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    bound = None
     with one_gguf_reader() if gguf_file else nullcontext():
         if gguf_file:
             check_gguf(path / gguf_file)  # parsed once here; transformers' readers below reuse it
@@ -166,7 +172,10 @@ def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
             cls = getattr(tf, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
             if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
                 cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
-            model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kw)
+            if lazy and not gguf_file:
+                model, bound = _lazy_model(path, cls, config)
+            if bound is None:
+                model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kw)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             first = " ".join(str(err).split())[:300]
             raise LoadError(f"{path / gguf_file if gguf_file else path}: transformers cannot load this model "
@@ -176,7 +185,21 @@ def load_hf_folder(path: Path, gguf_file: str | None = None) -> LoadedModel:
         except (OSError, ValueError, KeyError, TypeError):
             tokenizer = None
     src = path / gguf_file if gguf_file else path
-    return wrap_hf(model, tokenizer, str(src), file_hash(src))
+    loaded = wrap_hf(model, tokenizer, str(src), file_hash(src))
+    loaded.lazy = bound
+    return loaded
+
+
+def _lazy_model(path: Path, cls: Any, config: Any) -> tuple[torch.nn.Module | None, dict | None]:
+    """`cls` built from `config` with meta parameters bound to the folder's safetensors tensors, or (None, None)
+    where that cannot stand in for from_pretrained (no safetensors, a quantized checkpoint, names that differ)."""
+    weights = lazy.checkpoint(path)
+    if weights is None or getattr(config, "quantization_config", None):
+        return None, None
+    with lazy.meta_parameters():
+        model = cls(config) if issubclass(cls, torch.nn.Module) else cls.from_config(config)  # a class or an Auto*
+    bound = lazy.bind(model, weights)
+    return (model, bound) if bound is not None else (None, None)
 
 
 def check_gguf(file: Path) -> None:
@@ -410,9 +433,10 @@ def _inferred(module: torch.nn.Module, source: str, digest: str) -> LoadedModel:
     return LoadedModel(module, (x,), "generic", source, digest, dynamic_dims=_guess_dynamic((x,)), input_note=note)
 
 
-def load(source: str, trust_pickle: bool = False, inputs: Any = None) -> LoadedModel:
-    """Dispatch on what `source` is; `inputs`: --input texts (see INPUT_HELP) for plain modules and .pt2 programs.
-    Raises LoadError with a fix for everything it refuses."""
+def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool = False) -> LoadedModel:
+    """Dispatch on what `source` is; `inputs`: --input texts (see INPUT_HELP) for plain modules and .pt2 programs;
+    `lazy`: leave a Hugging Face folder's weights in its files (see load_hf_folder). Raises LoadError with a fix
+    for everything it refuses."""
     specs = parse_inputs(inputs)  # a malformed --input is refused before anything is loaded
     path = Path(source)
     if ":" in source and not path.exists() and not source.endswith((".pt", ".pt2", ".gguf")):
@@ -425,7 +449,7 @@ def load(source: str, trust_pickle: bool = False, inputs: Any = None) -> LoadedM
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoadError(f"{source} is a folder without config.json; expected a Hugging Face model folder")
-        return load_hf_folder(path)
+        return load_hf_folder(path, lazy=lazy)
     if path.suffix == ".gguf":
         return load_hf_folder(path.parent, gguf_file=path.name)
     if path.suffix == ".pt2":
@@ -561,9 +585,11 @@ def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = la
     param_count = model.param_count
     ep = getattr(model, "exported", None)
     if ep is None:
-        ep = _export(model, log)
+        with _weights_stand_in(model):
+            ep = _export(model, log)
     prefix = "model." if isinstance(model.module, (CausalLMLogits, EncoderHidden, VisionOutput, AudioEncoderHidden)) else ""
-    graph = from_exported(ep, strip_prefix=prefix)  # dynamic input sizes named in the INPUT types
+    weights = {f"model.{k}": v for k, v in model.lazy.items()} if model.lazy else None
+    graph = from_exported(ep, strip_prefix=prefix, weights=weights)  # dynamic input sizes named in the INPUT types
     if isinstance(model.module, CausalLMLogits) and step:
         graph.step = _trace_step(model, graph, log)
     graph.meta.update(
@@ -578,12 +604,18 @@ def trace(model: LoadedModel, step: bool = True, log: Callable[[str], None] = la
     return graph
 
 
+def _weights_stand_in(model: LoadedModel):
+    """While tracing a model whose parameters are on the meta device, fake tensors stand in for them."""
+    return lazy.fake_parameters(model.module) if model.lazy else nullcontext()
+
+
 def _trace_step(model: LoadedModel, graph: Graph, log: Callable[[str], None]) -> Graph | None:
     from xbitc.passes.base import PassContext
     from xbitc.passes.canonicalize import Canonicalize
 
     hf = model.module.model
-    step = stepgraph.export_step(hf, hf.config, model.max_seq, log)
+    step = stepgraph.export_step(hf, hf.config, model.max_seq, log, weights=model.lazy,
+                                 tracing=lambda: _weights_stand_in(model))
     if step is None:
         return None
     step = Canonicalize().run(step, PassContext(log=lambda s: None))
@@ -591,7 +623,8 @@ def _trace_step(model: LoadedModel, graph: Graph, log: Callable[[str], None]) ->
     kinds = step.meta.get("param_kinds", {})
     for name, value in step.params.items():
         mine = graph.params.get(name)
-        if mine is not None and tuple(mine.shape) == tuple(value.shape) and torch.equal(mine, value):
+        if mine is value or (isinstance(mine, torch.Tensor) and tuple(mine.shape) == tuple(value.shape)
+                             and torch.equal(mine, value)):
             continue
         if kinds.get(name) == "parameter":  # weights must be the compiled ones; a mismatch means another model
             log(f"no cached decode step: its parameter {name!r} differs from the traced graph's")

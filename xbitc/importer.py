@@ -69,8 +69,10 @@ def _convert(v: Any) -> Any:
     return v
 
 
-def from_exported(ep: torch.export.ExportedProgram, strip_prefix: str = "") -> Graph:
-    """Build the IR from an ExportedProgram; parameter names are the module's fully qualified names."""
+def from_exported(ep: torch.export.ExportedProgram, strip_prefix: str = "", weights: dict[str, Any] | None = None) -> Graph:
+    """Build the IR from an ExportedProgram; parameter names are the module's fully qualified names. `weights`
+    (fully qualified name -> handle, e.g. xbitc.lazy.LazyWeight) stands in for parameters traced as fake tensors;
+    names sharing a handle are one (tied) parameter."""
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
     placeholder_param: dict[str, str] = {}
@@ -80,8 +82,9 @@ def from_exported(ep: torch.export.ExportedProgram, strip_prefix: str = "") -> G
     for spec in sig.input_specs:
         if spec.kind in (kinds.PARAMETER, kinds.BUFFER, kinds.CONSTANT_TENSOR):
             fqn = spec.target
-            value = ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
-            key = (value.data_ptr(), tuple(value.shape), value.dtype)
+            handle = (weights or {}).get(fqn)
+            value = handle if handle is not None else ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
+            key = ("handle", id(handle)) if handle is not None else (value.data_ptr(), tuple(value.shape), value.dtype)
             if value.numel() and key in by_storage:
                 placeholder_param[spec.arg.name] = by_storage[key]
                 continue
@@ -89,7 +92,7 @@ def from_exported(ep: torch.export.ExportedProgram, strip_prefix: str = "") -> G
             by_storage[key] = name
             placeholder_param[spec.arg.name] = name
             param_kinds[name] = {kinds.PARAMETER: "parameter", kinds.BUFFER: "buffer"}.get(spec.kind, "constant")
-            params[name] = value.detach().clone().contiguous()
+            params[name] = handle if handle is not None else value.detach().clone().contiguous()
         elif spec.kind is not kinds.USER_INPUT:
             raise TraceError(f"unsupported export input kind {spec.kind.name} for {spec.arg.name}")
     for spec in sig.output_specs:

@@ -16,6 +16,7 @@ artifact stores it as `step.json` (counted: it is needed to run).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -55,8 +56,11 @@ def cache_geometry(config: Any) -> tuple[int, int, int] | None:
     return layers, kv, dim
 
 
-def export_step(model: torch.nn.Module, config: Any, max_seq: int, log: Callable[[str], None]) -> Graph | None:
-    """Trace the decode step of a transformers causal LM, or None (logged) when its cache does not export."""
+def export_step(model: torch.nn.Module, config: Any, max_seq: int, log: Callable[[str], None],
+                weights: dict[str, Any] | None = None, tracing: Callable[[], Any] = nullcontext) -> Graph | None:
+    """Trace the decode step of a transformers causal LM, or None (logged) when its cache does not export.
+    `weights`: handles for parameters traced as fake tensors (xbitc.lazy), by name in `model`; `tracing()`: the
+    context torch.export runs in (where fake tensors stand in for them; the example inputs are made outside)."""
     from xbitc.importer import from_exported
 
     geometry = cache_geometry(config)
@@ -73,9 +77,9 @@ def export_step(model: torch.nn.Module, config: Any, max_seq: int, log: Callable
     was = getattr(config, "use_cache", None)
     try:
         config.use_cache = True
-        with torch.no_grad():
+        with torch.no_grad(), tracing():
             ep = torch.export.export(CausalLMStep(model, layers), (ids, past), dynamic_shapes=shapes, strict=False)
-        step = from_exported(ep, strip_prefix="model.")
+        step = from_exported(ep, strip_prefix="model.", weights={f"model.{k}": v for k, v in (weights or {}).items()})
     except Exception as err:  # export raises a zoo of types; the model still compiles without a step graph
         log(f"no cached decode step ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
             "generation will re-run the prefix")
