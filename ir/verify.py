@@ -21,7 +21,9 @@ class VerifyError(ValueError):
 
 
 def _storage_kind(value) -> str:
-    if isinstance(value, torch.Tensor):
+    from xbitc.lazy import LazyWeight
+
+    if isinstance(value, (torch.Tensor, LazyWeight)):  # a LazyWeight: a tensor still in its checkpoint file
         return "float" if value.is_floating_point() else "tensor"
     return type(value).__name__  # QuantizedMatrix / PackedMatrix
 

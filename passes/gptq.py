@@ -6,6 +6,8 @@ input; once all batches stand at the same linear, its Hessian H = 2/N sum x x^T 
 and the batches continue through the now-quantized layer. Memory is the live activations of the batches plus one
 [in, in] Hessian; no layer inputs are cached on disk, and no model-specific block structure is assumed. The linears
 that read the same input (q/k/v, gate/up) share one Hessian and are quantized together when the first is reached.
+A graph whose weights are still in their files (xbitc.lazy) is quantized the same way one layer block at a time
+(xbitc.streaming), which gives the same matrices.
 
 Under torchrun each process drives its share of the batches; each Hessian's sum and token count are added over all
 processes, the linears of a shared input are quantized on different ranks (the i-th on rank i % N) and sent to every
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xbitc import distributed
+from xbitc import distributed, lazy
 from xbitc.ir.graph import LINEAR_OPS, Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import gptq_quantize
+from xbitc.quant.packed import PackedMatrix
 from xbitc.quant.rtn import rtn_any
 
 from .base import PassContext, PassError
@@ -37,6 +40,24 @@ def quantize_gptq(
     batches = distributed.my_share(ctx.calib_inputs)
     if not batches:
         raise PassError(too_few_batches(len(ctx.calib_inputs)))
+    options = {"damp": damp, "act_order": act_order, "clip": clip, "depth_order": depth_order}
+    bar = tqdm(total=len(plan), desc="quantize gptq", leave=False, disable=not ctx.stats.get("progress", True))
+    if lazy.is_lazy(graph):  # weights still in their files: one layer block at a time (xbitc.streaming)
+        from xbitc import streaming
+
+        streaming.quantize_blocks(graph, batches, plan, options, bar)
+    else:
+        pending, _ = sequential(graph, batches, plan, options, bar)
+        rtn_rest(graph, sorted(pending), plan, clip, bar)
+    bar.close()
+    assert all(isinstance(graph.params[n], (QuantizedMatrix, PackedMatrix)) for n in plan)
+
+
+def sequential(graph: Graph, batches: list[tuple], plan: dict, options: dict, bar: tqdm,
+               outputs: bool = False) -> tuple[set[str], list | None]:
+    """GPTQ the weights of `plan` that `graph`'s linears read, in execution order, from `batches` (this rank's)
+    driven in lock-step. Returns the planned weights of the graph no linear read, and with `outputs` each batch's
+    output of the quantized graph (without, the run stops once the last planned weight is done)."""
     interp = Interpreter(graph)
     readers: dict[str, list[str]] = {}  # input node -> the weights of the linears reading it, in graph order
     for n in graph.nodes:
@@ -44,9 +65,8 @@ def quantize_gptq(
             readers[n.args[0].name].append(interp.param_name(n))
     steps = [interp.steps(*batch) for batch in batches]
     items = [next(s) for s in steps]
-    pending = set(plan)
-    bar = tqdm(total=len(plan), desc="quantize gptq", leave=False, disable=not ctx.stats.get("progress", True))
-    while pending and items[0][0] == "linear":
+    pending = set(plan) & set(graph.params)
+    while items[0][0] == "linear":
         node = items[0][1]
         if any(it[1] is not node for it in items):
             raise PassError("calibration batches took different paths through the graph; GPTQ needs a static graph")
@@ -56,8 +76,7 @@ def quantize_gptq(
 
             def quantize(name: str) -> QuantizedMatrix:
                 cfg, w = plan[name], graph.params[name]
-                return gptq_quantize(w.float(), hessian, depths(cfg["bits"]), cfg["group"] or w.shape[1], damp=damp,
-                                     act_order=act_order, clip=clip, depth_order=depth_order)
+                return gptq_quantize(w.float(), hessian, depths(cfg["bits"]), cfg["group"] or w.shape[1], **options)
 
             done = distributed.map_matrices(group, quantize)
             for name in group:
@@ -65,21 +84,21 @@ def quantize_gptq(
                 interp.forget(name)
                 pending.discard(name)
                 bar.update(1)
-        if not pending:
+        if not pending and not outputs:
             break  # every planned weight is done: skip the rest of the forward (the logits are not needed)
         items = [s.send(None) for s in steps]
     for s in steps:
         s.close()
-    # Tables only read by embeddings never pass through a linear; their inputs are one-hot, so RTN is GPTQ here.
-    rest = sorted(pending)
-    done = distributed.map_matrices(rest, lambda n: rtn_any(graph.params[n], plan[n]["bits"],
-                                                            plan[n]["group"] or graph.params[n].shape[1], clip=clip))
-    for name in rest:
+    return pending, [it[1] for it in items] if outputs else None
+
+
+def rtn_rest(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm) -> None:
+    """Tables only read by embeddings never pass through a linear; their inputs are one-hot, so RTN is GPTQ here."""
+    done = distributed.map_matrices(names, lambda n: rtn_any(graph.params[n], plan[n]["bits"],
+                                                             plan[n]["group"] or graph.params[n].shape[1], clip=clip))
+    for name in names:
         graph.params[name] = done[name]
         bar.update(1)
-    bar.close()
-    assert all(isinstance(graph.params[n], QuantizedMatrix) for n in plan)
-
 
 
 def _hessian(inputs: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -54,8 +54,10 @@ def _peer_failed() -> type[BaseException]:
 
 def cmd_compile(a: argparse.Namespace) -> int:
     from xbitc.driver import CompileOptions, compile_model
+    from xbitc.streaming import parse_size
 
     opts = CompileOptions(
+        max_memory=parse_size(a.max_memory) if a.max_memory is not None else None,
         bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
         quantize_embeddings=a.quantize_embeddings, allocator=a.allocator, objective=a.objective, float_dtype=a.float_dtype, calib=a.calib,
         calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle, inputs=tuple(a.input or ()),
@@ -229,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
                         "e.g. ids:1x16:int64 (static) or ids:batchxseq:int64 (named sizes stay dynamic; NAME=N traces "
                         "at N, default 2 for batch, 8 otherwise). Without it xbitc uses the model's example inputs or "
                         "infers them from a first Embedding, Linear or Conv layer")
+    c.add_argument("--max-memory", metavar="SIZE",
+                   help="bound on the compile's memory, e.g. 3GB: a Hugging Face folder compiled with --bits B "
+                        "--method gptq is quantized a layer block at a time; refused at once if the estimate is over")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="generate text greedily from a compiled language model")

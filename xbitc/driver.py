@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from xbitc import artifact, calibration, distributed, frontend, lazy, registry, stepgraph
+from xbitc import artifact, calibration, distributed, frontend, lazy, registry, stepgraph, streaming
 from xbitc.manifest import Manifest
 from xbitc.passes.base import MAX_BPW, MIN_BPW, Pass, PassContext, PassError, PassManager, coerce_options, parse_spec
 from xbitc.passes.targets import weight_roles
@@ -42,6 +42,7 @@ class CompileOptions:
     calib_len: int = 256
     seed: int = 0
     trust_pickle: bool = False
+    max_memory: int | None = None  # bytes: the block-wise GPTQ compile's bound, checked before any work (streaming)
     inputs: tuple[str, ...] = ()  # --input NAME:SHAPE[:DTYPE] for plain modules and .pt2 programs (frontend.INPUT_HELP)
     dump_ir: Path | None = None
     log: Callable[[str], None] = print
@@ -220,6 +221,9 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
         raise PassError(f"--calib-windows {opts.calib_windows} is fewer than the {n} processes of this run, and each "
                         f"needs a calibration window; give --calib-windows {n} or more, or start fewer processes")
     check_calib_file(opts)
+    if opts.max_memory is not None:
+        need = streaming.check_memory(source, passes, opts.max_memory, opts.calib_windows, opts.calib_len, opts.calib)
+        opts.log(f"memory: about {streaming.gb(need)} estimated at the peak, within --max-memory {streaming.gb(opts.max_memory)}")
     distributed.barrier()  # every process passed the checks (one that failed ends the others here)
     # a Hugging Face folder's weights stay in their files through tracing (--calib self runs the float model: eager)
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(
@@ -233,7 +237,8 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
         if opts.calib != "self":  # text windows are cheap: a too-short text is refused before tracing
             calib_inputs = calibration_inputs(model, opts)
     graph = frontend.trace(model, log=opts.log)
-    lazy.materialize(graph)  # the whole-model passes hold every weight: read them once, one tensor at a time
+    if not streaming.streams(passes):  # the whole-model passes hold every weight: read them, one tensor at a time
+        lazy.materialize(graph)  # (a pipeline that streams reads them a layer block at a time: xbitc.streaming)
     graph.meta["float_dtype"] = opts.float_dtype
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress

@@ -1,0 +1,185 @@
+"""Block-wise GPTQ (xbitc.streaming): a Hugging Face folder compiled with `--bits B --method gptq` is quantized one
+layer block at a time from weights still in their files, and the artifact is the whole-model path's."""
+import copy
+import gc
+import json
+import re
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xbitc import calibration, frontend, lazy, streaming, synthetic
+from xbitc.driver import CompileOptions, build_passes, compile_model, default_pipeline
+from xbitc.passes.base import PassContext, PassManager
+from xbitc.quant.packed import PackedMatrix
+
+pytest.importorskip("transformers")
+
+
+def small_llama(folder, tie=False):
+    cfg = synthetic.llama_config(layers=2, hidden=64, intermediate=128, vocab=300, heads=4, kv_heads=2, tie=tie)
+    synthetic.write_llama(folder, cfg, shard_bytes=40_000)
+    return folder
+
+
+def artifact_of(out):
+    return load_file(str(out / "weights.safetensors")), json.loads((out / "graph.json").read_text())
+
+
+class LoadWatch:
+    """Every LazyWeight read, and at each read the layers whose read tensors are still alive."""
+
+    def __init__(self, monkeypatch):
+        self.alive: dict[int, str] = {}
+        self.reads: list[str] = []
+        self.layers_alive: list[set[int]] = []
+        real = lazy.LazyWeight.load
+
+        def layers():
+            return {int(m.group(1)) for k in self.alive.values() if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+
+        def load(weight):
+            t = real(weight)
+            self.reads.append(weight.key)
+            self.alive[id(t)] = weight.key
+            weakref.finalize(t, self.alive.pop, id(t), None)
+            if len(layers()) > 1:
+                gc.collect()  # what only reference cycles hold is not kept by the compile: count what is
+            self.layers_alive.append(layers())
+            return t
+
+        monkeypatch.setattr(lazy.LazyWeight, "load", load)
+
+
+def run_passes(graph, opts, calib):
+    ctx = PassContext(calib_inputs=calib, log=lambda s: None)
+    ctx.stats["progress"] = False
+    return PassManager(build_passes(default_pipeline(opts))).run(graph, ctx)
+
+
+def test_blockwise_equals_whole_graph(tmp_path, monkeypatch):
+    """Untied, embeddings quantized: the table goes by RTN after the prologue, the output layer by GPTQ in the head."""
+    held = frontend.load(str(small_llama(tmp_path / "hf")), lazy=True)
+    graph = frontend.trace(held, step=False)
+    handles = sum(isinstance(v, lazy.LazyWeight) for v in graph.params.values())
+    whole = copy.deepcopy(graph)
+    lazy.materialize(whole)
+    opts = CompileOptions(method="gptq", bits=3, quantize_embeddings=True)
+    assert streaming.streams(build_passes(default_pipeline(opts)))
+    calib = calibration.random_inputs(held.example_inputs, 3)
+    whole = run_passes(whole, opts, calib)
+    watch = LoadWatch(monkeypatch)
+    streamed = run_passes(graph, opts, calib)
+    # every weight was read once, and at every read the tensors alive belonged to one layer block at most
+    assert len(watch.reads) == len(set(watch.reads)) == handles == 2 * 9 + 3
+    assert max(len(layers) for layers in watch.layers_alive) == 1 and watch.layers_alive[-1] == set()
+    assert [(n.name, n.op) for n in streamed.nodes] == [(n.name, n.op) for n in whole.nodes]
+    assert sorted(streamed.params) == sorted(whole.params)
+    packed = 0
+    for name, w in whole.params.items():  # the same ops in the same order: equal to the bit
+        s = streamed.params[name]
+        if isinstance(w, PackedMatrix):
+            a, b = w.tensors(name), s.tensors(name)
+            assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a), name
+            packed += 1
+        else:
+            assert torch.equal(w, s), name
+    assert packed == 2 * 7 + 2  # every linear of the layers, the embedding table and the output layer
+
+
+def test_streams_only_uniform_gptq():
+    def streams(**options):
+        return streaming.streams(build_passes(default_pipeline(CompileOptions(**options))))
+
+    assert streams(bits=3, method="gptq") and streams(bits=2, group=64, method="gptq", quantize_embeddings=True)
+    assert streams(bpw=3.5, allocator="uniform", method="gptq")
+    assert not streams(bits=3, method="rtn")  # RTN needs no calibration: it reads the weights whole
+    assert not streams(bits=3, method="gptq", tune_steps=4)  # tuning trains the whole model at once
+    assert not streams(bpw=3.5, method="gptq")  # learned allocation measures the whole model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True])
+def test_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
+    """End to end through the driver, tied output layer included: the artifacts are equal tensor for tensor."""
+    folder = small_llama(tmp_path / "hf", tie=tie)
+    opts = CompileOptions(method="gptq", bits=2, group=32, quantize_embeddings=True, clip=False, calib_windows=3,
+                          calib_len=16, log=lambda s: None, progress=False)
+    eager, held = frontend.load(str(folder)), frontend.load(str(folder), lazy=True)
+    eager.example_inputs = held.example_inputs  # without a tokenizer, calibration draws ids shaped like these
+    whole = compile_model(eager, tmp_path / "whole", opts)  # weights in memory: the whole-graph pass
+    watch = LoadWatch(monkeypatch)
+    streamed = compile_model(held, tmp_path / "streamed", opts)  # weights in their files: block by block
+    assert streamed.pipeline == whole.pipeline
+    assert len(watch.reads) == len(set(watch.reads)) == len(lazy.checkpoint(folder))
+    assert max(len(layers) for layers in watch.layers_alive) == 1
+    w1, g1 = artifact_of(tmp_path / "whole")
+    w2, g2 = artifact_of(tmp_path / "streamed")
+    assert g1 == g2 and sorted(w1) == sorted(w2)
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--bpw", "3.5", "--method", "gptq"], "give --bits B --method gptq"),  # learned allocation
+    (["--bits", "3", "--method", "gptq", "--tune-steps", "4"], "give --bits B --method gptq"),
+    (["--bits", "3"], "give --bits B --method gptq"),  # RTN
+    (["--bits", "3", "--method", "gptq", "--calib", "self"], "--calib self samples text"),
+])
+def test_max_memory_refuses_what_does_not_stream(tmp_path, capsys, args, says):
+    from xbitc.cli import main
+
+    folder = small_llama(tmp_path / "hf")
+    out = tmp_path / "out.xbitc"
+    assert main(["compile", str(folder), "-o", str(out), "--max-memory", "3GB", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "--max-memory" in err
+    assert not out.exists()
+
+
+def test_max_memory_refuses_before_loading(tmp_path, capsys, monkeypatch):
+    from xbitc.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(frontend, "load", no_load)
+    folder = small_llama(tmp_path / "hf")
+    out = tmp_path / "out.xbitc"
+    compile_args = ["compile", str(folder), "-o", str(out), "--bits", "3", "--method", "gptq"]
+    for limit, says in [("100MB", "needs about"), ("3 bananas", "is not a size")]:
+        assert main([*compile_args, "--max-memory", limit]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert main(["compile", str(tmp_path), "-o", str(out), "--bits", "3", "--method", "gptq",
+                 "--max-memory", "3GB"]) == 2
+    assert "not a Hugging Face folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_memory_estimate_counts_the_model():
+    """The estimate grows with what the compile holds: a wider model, more calibration tokens, more bits."""
+    def peak(hidden, windows=4, bits=3):
+        cfg = synthetic.llama_config(layers=2, hidden=hidden, intermediate=2 * hidden, vocab=1000)
+        weights = {k: lazy.LazyWeight("x", k, s, torch.float16) for k, s in synthetic.llama_shapes(cfg).items()}
+        return streaming.estimate_peak(weights, bits, 32, windows, 64, 16)
+
+    small, wide = peak(256), peak(512)
+    assert all(wide[k] > small[k] for k in ("largest block", "Hessian", "activations", "packed model"))
+    assert small["largest block"] == 4 * (2 * 256 * 256 + 2 * 64 * 256 + 3 * 2 * 256 * 256 + 2 * 256)  # a layer
+    assert peak(256, windows=8)["activations"] == 2 * small["activations"]
+    assert peak(256, bits=4)["packed model"] > small["packed model"]
+
+
+@pytest.mark.slow
+def test_max_memory_compiles_within(tmp_path, capsys):
+    from xbitc.cli import main
+
+    folder = small_llama(tmp_path / "hf")
+    out = tmp_path / "out.xbitc"
+    assert main(["compile", str(folder), "-o", str(out), "--bits", "3", "--method", "gptq", "--calib-windows", "2",
+                 "--max-memory", "4GB"]) == 0
+    said = capsys.readouterr().out
+    assert "memory: about" in said and "within --max-memory 4.00 GB" in said and (out / "weights.safetensors").is_file()

@@ -1,0 +1,171 @@
+"""Block-wise GPTQ: a model larger than memory is quantized one layer block at a time.
+
+When the graph's weights are still in their files (xbitc.lazy: a Hugging Face folder compiled with uniform bits and
+GPTQ, the driver's `streams` test), the GPTQ quantize pass runs here instead of over the whole graph. The calibration
+batches run through the prologue (embedding); then for each layer block (ir/blocks.py), in order: its weights are read
+from the shards, its linears are quantized by the same sequential GPTQ as the whole-graph pass
+(passes/gptq.sequential: each linear from the inputs it receives with every linear before it already quantized, so
+every block sees the outputs of the quantized blocks before it), the quantized block runs on to make the next
+block's inputs, and every weight no later block reads is stored as the artifact stores it (packed, or float at the
+artifact's float dtype) before the next block is read. The blocks run exactly the whole graph's ops in its order, so
+the artifact is the one the whole-graph path writes.
+
+Held at once: one block's float weights and one [in, in] Hessian, every calibration batch's values at the block
+boundary, and the packed model so far.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from xbitc import lazy
+from xbitc.ir.blocks import find_blocks
+from xbitc.ir.graph import LINEAR_OPS, Graph, Op
+from xbitc.passes.base import PassError
+from xbitc.passes.gptq import rtn_rest, sequential
+from xbitc.passes.plan import GROUPS
+from xbitc.passes.pack import stored_dtype
+from xbitc.quant.format import QuantizedMatrix
+from xbitc.quant.packed import PackedMatrix
+
+
+def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dict, bar: tqdm) -> None:
+    """Quantize `plan`'s weights of the lazy `graph` block by block from this rank's calibration `batches`;
+    `options`: gptq_quantize's. A graph without repeated layers is read whole and quantized as one block."""
+    found = find_blocks(graph)
+    if not found.layers:
+        lazy.materialize(graph)
+        pending, _ = sequential(graph, batches, plan, options, bar)
+        rtn_rest(graph, sorted(pending), plan, options["clip"], bar)
+        return
+    last = {name: i for i, block in enumerate(found.blocks) for name in block.params}  # the last block reading it
+    envs = [dict(zip(found.blocks[0].inputs, batch)) for batch in batches]  # each batch's values at the boundary
+    for i, block in enumerate(found.blocks):
+        for name in block.params:
+            if isinstance(graph.params[name], lazy.LazyWeight):
+                graph.params[name] = graph.params[name].load()
+            block.graph.params[name] = graph.params[name]
+        mine = {n: plan[n] for n in block.params if n in plan and isinstance(graph.params[n], torch.Tensor)}
+        head = block.kind == "head"
+        if mine or not head:  # the head runs only to quantize its linears (the logits are not needed)
+            inputs = [tuple(env[n] for n in block.inputs) for env in envs]
+            _, outs = sequential(block.graph, inputs, mine, options, bar, outputs=not head)
+            graph.params.update((n, block.graph.params[n]) for n in mine)
+            if not head:
+                later = {n for b in found.blocks[i + 1:] for n in b.inputs}
+                for env, out in zip(envs, outs):
+                    env.update(zip(block.outputs, out))
+                    for name in set(env) - later:
+                        del env[name]
+        block.graph.params.clear()
+        _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar)
+    lazy.materialize(graph)  # what only the decode step reads (its constants)
+
+
+def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm) -> None:
+    """Put weights no later block reads in their artifact form, as the pack pass would: planned ones no linear read
+    (embedding tables) by RTN, then packed; float parameters at the artifact's float dtype."""
+    rtn_rest(graph, [n for n in names if n in plan and isinstance(graph.params[n], torch.Tensor)], plan, clip, bar)
+    dtype, kinds = stored_dtype(graph), graph.meta.get("param_kinds", {})
+    for name in names:
+        value = graph.params[name]
+        if isinstance(value, QuantizedMatrix):
+            graph.params[name] = PackedMatrix.from_quantized(value)
+        elif value.is_floating_point() and kinds.get(name, "parameter") == "parameter":
+            graph.params[name] = value.to(dtype)
+    by_name = graph.by_name()
+    done = set(names)
+    for n in graph.nodes:
+        if n.op in LINEAR_OPS and by_name[n.args[1].name].attrs["name"] in done \
+                and isinstance(graph.params[by_name[n.args[1].name].attrs["name"]], PackedMatrix):
+            n.op = Op.PACKED_LINEAR
+
+
+def streams(passes: list) -> bool:
+    """Whether a pipeline runs on weights still in their files: up to `pack` it is canonicalize, plan (both read
+    shapes only) and GPTQ quantize, the default pipeline of `--bits B --method gptq` (no learned allocation, no
+    tuning); the passes after `pack` see the packed model."""
+    names = [p.name for p in passes]
+    if "pack" not in names:
+        return False
+    before = passes[:names.index("pack")]
+    return [p.name for p in before] == ["canonicalize", "plan", "quantize"] and before[2].method == "gptq"
+
+
+# Peak resident memory of compiling a 2-layer Llama (xbitc.synthetic, hidden 64) by this path, where the model's own
+# share is a few MB: Python, torch, transformers, torch.export's tracing state. Measured 414 MB (VmHWM; see
+# README.md); the margin covers the tracing state of a graph of many layers.
+FIXED_BYTES = 768 << 20
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
+          "GIB": 1 << 30, "TIB": 1 << 40}
+_LAYER_KEY = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def parse_size(text: str) -> int:
+    """'3GB', '2.5GiB', '800MB' or a byte count, as bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise PassError(f"--max-memory {text!r} is not a size; give e.g. 3GB, 2.5GiB or 800MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, windows: int, window_len: int,
+                  heads: int) -> dict[str, int]:
+    """Bytes the block-wise compile holds at its peak, by part: the largest block's float32 weights (a layer, or
+    everything outside the layers), the Hessian work of the widest linear input (a float64 sum, the float32 matrix and
+    GPTQ's two working copies), every calibration window's activations in a layer (seven values of the widest width
+    per token, two attention-score tensors per head), the packed model and its float tensors twice (held, and
+    serialized by the writer), and the fixed overhead."""
+    layers: dict[str, int] = {}
+    outside = width = packed = 0
+    for key, w in weights.items():
+        m = _LAYER_KEY.match(key)
+        if m:
+            layers[m.group(0)] = layers.get(m.group(0), 0) + 4 * w.numel()
+        else:
+            outside += 4 * w.numel()
+        if m and w.dim() == 2:
+            width = max(width, int(w.shape[1]))
+            groups = -(-int(w.shape[1]) // (group or int(w.shape[1])))
+            packed += int(w.shape[0]) * (-(-int(w.shape[1]) * bits // 8) + groups * (2 + 1)) + 8 * int(w.shape[1])
+        else:
+            packed += 2 * w.numel()
+    tokens = windows * window_len
+    return {"largest block": max([outside, *layers.values()]), "Hessian": 20 * width * width,
+            "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2),
+            "packed model": 2 * packed, "fixed": FIXED_BYTES}
+
+
+def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
+    """Refuse, before any work, a --max-memory compile the block-wise path cannot serve or whose estimated peak is
+    over `limit`; returns the estimate."""
+    size = gb(limit)
+    if not streams(passes):
+        raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves uniform GPTQ only: give "
+                        "--bits B --method gptq (no --bpw allocation, no --tune-steps), or leave --max-memory out")
+    folder = Path(source) if isinstance(source, (str, Path)) else None
+    weights = lazy.checkpoint(folder) if folder is not None and (folder / "config.json").is_file() else None
+    if weights is None:
+        raise PassError(f"--max-memory {size}: {source} is not a Hugging Face folder of safetensors, whose weights "
+                        "the compile reads a layer block at a time; give such a folder or leave --max-memory out")
+    if calib == "self":
+        raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
+                        "give --calib FILE or leave --calib out")
+    plan = passes[[p.name for p in passes].index("plan")]
+    config = json.loads((folder / "config.json").read_text())
+    parts = estimate_peak(weights, plan.bits or 8, GROUPS[0] if plan.group is None else plan.group, windows,
+                          window_len, int(config.get("num_attention_heads", 1)))
+    need = sum(parts.values())
+    if need > limit:
+        detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
+        raise PassError(f"--max-memory {size}: compiling {folder} block by block needs about {gb(need)} ({detail}); "
+                        f"give --max-memory {gb(need)} or more, or fewer --calib-windows / a shorter --calib-len")
+    return need
