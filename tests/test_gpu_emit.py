@@ -124,7 +124,8 @@ def test_the_emitted_sources_equal_a_fresh_rendering(artifacts, lang):
     assert [k["ops"] for k in idx["kernels"]] == [sorted(ops[k.name]) for k in kernels]
 
 
-@pytest.mark.parametrize("lang", ["cuda", "metal"])
+# the kernel set is the same in every language: one in the default suite, the other with the slow tests
+@pytest.mark.parametrize("lang", [pytest.param("cuda", marks=pytest.mark.slow), "metal"])
 def test_the_emitted_files_do_not_depend_on_the_plan(loaded, artifacts, lang, tmp_path):
     """What `Backend.emitted` measures on the traced graph before any pass is what compile writes, byte for byte,
     whether the plan keeps the embedding table float at 4 bits (cuda) or packs it at 2 bits (metal); both plans
@@ -213,6 +214,7 @@ def test_cuda_and_metal_artifacts_name_what_runs_them(artifacts, lang, capsys):
     one_error_line(capsys.readouterr().err, why, "--backend wgsl", "reference")
 
 
+@pytest.mark.slow  # a compile-free CLI run in its own process: ~10 s
 def test_by_default_a_cuda_artifact_runs_on_the_host_backend(artifacts):
     """As an arm artifact on x86-64: the portable packed format runs through this host's CPU backend (in its own
     process: see the module docstring), generating what the reference interpreter generates."""
