@@ -177,14 +177,14 @@ def test_read_only_output_folder_is_refused_first(tmp_path, capsys, no_load):
 
 SIGTERM_SCRIPT = """
 import os, signal, sys
-from xbitc import artifact
+from xbitc import tensorfile
 from xbitc.cli import main
 
-real = artifact.save_file
+real = tensorfile.save
 def save_then_terminate(*a, **k):  # SIGTERM arrives while the artifact is being written
     real(*a, **k)
     os.kill(os.getpid(), signal.SIGTERM)
-artifact.save_file = save_then_terminate
+tensorfile.save = save_then_terminate
 sys.exit(main(["compile", "conftest:tiny_lm", "--bits", "4", "-o", sys.argv[1]]))
 """
 

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors.numpy import load as safetensors_load
-from safetensors.numpy import save_file
 
-from xbitc import __version__
+from xbitc import __version__, tensorfile
 from xbitc.ir import serialize
 from xbitc.ir.graph import Graph
 from xbitc.ir.verify import VerifyError, dry_run, verify
@@ -63,8 +62,7 @@ def flatten_params(graph: Graph, roles: dict[str, str]) -> tuple[dict[str, np.nd
     entries: dict[str, TensorEntry] = {}
     for name, value in graph.params.items():
         if isinstance(value, PackedMatrix):
-            # safetensors writes raw buffers: every array must be C-contiguous (GPTQ's scales are transposed views)
-            parts = {k: np.ascontiguousarray(a) for k, a in value.tensors(name).items()}
+            parts = value.tensors(name)  # views: tensorfile.save copies each (GPTQ's scales are transposed) in turn
             arrays.update(parts)
             d = value.describe()
             entries[name] = TensorEntry(
@@ -72,7 +70,7 @@ def flatten_params(graph: Graph, roles: dict[str, str]) -> tuple[dict[str, np.nd
                 permuted=d["permuted"], segments=d["segments"], bytes=sum(a.nbytes for a in parts.values()),
             )
         elif isinstance(value, torch.Tensor):
-            arrays[name] = np.ascontiguousarray(_tensor_to_numpy(value))
+            arrays[name] = _tensor_to_numpy(value)
             entries[name] = TensorEntry(
                 role=roles.get(name, "float"), shape=list(value.shape), storage="float",
                 dtype=str(value.dtype).removeprefix("torch."), bytes=arrays[name].nbytes,
@@ -102,7 +100,8 @@ def write(
     tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         arrays, entries = flatten_params(graph, roles)
-        save_file(arrays, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
+        tensorfile.save(arrays, tmp / WEIGHTS, metadata=WEIGHTS_METADATA)
+        del arrays
         (tmp / GRAPH).write_text(serialize.dumps(graph))
         if graph.step is not None:
             (tmp / STEP).write_text(serialize.dumps(graph.step))
