@@ -81,8 +81,16 @@ def self_windows(
     return [(seqs[i : i + 1],) for i in range(n)]
 
 
+def random_windows(vocab: int, n: int, length: int, seed: int = 0, mask: bool = False) -> list[tuple]:
+    """For language models without a tokenizer: `n` windows of `length` token ids drawn uniformly from the vocabulary
+    (with an all-ones attention mask for encoders), so calibration sees as many tokens as with text."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(n)]
+    return [(w, torch.ones_like(w)) if mask else (w,) for w in ids]
+
+
 def random_inputs(example_inputs: tuple, n: int, seed: int = 0) -> list[tuple]:
-    """For models without a tokenizer: inputs shaped like the example, token ids drawn uniformly."""
+    """For models that do not read text: inputs shaped like the example, token ids drawn uniformly."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):

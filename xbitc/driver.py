@@ -176,6 +176,10 @@ def calibration_inputs(model: frontend.LoadedModel, opts: CompileOptions) -> lis
         return calibration.self_windows(model.module, vocab, bos, opts.calib_windows, opts.calib_len, opts.seed,
                                          progress=opts.progress)
     if model.tokenizer is None or model.kind not in ("causal-lm", "encoder"):
+        vocab = getattr(getattr(getattr(model.module, "model", None), "config", None), "vocab_size", None)
+        if vocab is not None and model.kind in ("causal-lm", "encoder"):  # a Hugging Face model without tokenizer
+            return calibration.random_windows(int(vocab), opts.calib_windows, min(opts.calib_len, model.max_seq),
+                                              opts.seed, mask=model.kind == "encoder")
         return calibration.random_inputs(model.example_inputs, opts.calib_windows, opts.seed)
     path = Path(opts.calib) if opts.calib and opts.calib != "self" else calibration.PACKAGE_TEXT / "calib.txt"
     if model.kind == "encoder":  # text windows with a full attention mask
