@@ -95,7 +95,7 @@ def _gptq(
     # Stored column j is row j of WT, so that the per-column work of the inner loop runs on contiguous memory.
     WT = torch.empty(inp, out, dtype=torch.float32)
     WT.copy_(w.detach().T)
-    H = hessian.detach().to(torch.float64).clone()
+    H = hessian.detach().to(torch.float64, copy=True)  # [in, in] float64 copies dominate GPTQ's memory: few of them
     if not (torch.isfinite(WT).all() and torch.isfinite(H).all()):
         raise ValueError("w and hessian must be finite")
     diag = torch.diagonal(H).clone()
@@ -108,7 +108,7 @@ def _gptq(
     if moved:  # else spare the [in, in] copy of H
         p = torch.from_numpy(perm)
         WT = WT[p]
-        H = H[p][:, p]
+        H = H[p[:, None], p]
         depths = depths[perm]
     Hinv, damp_used = _inverse_cholesky_upper(H, damp)
     del H
@@ -233,21 +233,24 @@ def _block_end(breaks: list[int], i1: int, block_size: int) -> int:
 
 
 def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64, returned as float32.
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64, returned as float32. Damps H's
+    diagonal in place (the caller's H is spent).
 
     On failure the relative damping is raised tenfold, MAX_DAMP_RETRIES times, before raising.
     """
-    n = H.shape[0]
-    mean_diag = float(torch.diagonal(H).mean())
-    idx = torch.arange(n)
+    diag = torch.diagonal(H)
+    undamped = diag.clone()
+    mean_diag = float(undamped.mean())
     rel, tried = damp, []
     for _ in range(MAX_DAMP_RETRIES + 1):
         tried.append(rel)
-        Hd = H.clone()
-        Hd[idx, idx] += rel * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        diag.copy_(undamped + rel * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(U).all():
                 return U.to(torch.float32), rel
         rel = rel * 10 if rel > 0 else 1e-6
