@@ -45,7 +45,7 @@ def quantize_gptq(
     if lazy.is_lazy(graph):  # weights still in their files: one layer block at a time (xbitc.streaming)
         from xbitc import streaming
 
-        streaming.quantize_blocks(graph, batches, plan, options, bar)
+        streaming.quantize_blocks(graph, batches, plan, options, bar, ctx.stats.get("scratch"))
     else:
         pending, _ = sequential(graph, batches, plan, options, bar)
         rtn_rest(graph, sorted(pending), plan, clip, bar)

@@ -179,6 +179,15 @@ def _replace(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def scratch_folder(out: Path) -> Path:
+    """The folder nearest `out` that exists: where a compile keeps scratch files (on the output's disk, which has
+    room for the artifact, rather than a temporary folder that may live in memory)."""
+    folder = Path(out).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 def check_output(out: Path) -> None:
     """Refuse an output path that cannot be written, before any work: an existing file or folder that is not an
     artifact, a parent that is a file, a folder this process cannot create entries in."""

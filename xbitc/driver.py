@@ -247,6 +247,7 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
     ctx = PassContext(log=opts.log)
     ctx.stats["progress"] = opts.progress
     ctx.stats["backend"] = backend.name
+    ctx.stats["scratch"] = artifact.scratch_folder(out) if main else None  # spilled work beside the output (a disk)
     ctx.stats["emitted"] = backend.emitted(graph)  # e.g. kernel objects: the size planners count them too
     if needs_calib:
         ctx.calib_inputs = calib_inputs if calib_inputs is not None else calibration_inputs(model, opts)

@@ -10,8 +10,9 @@ block's inputs, and every weight no later block reads is stored as the artifact 
 artifact's float dtype) before the next block is read. The blocks run exactly the whole graph's ops in its order, so
 the artifact is the one the whole-graph path writes.
 
-Held at once: one block's float weights and one [in, in] Hessian, every calibration batch's values at the block
-boundary, and the packed model so far.
+Held at once: one block's float weights and one [in, in] Hessian's GPTQ work, every calibration batch's values at the
+block boundary and their activations inside the block. The finished weights wait in a scratch file on disk
+(xbitc.spill) until the artifact's writer copies them.
 """
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ from xbitc.passes.plan import GROUPS
 from xbitc.passes.pack import stored_dtype
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
+from xbitc.spill import Spill
 
 
-def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dict, bar: tqdm) -> None:
+def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dict, bar: tqdm,
+                    scratch: Path | None = None) -> None:
     """Quantize `plan`'s weights of the lazy `graph` block by block from this rank's calibration `batches`;
-    `options`: gptq_quantize's. A graph without repeated layers is read whole and quantized as one block."""
+    `options`: gptq_quantize's. Finished weights move to a scratch file in the folder `scratch` (None: the system's
+    temporary folder). A graph without repeated layers is read whole and quantized as one block."""
     found = find_blocks(graph)
     if not found.layers:
         lazy.materialize(graph)
@@ -44,6 +48,7 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
         return
     last = {name: i for i, block in enumerate(found.blocks) for name in block.params}  # the last block reading it
     envs = [dict(zip(found.blocks[0].inputs, batch)) for batch in batches]  # each batch's values at the boundary
+    spill = Spill(scratch)
     for i, block in enumerate(found.blocks):
         for name in block.params:
             if isinstance(graph.params[name], lazy.LazyWeight):
@@ -62,21 +67,23 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
                     for name in set(env) - later:
                         del env[name]
         block.graph.params.clear()
-        _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar)
+        _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill)
+    spill.close()
     lazy.materialize(graph)  # what only the decode step reads (its constants)
 
 
-def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm) -> None:
+def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, spill: Spill) -> None:
     """Put weights no later block reads in their artifact form, as the pack pass would: planned ones no linear read
-    (embedding tables) by RTN, then packed; float parameters at the artifact's float dtype."""
+    (embedding tables) by RTN, then packed; float parameters at the artifact's float dtype; and out of memory, into
+    the spill file."""
     rtn_rest(graph, [n for n in names if n in plan and isinstance(graph.params[n], torch.Tensor)], plan, clip, bar)
     dtype, kinds = stored_dtype(graph), graph.meta.get("param_kinds", {})
     for name in names:
         value = graph.params[name]
         if isinstance(value, QuantizedMatrix):
-            graph.params[name] = PackedMatrix.from_quantized(value)
+            graph.params[name] = spill.packed(PackedMatrix.from_quantized(value))
         elif value.is_floating_point() and kinds.get(name, "parameter") == "parameter":
-            graph.params[name] = value.to(dtype)
+            graph.params[name] = spill.tensor(value.to(dtype))
     by_name = graph.by_name()
     done = set(names)
     for n in graph.nodes:
@@ -144,6 +151,13 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, wi
             "packed model": 2 * packed, "fixed": FIXED_BYTES}
 
 
+def estimate_folder(folder: Path, bits: int, group: int | None, windows: int, window_len: int) -> dict[str, int]:
+    """estimate_peak of the Hugging Face folder `folder` compiled block-wise at `bits` (group None: the default)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return estimate_peak(lazy.checkpoint(Path(folder)), bits, GROUPS[0] if group is None else group, windows,
+                         window_len, int(config.get("num_attention_heads", 1)))
+
+
 def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
     """Refuse, before any work, a --max-memory compile the block-wise path cannot serve or whose estimated peak is
     over `limit`; returns the estimate."""
@@ -160,9 +174,7 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
     plan = passes[[p.name for p in passes].index("plan")]
-    config = json.loads((folder / "config.json").read_text())
-    parts = estimate_peak(weights, plan.bits or 8, GROUPS[0] if plan.group is None else plan.group, windows,
-                          window_len, int(config.get("num_attention_heads", 1)))
+    parts = estimate_folder(folder, plan.bits or 8, plan.group, windows, window_len)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
