@@ -95,23 +95,19 @@ def _gptq(
     # Stored column j is row j of WT, so that the per-column work of the inner loop runs on contiguous memory.
     WT = torch.empty(inp, out, dtype=torch.float32)
     WT.copy_(w.detach().T)
-    H = hessian.detach().to(torch.float64, copy=True)  # [in, in] float64 copies dominate GPTQ's memory: few of them
-    if not (torch.isfinite(WT).all() and torch.isfinite(H).all()):
+    hessian = hessian.detach()
+    if not (torch.isfinite(WT).all() and torch.isfinite(hessian).all()):
         raise ValueError("w and hessian must be finite")
-    diag = torch.diagonal(H).clone()
-    dead = torch.nonzero(diag == 0).flatten()
-    H[dead, dead] = 1.0  # a column that never saw a nonzero input: nothing to fit, nothing to compensate with
-    WT[dead] = 0.0
+    diag = torch.diagonal(hessian).to(torch.float64, copy=True)
+    WT[diag == 0] = 0.0  # a column that never saw a nonzero input: nothing to fit, nothing to compensate with
 
     perm = _column_order(depths, diag.numpy(), act_order, depth_order)  # processing order
-    moved = not np.array_equal(perm, np.arange(inp))
-    if moved:  # else spare the [in, in] copy of H
-        p = torch.from_numpy(perm)
-        WT = WT[p]
-        H = H[p[:, None], p]
+    order = None
+    if not np.array_equal(perm, np.arange(inp)):
+        order = torch.from_numpy(perm)
+        WT = WT[order]
         depths = depths[perm]
-    Hinv, damp_used = _inverse_cholesky_upper(H, damp)
-    del H
+    Hinv, damp_used = _inverse_cholesky_upper(hessian, order, damp)
 
     segs = segments(runs(depths), group_size)  # in processing order
     # Group g of a run spans processed columns [start, stop); blocks are cut so that a group starting inside a
@@ -191,9 +187,9 @@ def _gptq(
     )
     if not want_result:
         return qm, None
-    if moved:
+    if order is not None:
         Wq = torch.empty_like(WT)
-        Wq[p] = WT
+        Wq[order] = WT
         WT = Wq
     return qm, WT.T.contiguous()
 
@@ -232,27 +228,31 @@ def _block_end(breaks: list[int], i1: int, block_size: int) -> int:
     return breaks[j] if breaks[j] > i1 else i1 + block_size
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64, returned as float32. Damps H's
-    diagonal in place (the caller's H is spent).
+def _inverse_cholesky_upper(hessian: torch.Tensor, order: torch.Tensor | None, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 for H the Hessian in processing `order` (None: as
+    it is) with 1 on the diagonal of columns that never saw an input; in float64, returned as float32.
 
-    On failure the relative damping is raised tenfold, MAX_DAMP_RETRIES times, before raising.
+    One [in, in] float64 matrix is worked on in place (the factorizations and the inverse write their inputs): the
+    Hessians of wide inputs are what bounds a compile's memory. On failure the relative damping is raised tenfold,
+    MAX_DAMP_RETRIES times, before raising; each try starts again from `hessian`.
     """
-    diag = torch.diagonal(H)
-    undamped = diag.clone()
-    mean_diag = float(undamped.mean())
-    rel, tried = damp, []
+    rel, tried, mean_diag = damp, [], None
+    info = torch.empty((), dtype=torch.int32)
     for _ in range(MAX_DAMP_RETRIES + 1):
         tried.append(rel)
-        diag.copy_(undamped + rel * mean_diag)
-        L, info = torch.linalg.cholesky_ex(H)
+        H = (hessian if order is None else hessian[order[:, None], order]).to(torch.float64, copy=True)
+        diag = torch.diagonal(H)
+        diag[diag == 0] = 1.0
+        if mean_diag is None:
+            mean_diag = float(diag.mean())
+        diag += rel * mean_diag
+        torch.linalg.cholesky_ex(H, out=(H, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U.to(torch.float32), rel
+            torch.cholesky_inverse(H, out=H)
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
+            if int(info) == 0 and torch.isfinite(H).all():
+                return H.to(torch.float32), rel
+        del H
         rel = rel * 10 if rel > 0 else 1e-6
     raise np.linalg.LinAlgError(
         f"GPTQ: Hessian is not positive definite with damping {tried} x mean(diag); "
