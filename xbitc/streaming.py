@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from xbitc import lazy
+from xbitc import heap, lazy
 from xbitc.ir.blocks import find_blocks
 from xbitc.ir.graph import LINEAR_OPS, Graph, Op
 from xbitc.passes.base import PassError
@@ -68,6 +68,7 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
                         del env[name]
         block.graph.params.clear()
         _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill)
+        heap.release()  # what the block freed goes back to the system, or the heap creeps up block by block
     spill.close()
     lazy.materialize(graph)  # what only the decode step reads (its constants)
 
@@ -126,11 +127,12 @@ def gb(n: int) -> str:
 
 def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, windows: int, window_len: int,
                   heads: int) -> dict[str, int]:
-    """Bytes the block-wise compile holds at its peak, by part: the largest block's float32 weights (a layer, or
-    everything outside the layers), the Hessian work of the widest linear input (a float64 sum, the float32 matrix and
-    GPTQ's two working copies), every calibration window's activations in a layer (seven values of the widest width
-    per token, two attention-score tensors per head), the packed model and its float tensors twice (held, and
-    serialized by the writer), and the fixed overhead."""
+    """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
+    Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (24 bytes per Hessian
+    entry: the float32 Hessian, a permuted copy, the float64 matrix the inverse Cholesky works on in place, its
+    float32 result) and every calibration window's activations in the layer (seven values of the widest width per
+    token, two attention-score tensors per head). The blocks outside the layers hold their float32 weights and the
+    float16 copies stored. Writing reads the packed model back from the scratch file."""
     layers: dict[str, int] = {}
     outside = width = packed = 0
     for key, w in weights.items():
@@ -146,9 +148,13 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, wi
         else:
             packed += 2 * w.numel()
     tokens = windows * window_len
-    return {"largest block": max([outside, *layers.values()]), "Hessian": 20 * width * width,
-            "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2),
-            "packed model": 2 * packed, "fixed": FIXED_BYTES}
+    phases = {
+        "layer": {"layer weights": max(layers.values(), default=0), "GPTQ work": 24 * width * width,
+                  "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2)},
+        "outside the layers": {"embeddings and output layer": outside + outside // 2},
+        "writing": {"packed model": packed},
+    }
+    return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
 def estimate_folder(folder: Path, bits: int, group: int | None, windows: int, window_len: int) -> dict[str, int]:
