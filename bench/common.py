@@ -13,15 +13,23 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "asimd",
+              "asimddp", "sve")  # the ones kernels choose paths by
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith(("flags", "Features")) and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in SIMD_FLAGS if f in have]
     except OSError:
         pass
+    cpu += f" (CPU flags: {' '.join(flags) or 'unknown'})"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 

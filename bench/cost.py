@@ -1,11 +1,18 @@
-"""What compiling costs: SmolLM2-135M at 3.0 bits per weight, the accuracy bench's protocol, run alone.
+"""What compiling costs, run alone; appends its table to BENCHMARKS.md.
 
-One `xbitc compile` (learned allocation, GPTQ, tune; 64 calibration windows of 512 tokens from wikitext2-valid) in a
-fresh process: wall time, peak resident memory (the process's VmHWM), and the time of every pass from the artifact's
-manifest. Targets (issue 4): at most 10 minutes and 4 GB on 2 cores. Run it on an otherwise idle machine; appends
-the table to BENCHMARKS.md.
+Default: SmolLM2-135M at 3.0 bits per weight with the accuracy bench's protocol. One `xbitc compile` (learned
+allocation, GPTQ, tune; 64 calibration windows of 512 tokens from wikitext2-valid) in a fresh process: wall time,
+peak resident memory (the process's VmHWM), and the time of every pass from the artifact's manifest. Targets: at
+most 10 minutes and 4 GB on 2 cores.
+
+`--scale`: how the block-wise compile (`--bits 3 --method gptq`, xbitc.streaming) grows with the model. Random-weight
+Llamas (xbitc.synthetic: float16 safetensors shards written into a temporary folder) of the sizes given, from a
+SmolLM2-135M-shaped one up, each compiled with the same calibration tokens (16 windows of 256 random ids): wall
+time and seconds per billion parameters, peak memory beside the compile's own estimate and the target (1.5 GB plus
+twice the largest block's float16 weights).
 
     python bench/cost.py [--bpw 3.0] [--repeat 1]
+    python bench/cost.py --scale 0.135,0.5,1.5,3
 """
 from __future__ import annotations
 
@@ -15,21 +22,71 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append, require_shared, run_cli_measured, table  # noqa: E402
-from xbitc import models  # noqa: E402
+from xbitc import models, streaming, synthetic  # noqa: E402
 from xbitc.runtime import load  # noqa: E402
 
 COLUMNS = ["run", "wall s", "peak GB", "bpw (whole)", "allocate s", "quantize s", "tune s", "other s"]
+
+
+# billions of parameters -> Llama shape (layers, hidden, intermediate, heads, kv heads, vocab, tied embeddings)
+SHAPES = {
+    "0.135": (30, 576, 1536, 9, 3, 49152, True),  # SmolLM2-135M's shape
+    "0.5": (24, 1280, 3456, 16, 4, 32000, False),
+    "1.5": (30, 2048, 5632, 16, 4, 32000, False),
+    "3": (40, 2560, 6912, 20, 4, 32000, False),
+}
+SCALE_COLUMNS = ["model", "params", "shape (layers x hidden x ffn)", "wall s", "s per B params", "peak GB",
+                 "estimate GB", "target GB", "bpw (whole)"]
+
+
+def scale(sizes: list[str]) -> None:
+    unknown = [s for s in sizes if s not in SHAPES]
+    if unknown:
+        sys.exit(f"--scale {','.join(unknown)}: sizes are {', '.join(SHAPES)} (billions of parameters)")
+    rows = []
+    for size in sizes:
+        layers, hidden, ffn, heads, kv, vocab, tie = SHAPES[size]
+        cfg = synthetic.llama_config(layers, hidden, ffn, vocab=vocab, heads=heads, kv_heads=kv, tie=tie)
+        with tempfile.TemporaryDirectory(prefix="xbitc-cost-") as tmp:
+            folder, art = Path(tmp) / "hf", Path(tmp) / "out.xbitc"
+            params = synthetic.write_llama(folder, cfg)
+            shapes = synthetic.llama_shapes(cfg)
+            block = max(2 * sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("model.layers.0.")),
+                        2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
+            estimate = sum(streaming.estimate_folder(folder, 3, None, 16, 256).values())
+            seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), "--bits", "3", "--method",
+                                                     "gptq", "--calib-windows", "16", "--calib-len", "256"])
+            rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",
+                         "shape (layers x hidden x ffn)": f"{layers} x {hidden} x {ffn}", "wall s": seconds,
+                         "s per B params": seconds / (params / 1e9), "peak GB": peak_gib * 2**30 / 1e9,
+                         "estimate GB": estimate / 1e9, "target GB": 1.5 + 2 * block / 1e9,
+                         "bpw (whole)": load(art).manifest.size.bits_per_weight})
+        print(table(rows[-1:], SCALE_COLUMNS).splitlines()[-1], flush=True)
+    body = table(rows, SCALE_COLUMNS)
+    print("\n" + body)
+    note = ("Block-wise compile (`xbitc compile FOLDER --bits 3 --method gptq --calib-windows 16 --calib-len 256`: GPTQ "
+            "a layer block at a time, weights read from the shards as needed) of random-weight float16 Llamas; "
+            "wall = the whole process (load, trace, calibrate, quantize, write); peak = its VmHWM (1 GB = 1e9 bytes); "
+            "estimate = what `--max-memory` checks against before work starts; target = 1.5 GB + 2x the largest "
+            "block's float16 weights (a layer, or the embeddings and output layer).")
+    append("Compile cost by model size (block-wise GPTQ)", note + "\n\n" + body,
+           f"python bench/cost.py --scale {','.join(sizes)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bpw", default="3.0")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--scale", help="comma-separated model sizes in billions of parameters: " + ", ".join(SHAPES))
     a = ap.parse_args()
+    if a.scale:
+        return scale(a.scale.split(","))
     calib = require_shared("wikitext2-valid.tokens")
     args = ["--bpw", a.bpw, "--method", "gptq", "--quantize-embeddings", "--calib", str(calib),
             "--calib-windows", "64", "--calib-len", "512"]

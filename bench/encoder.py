@@ -4,9 +4,11 @@ Held-out sentences: the first 256 non-empty lines of ../shared/data/wikitext2-te
 truncated to 128 tokens; embeddings are mean-pooled over the attention mask (the model's own pooling). Calibration:
 32 windows of 128 tokens from wikitext2-valid.tokens. For each depth b, RTN and GPTQ b-bit g128 are compiled with
 the embedding table quantized too (everything counted), and xbitc's learned allocation is compiled at exactly the
-size GPTQ reached, so rows compare at equal file size. Appends the table to BENCHMARKS.md.
+size GPTQ reached, so rows compare at equal file size. `--budgets` measures only xbitc at the whole-model budgets
+given (the accuracy climb's 2.0 / 2.5 / 3.0). Appends the table to BENCHMARKS.md.
 
     python bench/encoder.py [--quick]
+    python bench/encoder.py --budgets 2.0,2.5,3.0
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def embed(fn, batch) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 sentences, depths 3 only")
+    ap.add_argument("--budgets", help="only xbitc rows, at these comma-separated whole-model bits per weight")
     a = ap.parse_args()
     folder = str(models.minilm_folder())
     model = frontend.load(folder)
@@ -67,7 +70,9 @@ def main() -> None:
         print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
         return s.bits_per_weight
 
-    for bits in ([3] if a.quick else [2, 3, 4]):
+    for bpw in a.budgets.split(",") if a.budgets else []:
+        measure("xbitc", float(bpw), ["--bpw", bpw, "--method", "gptq"])
+    for bits in [] if a.budgets else [3] if a.quick else [2, 3, 4]:
         measure("RTN g128", bits, ["--bits", str(bits), "--group", "128", "--method", "rtn", "--no-clip"])
         size = measure("GPTQ g128", bits, ["--bits", str(bits), "--group", "128", "--method", "gptq", "--no-clip"])
         measure("xbitc (GPTQ's size)", bits, ["--bpw", f"{size:.4f}", "--method", "gptq"])
@@ -79,7 +84,7 @@ def main() -> None:
             "every row; RTN/GPTQ rows use the plain full-range grid (--no-clip); xbitc = learned allocation (objective mse) "
             "+ GPTQ with per-column depths and clipping search.")
     append("Encoder: all-MiniLM-L6-v2" + (" (quick)" if a.quick else ""), note + "\n\n" + body,
-           "python bench/encoder.py" + (" --quick" if a.quick else ""))
+           "python bench/encoder.py" + (" --quick" if a.quick else "") + (f" --budgets {a.budgets}" if a.budgets else ""))
 
 
 if __name__ == "__main__":
