@@ -66,7 +66,8 @@ ROWS = {  # name -> xbitc compile arguments
        for k, b in ((2, "5.129"), (3, "5.921"), (4, "6.719"))},
     # equal file size with llama.cpp's rows (the GGUF file's bits over the model's parameters, as measured)
     **{f"xbitc {b} bpw (= llama.cpp {q} size)": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"]
-       for q, b in (("IQ2_XXS", "4.985"), ("Q3_K_M", "5.561"), ("Q4_K_M", "6.272"))},
+       for q, b in (("IQ1_M", "4.929"), ("IQ2_XXS", "4.985"), ("IQ2_S", "5.045"), ("IQ2_M", "5.090"),
+                    ("Q2_K_S", "5.122"), ("Q3_K_M", "5.561"), ("Q4_K_M", "6.272"))},
 }
 # llama.cpp, quantized with an importance matrix that llama-imatrix computes on the xbitc rows' calibration windows
 LLAMA_ROWS = {f"llama.cpp {q}": q for q in ("Q4_K_M", "Q3_K_M", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XXS", "IQ1_M")}
