@@ -1,7 +1,6 @@
 """Bad input gets one line that names the problem and the fix, exit status 2, nothing written, and is found before
 the long work (loading, tracing, calibrating) wherever it can be (issue 14, "Bad input")."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TinyLM
 from xbitc import artifact, frontend, registry
