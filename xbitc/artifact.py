@@ -180,8 +180,9 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def scratch_folder(out: Path) -> Path:
-    """The folder nearest `out` that exists: where a compile keeps scratch files (on the output's disk, which has
-    room for the artifact, rather than a temporary folder that may live in memory)."""
+    """The nearest existing folder above `out`: where its missing parents are created from, and where a compile keeps
+    scratch files (on the output's disk, which has room for the artifact, not a temporary folder that may live in
+    memory)."""
     folder = Path(out).absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -194,12 +195,11 @@ def check_output(out: Path) -> None:
     out = Path(out)
     if out.exists() and not (out / MANIFEST).exists():
         raise ArtifactError(f"{out} exists and is not an xbitc artifact; choose another -o path")
-    folder = out.absolute().parent
     try:
-        while not folder.exists():  # the nearest existing folder: the artifact's parents are created from it
-            folder = folder.parent
+        folder = scratch_folder(out)  # the artifact's parents are created from it
     except OSError as err:
-        raise ArtifactError(f"cannot write {out}: {folder} cannot be read ({err.strerror}); choose another -o path") from None
+        raise ArtifactError(f"cannot write {out}: {err.filename or out.parent} cannot be read ({err.strerror}); "
+                            "choose another -o path") from None
     if not folder.is_dir():
         raise ArtifactError(f"cannot write {out}: {folder} is a file, not a folder; choose another -o path")
     try:  # permissions, read-only file systems, quotas: only trying tells
