@@ -23,7 +23,7 @@ from xbitc import distributed, lazy
 from xbitc.ir.graph import LINEAR_OPS, Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.quant.format import QuantizedMatrix
-from xbitc.quant.gptq import gptq_quantize
+from xbitc.quant.gptq import BLOCK_ROWS, gptq_quantize
 from xbitc.quant.packed import PackedMatrix
 from xbitc.quant.rtn import rtn_any
 
@@ -102,12 +102,15 @@ def rtn_rest(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm) 
 
 
 def _hessian(inputs: list[torch.Tensor], width: int) -> torch.Tensor:
-    """H = 2/N sum x x^T over the tokens of every rank's batches."""
+    """H = 2/N sum x x^T over the tokens of every rank's batches: float32 products per batch, summed in float64.
+    Each product is made and added a block of rows at a time, so no [width, width] temporary exists beside the sum
+    (adding a float32 matrix to a float64 one makes a float64 copy of it first)."""
     hessian = torch.zeros(width, width, dtype=torch.float64)
     tokens = 0
     for x in inputs:
         x = x.reshape(-1, x.shape[-1]).float()
-        hessian += (x.T @ x).double()  # float32 products per batch, float64 sum across batches
+        for r0 in range(0, width, BLOCK_ROWS):
+            hessian[r0:r0 + BLOCK_ROWS] += x[:, r0:r0 + BLOCK_ROWS].T @ x
         tokens += x.shape[0]
     distributed.all_reduce_sum(hessian)
     hessian *= 2.0 / distributed.sum_over_ranks(tokens)

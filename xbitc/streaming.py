@@ -50,27 +50,29 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
     envs = [dict(zip(found.blocks[0].inputs, batch)) for batch in batches]  # each batch's values at the boundary
     spill = Spill(scratch)
     for i, block in enumerate(found.blocks):
-        for name in block.params:
-            if isinstance(graph.params[name], lazy.LazyWeight):
-                graph.params[name] = graph.params[name].load()
-            block.graph.params[name] = graph.params[name]
-        mine = {n: plan[n] for n in block.params if n in plan and isinstance(graph.params[n], torch.Tensor)}
+        # The block's graph alone holds its float weights: a quantized one is then freed as soon as GPTQ replaces it
+        block.graph.params.update((n, _loaded(graph.params[n])) for n in block.params)
+        mine = {n: plan[n] for n in block.params if n in plan and isinstance(block.graph.params[n], torch.Tensor)}
         head = block.kind == "head"
         if mine or not head:  # the head runs only to quantize its linears (the logits are not needed)
             inputs = [tuple(env[n] for n in block.inputs) for env in envs]
             _, outs = sequential(block.graph, inputs, mine, options, bar, outputs=not head)
-            graph.params.update((n, block.graph.params[n]) for n in mine)
             if not head:
                 later = {n for b in found.blocks[i + 1:] for n in b.inputs}
                 for env, out in zip(envs, outs):
                     env.update(zip(block.outputs, out))
                     for name in set(env) - later:
                         del env[name]
+        graph.params.update((n, block.graph.params[n]) for n in block.params)
         block.graph.params.clear()
         _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill)
         heap.release()  # what the block freed goes back to the system, or the heap creeps up block by block
     spill.close()
     lazy.materialize(graph)  # what only the decode step reads (its constants)
+
+
+def _loaded(value: object) -> object:
+    return value.load() if isinstance(value, lazy.LazyWeight) else value
 
 
 def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, spill: Spill) -> None:
@@ -128,9 +130,9 @@ def gb(n: int) -> str:
 def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, windows: int, window_len: int,
                   heads: int) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
-    Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (24 bytes per Hessian
-    entry: the float32 Hessian, a permuted copy, the float64 matrix the inverse Cholesky works on in place, its
-    float32 result) and every calibration window's activations in the layer (seven values of the widest width per
+    Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
+    entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while
+    the Hessian is summed, the float64 sum and its float32 copy) and every calibration window's activations in the layer (seven values of the widest width per
     token, two attention-score tensors per head). The blocks outside the layers hold their float32 weights and the
     float16 copies stored. Writing reads the packed model back from the scratch file."""
     layers: dict[str, int] = {}
@@ -149,7 +151,7 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, wi
             packed += 2 * w.numel()
     tokens = windows * window_len
     phases = {
-        "layer": {"layer weights": max(layers.values(), default=0), "GPTQ work": 24 * width * width,
+        "layer": {"layer weights": max(layers.values(), default=0), "GPTQ work": 12 * width * width,
                   "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2)},
         "outside the layers": {"embeddings and output layer": outside + outside // 2},
         "writing": {"packed model": packed},

@@ -37,6 +37,7 @@ from .segments import runs, segments, stored_order, stored_segments, stores_perm
 
 MAX_DAMP_RETRIES = 4  # damp, 10x, 100x, ... before giving up on the Cholesky
 DEPTH_ORDERS = ("descending", "ascending", "drop_first")
+BLOCK_ROWS = 256  # rows of an [in, in] matrix copied or checked at a time (no second [in, in] temporary)
 
 
 def gptq_quantize(
@@ -133,7 +134,7 @@ def _gptq(
         count = i2 - i1
         W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[i1:i2, i1:i2].float()
         for i in range(count):
             col = i1 + i
             seg = segs[seg_of[col]]
@@ -162,7 +163,7 @@ def _gptq(
         losses += Err1.double().square().sum(0) / 2  # (w - q)^2 / d^2 / 2 per weight
         WT[i1:i2] = W1
         if i2 < inp:
-            WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
+            WT[i2:].addmm_(Hinv[i1:i2, i2:].T.float(), Err1, alpha=-1.0)
         i1 = i2
 
     # Stored layout: the processed runs reordered finest first, whole (so the groups and codes are unchanged).
@@ -230,17 +231,24 @@ def _block_end(breaks: list[int], i1: int, block_size: int) -> int:
 
 def _inverse_cholesky_upper(hessian: torch.Tensor, order: torch.Tensor | None, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 for H the Hessian in processing `order` (None: as
-    it is) with 1 on the diagonal of columns that never saw an input; in float64, returned as float32.
+    it is) with 1 on the diagonal of columns that never saw an input; in float64 (the caller reads it a block at a
+    time as float32, the precision GPTQ's updates run in, so no float32 copy of the whole is made).
 
-    One [in, in] float64 matrix is worked on in place (the factorizations and the inverse write their inputs): the
-    Hessians of wide inputs are what bounds a compile's memory. On failure the relative damping is raised tenfold,
+    One [in, in] float64 matrix is worked on in place and no other [in, in] copy is made: the Hessians of wide inputs
+    are what bounds a compile's memory. It is held column-major, the layout LAPACK works in, which torch's
+    factorizations and inverse then write directly (on a row-major matrix each makes a transposed copy); the
+    permutation is written into it a block of rows at a time. On failure the relative damping is raised tenfold,
     MAX_DAMP_RETRIES times, before raising; each try starts again from `hessian`.
     """
     rel, tried, mean_diag = damp, [], None
     info = torch.empty((), dtype=torch.int32)
+    n = hessian.shape[0]
     for _ in range(MAX_DAMP_RETRIES + 1):
         tried.append(rel)
-        H = (hessian if order is None else hessian[order[:, None], order]).to(torch.float64, copy=True)
+        H = torch.empty(n, n, dtype=torch.float64).mT
+        for r0 in range(0, n, BLOCK_ROWS):
+            rows = slice(r0, min(r0 + BLOCK_ROWS, n))
+            H[rows] = hessian[rows] if order is None else hessian[order[rows]][:, order]
         diag = torch.diagonal(H)
         diag[diag == 0] = 1.0
         if mean_diag is None:
@@ -250,8 +258,8 @@ def _inverse_cholesky_upper(hessian: torch.Tensor, order: torch.Tensor | None, d
         if int(info) == 0:
             torch.cholesky_inverse(H, out=H)
             torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
-            if int(info) == 0 and torch.isfinite(H).all():
-                return H.to(torch.float32), rel
+            if int(info) == 0 and all(torch.isfinite(H[r0:r0 + BLOCK_ROWS]).all() for r0 in range(0, n, BLOCK_ROWS)):
+                return H, rel
         del H
         rel = rel * 10 if rel > 0 else 1e-6
     raise np.linalg.LinAlgError(
