@@ -80,5 +80,18 @@ def tiny_llama_artifact(out, bits: int, group: int):
 GPU_MODULES = ("test_gpu_emit.py", "test_webgpu.py", "test_gpu_kernels.py", "test_webgpu_export.py")
 
 
+def peak_above(fn) -> float:
+    """Bytes the process's peak resident size rose above its size before `fn` ran (Linux: the peak is reset first)."""
+    status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024  # noqa: E731
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.fspath.basename in GPU_MODULES)  # stable: the rest keep their order

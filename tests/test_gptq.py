@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import peak_above
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import DEPTH_ORDERS, _column_order, _gptq, gptq_quantize
 from xbitc.quant.rtn import rtn_quantize
@@ -252,19 +253,6 @@ def test_quantize_pass_rejects_an_unknown_column_order():
         build_passes("quantize{method=gptq,order=random}")
 
 
-def _peak_above(fn) -> float:
-    """Bytes the process's peak resident size rose above its size before `fn` ran (Linux: the peak is reset first)."""
-    status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024  # noqa: E731
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
-
-
 def test_wide_hessians_are_summed_and_factored_without_a_second_wide_copy():
     """The Hessian of a wide input is what bounds a block-wise compile's memory: summing it holds the float64 sum
     (the float32 products are made a block of rows at a time), and factoring it holds one float64 matrix beside the
@@ -276,14 +264,15 @@ def test_wide_hessians_are_summed_and_factored_without_a_second_wide_copy():
     f64 = n * n * 8
     torch.manual_seed(0)
     x = [torch.randn(512, n) for _ in range(2)]
-    hessian = _hessian(x, n).float()  # warm up what the first call allocates once
+    order = torch.randperm(n)
+    hessian = _hessian(x, n).float()  # warm up what the first calls allocate once (LAPACK's and BLAS's workspace)
+    _inverse_cholesky_upper(hessian, order, 0.01)
     del hessian
     peaks = {}
-    peaks["sum"] = _peak_above(lambda: peaks.setdefault("H", _hessian(x, n)))
+    peaks["sum"] = peak_above(lambda: peaks.setdefault("H", _hessian(x, n)))
     hessian = peaks.pop("H").float()
-    order = torch.randperm(n)
     out = {}
-    peaks["factor"] = _peak_above(lambda: out.setdefault("U", _inverse_cholesky_upper(hessian, order, 0.01)[0]))
+    peaks["factor"] = peak_above(lambda: out.setdefault("U", _inverse_cholesky_upper(hessian, order, 0.01)[0]))
     # one float64 matrix each, plus row blocks and first-call workspace; the code before held a float32 product and
     # its float64 copy beside the sum (2.5x), and a permuted float32 copy, LAPACK's transposed copies and a float32
     # copy of the result beside the factor (2.7x measured)

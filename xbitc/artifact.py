@@ -23,7 +23,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.numpy import load as safetensors_load
 
-from xbitc import __version__, tensorfile
+from xbitc import __version__, spill, tensorfile
 from xbitc.ir import serialize
 from xbitc.ir.graph import Graph
 from xbitc.ir.verify import VerifyError, dry_run, verify
@@ -100,7 +100,7 @@ def write(
     tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         arrays, entries = flatten_params(graph, roles)
-        tensorfile.save(arrays, tmp / WEIGHTS, metadata=WEIGHTS_METADATA)
+        tensorfile.save(arrays, tmp / WEIGHTS, metadata=WEIGHTS_METADATA, written=spill.page_out)
         del arrays
         (tmp / GRAPH).write_text(serialize.dumps(graph))
         if graph.step is not None:

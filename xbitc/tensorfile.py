@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -42,8 +43,14 @@ def header(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None
     return struct.pack("<Q", len(text)) + text, order
 
 
-def save(arrays: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `arrays` (any strides; little-endian data) as the safetensors file `path`."""
+CHUNK = 16 << 20  # bytes written (and handed to `written`) at a time
+
+
+def save(arrays: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None,
+         written: Callable[[np.ndarray], None] | None = None) -> None:
+    """Write `arrays` (any strides; little-endian data) as the safetensors file `path`. `written` is called with
+    each array's bytes once they are in the file, CHUNK bytes at a time, then with the whole array (e.g. to take
+    the pages of arrays mapped from a scratch file out of memory again: xbitc.spill.page_out)."""
     head, order = header(arrays, metadata)
     with open(path, "wb") as f:
         f.write(head)
@@ -51,4 +58,10 @@ def save(arrays: dict[str, np.ndarray], path: str | Path, metadata: dict[str, st
             a = np.ascontiguousarray(arrays[name])  # a copy only where the array is a strided view
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
-            f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
+            flat = a.reshape(-1).view(np.uint8)
+            for start in range(0, flat.size, CHUNK):
+                f.write(flat[start:start + CHUNK].data)
+                if written is not None:
+                    written(flat[start:start + CHUNK])
+            if written is not None:
+                written(arrays[name])
