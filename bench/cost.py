@@ -59,7 +59,7 @@ def scale(sizes: list[str]) -> None:
             shapes = synthetic.llama_shapes(cfg)
             block = max(2 * sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("model.layers.0.")),
                         2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
-            estimate = sum(streaming.estimate_folder(folder, 3, None, 16, 256).values())
+            estimate = sum(streaming.estimate_folder(folder, 16, 256).values())
             seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), "--bits", "3", "--method",
                                                      "gptq", "--calib-windows", "16", "--calib-len", "256"])
             rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",

@@ -28,7 +28,6 @@ from xbitc.ir.blocks import find_blocks
 from xbitc.ir.graph import LINEAR_OPS, Graph, Op
 from xbitc.passes.base import PassError
 from xbitc.passes.gptq import rtn_rest, sequential
-from xbitc.passes.plan import GROUPS
 from xbitc.passes.pack import stored_dtype
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
@@ -127,16 +126,16 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, windows: int, window_len: int,
-                  heads: int) -> dict[str, int]:
+def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
     Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
     entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while
-    the Hessian is summed, the float64 sum and its float32 copy) and every calibration window's activations in the layer (seven values of the widest width per
-    token, two attention-score tensors per head). The blocks outside the layers hold their float32 weights and the
-    float16 copies stored. Writing reads the packed model back from the scratch file."""
+    the Hessian is summed, the float64 sum and its float32 copy) and every calibration window's activations in the
+    layer (seven values of the widest width per token, two attention-score tensors per head). The blocks outside the
+    layers hold their float32 weights and the float16 copies stored. Nothing grows with depth: finished blocks wait
+    in the scratch file, and the writer copies them out 16 MB at a time (xbitc.tensorfile, xbitc.spill.page_out)."""
     layers: dict[str, int] = {}
-    outside = width = packed = 0
+    outside = width = 0
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
         if m:
@@ -145,25 +144,19 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], bits: int, group: int, wi
             outside += 4 * w.numel()
         if m and w.dim() == 2:
             width = max(width, int(w.shape[1]))
-            groups = -(-int(w.shape[1]) // (group or int(w.shape[1])))
-            packed += int(w.shape[0]) * (-(-int(w.shape[1]) * bits // 8) + groups * (2 + 1)) + 8 * int(w.shape[1])
-        else:
-            packed += 2 * w.numel()
     tokens = windows * window_len
     phases = {
         "layer": {"layer weights": max(layers.values(), default=0), "GPTQ work": 12 * width * width,
                   "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2)},
         "outside the layers": {"embeddings and output layer": outside + outside // 2},
-        "writing": {"packed model": packed},
     }
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
-def estimate_folder(folder: Path, bits: int, group: int | None, windows: int, window_len: int) -> dict[str, int]:
-    """estimate_peak of the Hugging Face folder `folder` compiled block-wise at `bits` (group None: the default)."""
+def estimate_folder(folder: Path, windows: int, window_len: int) -> dict[str, int]:
+    """estimate_peak of the Hugging Face folder `folder` compiled block-wise."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    return estimate_peak(lazy.checkpoint(Path(folder)), bits, GROUPS[0] if group is None else group, windows,
-                         window_len, int(config.get("num_attention_heads", 1)))
+    return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)))
 
 
 def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
@@ -181,8 +174,7 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     if calib == "self":
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
-    plan = passes[[p.name for p in passes].index("plan")]
-    parts = estimate_folder(folder, plan.bits or 8, plan.group, windows, window_len)
+    parts = estimate_folder(folder, windows, window_len)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
