@@ -59,6 +59,9 @@ ROWS = {  # name -> xbitc compile arguments
     "GPTQ 2-bit g128": ["--bits", "2", "--group", "128", "--method", "gptq", "--no-clip"],
     # learned allocation: whole-model budgets with everything counted, embeddings and output layer included
     **{f"xbitc {b} bpw": ["--bpw", b, "--method", "gptq", "--quantize-embeddings"] for b in ("4.0", "3.5", "3.0", "2.5", "2.0")},
+    # longer tuning (192 steps instead of 24): what --effort high buys at each budget
+    **{f"xbitc {b} bpw (--effort high)": ["--bpw", b, "--method", "gptq", "--quantize-embeddings", "--effort", "high"]
+       for b in ("4.0", "3.5", "3.0", "2.5", "2.0")},
     # data-free: calibrated on sequences sampled from the float model (as many and as long as the text windows)
     "xbitc 3.0 bpw (--calib self)": ["--bpw", "3.0", "--method", "gptq", "--quantize-embeddings", "--calib", "self"],
     # equal file size with the GPTQ g128 rows above (embeddings float16; whole-model bpw as measured for those rows)

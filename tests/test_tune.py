@@ -154,6 +154,12 @@ def test_default_pipelines():
     assert "tune{steps=5" in default_pipeline(CompileOptions(bits=3, tune_steps=5))
     with pytest.raises(PassError, match="tune-steps"):
         compile_model("x", None, CompileOptions(bpw=3.0, tune_steps=-1))
+    # --effort high tunes longer, uniform pipelines too; --tune-steps still decides when given
+    assert "tune{steps=192" in default_pipeline(CompileOptions(bpw=3.0, effort="high"))
+    assert "tune{steps=192" in default_pipeline(CompileOptions(bits=3, effort="high"))
+    assert "tune{steps=7" in default_pipeline(CompileOptions(bpw=3.0, effort="high", tune_steps=7))
+    with pytest.raises(PassError, match="effort"):
+        compile_model("x", None, CompileOptions(bpw=3.0, effort="max"))
 
 
 @given(st.integers(1, 12), st.integers(1, 60), st.sampled_from([4, 16, 128]), st.integers(0, 50))

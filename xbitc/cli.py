@@ -61,7 +61,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         bpw=a.bpw, bits=a.bits, group=a.group, backend=a.backend, passes=a.passes, method=a.method,
         quantize_embeddings=a.quantize_embeddings, allocator=a.allocator, objective=a.objective, float_dtype=a.float_dtype, calib=a.calib,
         calib_windows=a.calib_windows, calib_len=a.calib_len, seed=a.seed, trust_pickle=a.trust_pickle, inputs=tuple(a.input or ()),
-        clip=not a.no_clip, tune_steps=a.tune_steps, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
+        clip=not a.no_clip, tune_steps=a.tune_steps, effort=a.effort, dump_ir=Path(a.dump_ir) if a.dump_ir else None,
     )
     m = compile_model(a.model, Path(a.output), opts)
     if m is None:  # another process of the same torchrun run wrote the artifact and says so
@@ -212,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-steps", type=int, metavar="N",
                    help="after quantizing, train the group scales and norm weights on the objective for N calibration "
                         "batches (default: 24 with the learned allocator, 0 otherwise; 0 turns it off)")
+    c.add_argument("--effort", default="default", choices=["default", "high"],
+                   help="high: tune 192 steps instead of 24 (uniform --bits pipelines too), for several times the "
+                        "compile time (SmolLM2 at 3.0 bpw: 49 minutes on a shared 2-core machine, the default 9 alone); "
+                        "--tune-steps overrides it")
     c.add_argument("--quantize-embeddings", action="store_true", default=None,
                    help="quantize embeddings and the output layer too (the default with --bpw)")
     c.add_argument("--float-embeddings", dest="quantize_embeddings", action="store_false",

@@ -32,7 +32,8 @@ class CompileOptions:
     clip: bool = True  # search each group's clipping range (quantize{clip})
     allocator: str = "learned"  # with --bpw: "learned" (allocate pass) or "uniform" (plan pass)
     objective: str = "auto"  # kl for language models, mse for encoders and vision models
-    tune_steps: int | None = None  # tune pass steps; None: DEFAULT_TUNE_STEPS with the learned allocator, else 0
+    tune_steps: int | None = None  # tune steps; None: TUNE_STEPS[effort] with the learned allocator or high effort
+    effort: str = "default"  # "high": more tuning steps (TUNE_STEPS), on uniform pipelines too
     # None: under a --bpw target the allocator gives the embeddings and output layer depths like any matrix; with
     # --bits they stay float. True / False force it.
     quantize_embeddings: bool | None = None
@@ -51,6 +52,8 @@ class CompileOptions:
 
 
 DEFAULT_TUNE_STEPS = 24
+# tune steps by --effort; what "high" buys and costs per budget: BENCHMARKS.md, accuracy
+TUNE_STEPS = {"default": DEFAULT_TUNE_STEPS, "high": 192}
 
 
 def default_pipeline(opts: CompileOptions) -> str:
@@ -58,7 +61,8 @@ def default_pipeline(opts: CompileOptions) -> str:
     default = opts.bpw is not None and opts.bits is None
     embeddings = opts.quantize_embeddings if opts.quantize_embeddings is not None else default
     # Uniform pipelines reproduce plain GPTQ/RTN (the published baselines) unless tuning is asked for.
-    steps = opts.tune_steps if opts.tune_steps is not None else (DEFAULT_TUNE_STEPS if learned else 0)
+    tuned = learned or opts.effort == "high"
+    steps = opts.tune_steps if opts.tune_steps is not None else (TUNE_STEPS.get(opts.effort, 0) if tuned else 0)
     quantize = [f"quantize{{method={opts.method},clip={opts.clip}}}"]
     if steps:
         quantize.append(f"tune{{steps={steps},objective={opts.objective}}}")
@@ -92,6 +96,8 @@ def check_options(opts: CompileOptions) -> None:
         raise PassError(f"--bits {opts.bits} must be 1..8")
     if opts.group is not None and opts.group < 0:
         raise PassError(f"--group {opts.group} must be positive (0 = per-channel)")
+    if opts.effort not in TUNE_STEPS:
+        raise PassError(f"--effort {opts.effort!r}: choose {' or '.join(TUNE_STEPS)}")
     if opts.tune_steps is not None and opts.tune_steps < 0:
         raise PassError(f"--tune-steps {opts.tune_steps} must be 0 (off) or more")
     if opts.calib_windows < 1:

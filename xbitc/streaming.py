@@ -165,7 +165,8 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     size = gb(limit)
     if not streams(passes):
         raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves uniform GPTQ only: give "
-                        "--bits B --method gptq (no --bpw allocation, no --tune-steps), or leave --max-memory out")
+                        "--bits B --method gptq (no --bpw allocation, no --tune-steps or --effort high), or leave "
+                        "--max-memory out")
     folder = Path(source) if isinstance(source, (str, Path)) else None
     weights = lazy.checkpoint(folder) if folder is not None and (folder / "config.json").is_file() else None
     if weights is None:
