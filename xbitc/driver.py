@@ -62,7 +62,7 @@ def default_pipeline(opts: CompileOptions) -> str:
     embeddings = opts.quantize_embeddings if opts.quantize_embeddings is not None else default
     # Uniform pipelines reproduce plain GPTQ/RTN (the published baselines) unless tuning is asked for.
     tuned = learned or opts.effort == "high"
-    steps = opts.tune_steps if opts.tune_steps is not None else (TUNE_STEPS.get(opts.effort, 0) if tuned else 0)
+    steps = opts.tune_steps if opts.tune_steps is not None else (TUNE_STEPS[opts.effort] if tuned else 0)
     quantize = [f"quantize{{method={opts.method},clip={opts.clip}}}"]
     if steps:
         quantize.append(f"tune{{steps={steps},objective={opts.objective}}}")

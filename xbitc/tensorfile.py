@@ -49,8 +49,9 @@ CHUNK = 16 << 20  # bytes written (and handed to `written`) at a time
 def save(arrays: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None,
          written: Callable[[np.ndarray], None] | None = None) -> None:
     """Write `arrays` (any strides; little-endian data) as the safetensors file `path`. `written` is called with
-    each array's bytes once they are in the file, CHUNK bytes at a time, then with the whole array (e.g. to take
-    the pages of arrays mapped from a scratch file out of memory again: xbitc.spill.page_out)."""
+    each array's bytes once they are in the file, CHUNK bytes at a time (and with the array itself where a
+    contiguous copy was written instead), e.g. to take the pages of arrays mapped from a scratch file out of memory
+    again: xbitc.spill.page_out."""
     head, order = header(arrays, metadata)
     with open(path, "wb") as f:
         f.write(head)
@@ -63,5 +64,5 @@ def save(arrays: dict[str, np.ndarray], path: str | Path, metadata: dict[str, st
                 f.write(flat[start:start + CHUNK].data)
                 if written is not None:
                     written(flat[start:start + CHUNK])
-            if written is not None:
-                written(arrays[name])
+            if written is not None and not np.may_share_memory(a, arrays[name]):
+                written(arrays[name])  # the copy's source: its pages were read too
