@@ -1,7 +1,8 @@
 """allocate: learned bit allocation under a whole-model size target.
 
 Measures how sensitive the task cost (objective: kl, ce, mse, or package.module:function) is to every weight on the
-calibration data (xbitc.alloc.sensitivity), then gives every column of every quantized tensor — linears, and with
+calibration data (xbitc.alloc.sensitivity; for a model whose weights stay in their files, a layer block at a time:
+xbitc.alloc.blockwise), then gives every column of every quantized tensor — linears, and with
 `embeddings` the embedding table and output layer — a depth 0..8 and every tensor a group size, minimising the
 predicted cost at the budget (xbitc.alloc.solve). Everything the artifact will hold is counted: tensors left in
 float, permutations, scales, zeros, safetensors headers, the graph and the manifest; the solve is repeated on the
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xbitc import lazy
+from xbitc.alloc.blockwise import blockwise_costs
 from xbitc.alloc.sensitivity import fisher_diagonal
 from xbitc.alloc.solve import allocate, column_costs
 from xbitc.ir.graph import Graph
@@ -72,10 +75,14 @@ class Allocate(Pass):
         alloc_budget = target_bits - 8 * fixed
         if alloc_budget <= 0:  # known before the sensitivities (the long part): refuse now
             raise self._no_room(ctx, fixed, count)
-        fisher = fisher_diagonal(graph, names, ctx.calib_inputs[: self.batches], objective,
-                                 progress=ctx.stats.get("progress", True))
-        costs = [column_costs(graph.params[n], fisher[n], groups, n) for n in names]
-        del fisher
+        batches, progress = ctx.calib_inputs[: self.batches], ctx.stats.get("progress", True)
+        if lazy.is_lazy(graph):  # weights still in their files: a block at a time (xbitc.alloc.blockwise)
+            by_name = blockwise_costs(graph, names, batches, objective, groups, progress=progress,
+                                      scratch=ctx.stats.get("scratch"))
+            costs = [by_name.pop(n) for n in names]
+        else:
+            fisher = fisher_diagonal(graph, names, batches, objective, progress=progress)
+            costs = [column_costs(graph.params[n], fisher.pop(n), groups, n) for n in names]
         # Bisect the bits given to the solver on the exact artifact size (the solver's size model amortizes
         # group and byte padding; metadata is outside it): land in [target - tolerance, target].
         tolerance = 0.002 * count

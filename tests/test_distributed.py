@@ -227,15 +227,16 @@ def test_two_ranks_write_the_one_process_artifact(tmp_path):
     assert (tmp_path / "one.xbitc" / "graph.json").read_bytes() == (tmp_path / "two.xbitc" / "graph.json").read_bytes()
 
 
-def test_two_ranks_stream_a_folder_block_by_block_as_one_process_does(tmp_path):
-    """A Hugging Face folder with --bits B --method gptq is quantized a layer block at a time (xbitc.streaming): each
-    rank drives its share of the windows through every block, the Hessians are summed, and the artifact is the
-    one-process one byte for byte."""
+@pytest.mark.parametrize("pipeline", [["--bits", "3"], ["--bpw", "6", "--tune-steps", "0"]])
+def test_two_ranks_stream_a_folder_block_by_block_as_one_process_does(tmp_path, pipeline):
+    """A Hugging Face folder with --bits B (or --bpw B without tuning) --method gptq is measured and quantized a layer
+    block at a time (xbitc.streaming, xbitc.alloc.blockwise): each rank drives its share of the windows through every
+    block, sensitivities and Hessians are summed, and the artifact is the one-process one byte for byte."""
     from xbitc import synthetic
 
-    cfg = synthetic.llama_config(layers=2, hidden=64, intermediate=128, vocab=300, heads=4, kv_heads=2)
-    synthetic.write_llama(tmp_path / "hf", cfg, shard_bytes=40_000)
-    args = ["hf", "--bits", "3", "--method", "gptq", "--calib-windows", "4", "--calib-len", "32", "--max-memory", "2GB"]
+    cfg = synthetic.llama_config(layers=2, hidden=128, intermediate=256, vocab=1000, heads=4, kv_heads=2)
+    synthetic.write_llama(tmp_path / "hf", cfg, shard_bytes=100_000)
+    args = ["hf", *pipeline, "--method", "gptq", "--calib-windows", "4", "--calib-len", "32", "--max-memory", "2GB"]
     one = compile_cli([*args, "-o", "one.xbitc"], tmp_path, None)
     assert one.returncode == 0, one.stderr
     two = compile_cli([*args, "-o", "two.xbitc"], tmp_path, 2)

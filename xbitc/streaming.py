@@ -47,6 +47,7 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
         return
     last = {name: i for i, block in enumerate(found.blocks) for name in block.params}  # the last block reading it
     envs = [dict(zip(found.blocks[0].inputs, batch)) for batch in batches]  # each batch's values at the boundary
+    files = {n: v for n, v in graph.params.items() if isinstance(v, lazy.LazyWeight)}
     spill = Spill(scratch)
     for i, block in enumerate(found.blocks):
         # The block's graph alone holds its float weights: a quantized one is then freed as soon as GPTQ replaces it
@@ -62,12 +63,22 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
                     env.update(zip(block.outputs, out))
                     for name in set(env) - later:
                         del env[name]
-        graph.params.update((n, block.graph.params[n]) for n in block.params)
+        graph.params.update(_after(block, files, last, i))
         block.graph.params.clear()
         _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill)
         heap.release()  # what the block freed goes back to the system, or the heap creeps up block by block
     spill.close()
     lazy.materialize(graph)  # what only the decode step reads (its constants)
+
+
+def _after(block, files: dict, last: dict, i: int) -> dict:
+    """The block's weights as the whole graph keeps them after it: a float weight a later block reads again (a tied
+    table) goes back to its file, to be read again then, instead of staying in memory through every layer."""
+    out = {}
+    for n in block.params:
+        value = block.graph.params[n]
+        out[n] = files[n] if last[n] > i and n in files and isinstance(value, torch.Tensor) else value
+    return out
 
 
 def _loaded(value: object) -> object:
@@ -96,19 +107,30 @@ def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, sp
 
 def streams(passes: list) -> bool:
     """Whether a pipeline runs on weights still in their files: up to `pack` it is canonicalize, plan (both read
-    shapes only) and GPTQ quantize, the default pipeline of `--bits B --method gptq` (no learned allocation, no
+    shapes only) or learned allocation (its sensitivities a block at a time: xbitc.alloc.blockwise), and GPTQ
+    quantize: the default pipelines of `--bits B --method gptq` and of `--bpw B --method gptq --tune-steps 0` (no
     tuning); the passes after `pack` see the packed model."""
     names = [p.name for p in passes]
     if "pack" not in names:
         return False
     before = passes[:names.index("pack")]
-    return [p.name for p in before] == ["canonicalize", "plan", "quantize"] and before[2].method == "gptq"
+    return [p.name for p in before] in (["canonicalize", "plan", "quantize"], ["canonicalize", "allocate", "quantize"]) \
+        and before[2].method == "gptq"
 
 
 # Peak resident memory of compiling a 2-layer Llama (xbitc.synthetic, hidden 64) by this path, where the model's own
 # share is a few MB: Python, torch, transformers, torch.export's tracing state. Measured 414 MB (VmHWM; see
 # README.md); the margin covers the tracing state of a graph of many layers.
 FIXED_BYTES = 768 << 20
+TABLE_BYTES = 10  # a table's float32 copy, and GPTQ's work on it as an output layer (RTN's codes, float16: less)
+# The learned allocation's parts (estimate_peak), per input column and group option: its cost and size tables
+# (2 x 9 float64), and with the solver's stacked copies and temporaries (1418 B for 4 options, measured on a million
+# columns); per token of a window: float32 values of the widest width autograd keeps through a layer; per token and
+# vocabulary entry: float32 logits, their float copy, probabilities and gradient
+COST_TABLE_BYTES = 144
+SOLVE_BYTES = 384
+SENSITIVITY_VALUES = 16
+LOGITS_VALUES = 5
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
           "GIB": 1 << 30, "TIB": 1 << 40}
 _LAYER_KEY = re.compile(r"^(.*?)\.(\d+)\.")
@@ -126,37 +148,64 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int) -> dict[str, int]:
+def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int,
+                  sensitivity_batches: int = 0, group_options: int = 4) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
     Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
     entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while
     the Hessian is summed, the float64 sum and its float32 copy) and every calibration window's activations in the
-    layer (seven values of the widest width per token, two attention-score tensors per head). The blocks outside the
-    layers hold their float32 weights and the float16 copies stored. Nothing grows with depth: finished blocks wait
-    in the scratch file, and the writer copies them out 16 MB at a time (xbitc.tensorfile, xbitc.spill.page_out)."""
+    layer (seven values of the widest width per token, two attention-score tensors per head). Outside the layers one
+    table is held at a time (a tied one is read again from its file by the head): float32, and what quantizing or
+    storing it adds (TABLE_BYTES a parameter in all). Finished blocks wait in the scratch file, and the writer copies
+    them out 16 MB at a time (xbitc.tensorfile, xbitc.spill.page_out).
+
+    With `sensitivity_batches` (learned allocation, xbitc.alloc.blockwise), measuring a block holds its float32
+    weights, their gradients and squared-gradient sums (for the embedding table a fourth copy: a tied output layer's
+    gradient read back), one window's activations kept for backward, and every batch's gradient at the block
+    boundary; and the cost tables made so far. The solve then holds the tables and its stacked copies. The tables
+    are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input column per group option."""
     layers: dict[str, int] = {}
-    outside = width = 0
+    width = table = columns = 0
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
         if m:
             layers[m.group(0)] = layers.get(m.group(0), 0) + 4 * w.numel()
-        else:
-            outside += 4 * w.numel()
-        if m and w.dim() == 2:
-            width = max(width, int(w.shape[1]))
+        if w.dim() == 2:
+            columns += int(w.shape[1])
+            if m:
+                width = max(width, int(w.shape[1]))
+            elif w.numel() > table:
+                table, (vocab, hidden) = w.numel(), w.shape
     tokens = windows * window_len
+    layer = max(layers.values(), default=0)
     phases = {
-        "layer": {"layer weights": max(layers.values(), default=0), "GPTQ work": 12 * width * width,
+        "layer": {"layer weights": layer, "GPTQ work": 12 * width * width,
                   "activations": 4 * (7 * tokens * width + 2 * windows * heads * window_len ** 2)},
-        "outside the layers": {"embeddings and output layer": outside + outside // 2},
+        "outside the layers": {"largest table and its quantization": TABLE_BYTES * table},
     }
+    if sensitivity_batches:
+        tables = COST_TABLE_BYTES * group_options * columns
+        boundary = 4 * 2 * sensitivity_batches * window_len * (hidden if table else width)
+        phases["sensitivity of a layer"] = {
+            "layer weights, gradients and sums": 3 * layer, "cost tables": tables, "boundary gradients": boundary,
+            "activations": 4 * (SENSITIVITY_VALUES * window_len * width + 3 * heads * window_len ** 2)}
+        if table:
+            phases["sensitivity outside the layers"] = {
+                "embeddings, gradients and sums": 4 * 4 * table, "cost tables": tables, "boundary gradients": boundary,
+                "logits": 4 * LOGITS_VALUES * window_len * vocab}
+        phases["allocation solve"] = {"cost tables and the solver's copies": SOLVE_BYTES * group_options * columns}
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
-def estimate_folder(folder: Path, windows: int, window_len: int) -> dict[str, int]:
-    """estimate_peak of the Hugging Face folder `folder` compiled block-wise."""
+def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = ()) -> dict[str, int]:
+    """estimate_peak of the Hugging Face folder `folder` compiled block-wise by `passes` (the learned allocation's
+    sensitivities and solve counted when an `allocate` pass is among them)."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)))
+    alloc = next((p for p in passes if p.name == "allocate"), None)
+    extra = {} if alloc is None else {"sensitivity_batches": min(alloc.batches, windows),
+                                      "group_options": len(alloc.groups.split("-"))}
+    return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)),
+                         **extra)
 
 
 def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
@@ -164,9 +213,9 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     over `limit`; returns the estimate."""
     size = gb(limit)
     if not streams(passes):
-        raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves uniform GPTQ only: give "
-                        "--bits B --method gptq (no --bpw allocation, no --tune-steps or --effort high), or leave "
-                        "--max-memory out")
+        raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves GPTQ without tuning: give "
+                        "--method gptq with --bits B, or with --bpw B and --tune-steps 0 (no --effort high), or "
+                        "leave --max-memory out")
     folder = Path(source) if isinstance(source, (str, Path)) else None
     weights = lazy.checkpoint(folder) if folder is not None and (folder / "config.json").is_file() else None
     if weights is None:
@@ -175,7 +224,7 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     if calib == "self":
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
-    parts = estimate_folder(folder, windows, window_len)
+    parts = estimate_folder(folder, windows, window_len, passes)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())

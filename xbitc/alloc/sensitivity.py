@@ -67,11 +67,10 @@ def fisher_diagonal(
     gen = torch.Generator().manual_seed(seed)
     interp = Interpreter(graph, grad=True)
     leaves = {}
-    for name in names:
+    for k, name in enumerate(names):
         w = interp.weight(name).detach()  # shares storage with the graph's tensor; nothing writes to it
         if callable(objective):  # see module docstring: a perturbed point, so a reference-matching cost has a slope
-            span = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)).clamp_min(1e-12) / 15
-            w = w + (torch.rand(w.shape, generator=gen) - 0.5) * span
+            w = perturbed(w, seed, k)
         leaves[name] = w.requires_grad_(True)
         interp.set_weight(name, leaves[name])
     reference = Interpreter(graph)
@@ -104,6 +103,15 @@ def fisher_diagonal(
     for name in names:
         distributed.all_reduce_sum(fisher[name])
     return {name: f / max(len(batches), 1) for name, f in fisher.items()}
+
+
+def perturbed(w: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """`w` plus uniform noise of a 4-bit step of its row's range, drawn from a stream of its own (the `index`-th
+    weight's under `seed`): the same whichever weights are perturbed before it (xbitc.alloc.blockwise reads them
+    a block at a time)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
+    span = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)).clamp_min(1e-12) / 15
+    return w + (torch.rand(w.shape, generator=gen) - 0.5) * span
 
 
 def _square_into(acc: torch.Tensor, leaf: torch.Tensor) -> None:

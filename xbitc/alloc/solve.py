@@ -23,6 +23,7 @@ from xbitc.quant.grid import dequantize_codes, grid_params, quantize_codes
 
 DEPTHS = np.arange(9)  # 0 drops a column
 SCALE_BITS = 16
+COST_ROWS = 1024  # output rows measured at once: a tall table's temporaries stay those of a 1024-row slice
 
 
 @dataclass
@@ -35,26 +36,26 @@ class TensorCosts:
 
 
 def column_costs(w: torch.Tensor, fisher: torch.Tensor, groups: list[int], name: str = "") -> TensorCosts:
-    w = w.float()
     out, inp = w.shape
-    fisher = fisher.float().clamp_min(0)
-    drop = 0.5 * (fisher * w * w).sum(0).double().numpy()
-    opts_g, opts_c, opts_s = [], [], []
-    for g in sorted({min(g or inp, inp) for g in groups}):
-        pad = (-inp) % g
-        blocks = torch.nn.functional.pad(w, (0, pad)).reshape(-1, g)  # one row per (output row, group)
-        cost = np.empty((inp, 9))
-        cost[:, 0] = drop
-        for b in DEPTHS[1:]:
-            scale, zero = grid_params(blocks, int(b))
-            err = dequantize_codes(quantize_codes(blocks, scale, zero, int(b)), scale, zero) - blocks
-            err = err.reshape(out, -1)[:, :inp]
-            cost[:, b] = 0.5 * (fisher * err * err).sum(0).double().numpy()
+    opts_g = sorted({min(g or inp, inp) for g in groups})
+    opts_c = [np.zeros((inp, 9)) for _ in opts_g]
+    for r0 in range(0, out, COST_ROWS):  # a vocabulary-sized table's temporaries stay a slice's size
+        wr = w[r0:r0 + COST_ROWS].float()
+        fr = fisher[r0:r0 + COST_ROWS].float().clamp_min(0)
+        drop = 0.5 * (fr * wr * wr).sum(0).double().numpy()
+        for g, cost in zip(opts_g, opts_c):
+            blocks = torch.nn.functional.pad(wr, (0, (-inp) % g)).reshape(-1, g)  # a row per (output row, group)
+            cost[:, 0] += drop
+            for b in DEPTHS[1:]:
+                scale, zero = grid_params(blocks, int(b))
+                err = dequantize_codes(quantize_codes(blocks, scale, zero, int(b)), scale, zero) - blocks
+                err = err.reshape(wr.shape[0], -1)[:, :inp]
+                cost[:, b] += 0.5 * (fr * err * err).sum(0).double().numpy()
+    opts_s = []
+    for g, cost in zip(opts_g, opts_c):
         cost[:, 1:] = np.minimum.accumulate(cost[:, 1:], axis=1)  # a finer grid never costs more
         size = np.zeros((inp, 9))
         size[:, 1:] = out * (DEPTHS[1:] + (SCALE_BITS + DEPTHS[1:]) / g)
-        opts_g.append(g)
-        opts_c.append(cost)
         opts_s.append(size)
     return TensorCosts(name, (out, inp), opts_g, opts_c, opts_s)
 

@@ -8,6 +8,8 @@ from .format import QuantizedMatrix
 from .grid import grid_params, quantize_codes
 from .segments import segments, stored_order, stored_segments, stores_perm
 
+ROWS = 1024  # output rows quantized at once
+
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> QuantizedMatrix:
     """Uniform b-bit asymmetric RTN of a [out, in] matrix, groups of `group_size` input columns."""
@@ -15,20 +17,20 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, clip: bool = False
     out, inp = w.shape
     (seg,) = segments([(bits, inp)], group_size)
     group_size = seg.group_size
-    codes, scales, zeros = [], [], []
-    for g0 in range(0, inp, group_size):
-        block = w[:, g0 : g0 + group_size]
-        scale, zero = grid_params(block, bits, clip=clip)
-        codes.append(quantize_codes(block, scale, zero, bits))
-        scales.append(scale)
-        zeros.append(zero)
-    return QuantizedMatrix(
-        shape=(out, inp),
-        segments=[seg],
-        codes=[torch.cat(codes, 1).numpy().astype(np.uint8)],
-        scales=[torch.cat(scales, 1).numpy().astype(np.float16)],
-        zeros=[torch.cat(zeros, 1).numpy().astype(np.uint8)],
-    )
+    ngroups = -(-inp // group_size)
+    # filled a slice at a time: the clipping search's temporaries stay a slice's size, not a vocabulary table's
+    codes = np.empty((out, inp), np.uint8)
+    scales = np.empty((out, ngroups), np.float16)
+    zeros = np.empty((out, ngroups), np.uint8)
+    for r0 in range(0, out, ROWS):
+        rows = slice(r0, r0 + ROWS)
+        for k, g0 in enumerate(range(0, inp, group_size)):
+            block = w[rows, g0 : g0 + group_size]
+            scale, zero = grid_params(block, bits, clip=clip)
+            codes[rows, g0 : g0 + group_size] = quantize_codes(block, scale, zero, bits).numpy()
+            scales[rows, k] = scale[:, 0].numpy()
+            zeros[rows, k] = zero[:, 0].numpy()
+    return QuantizedMatrix(shape=(out, inp), segments=[seg], codes=[codes], scales=[scales], zeros=[zeros])
 
 
 def rtn_any(w: torch.Tensor, bits, group_size: int, clip: bool = False) -> QuantizedMatrix:
