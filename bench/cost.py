@@ -5,14 +5,15 @@ allocation, GPTQ, tune; 64 calibration windows of 512 tokens from wikitext2-vali
 peak resident memory (the process's VmHWM), and the time of every pass from the artifact's manifest. Targets: at
 most 10 minutes and 4 GB on 2 cores.
 
-`--scale`: how the block-wise compile (`--bits 3 --method gptq`, xbitc.streaming) grows with the model. Random-weight
+`--scale`: how the block-wise compile (`--bits 3 --method gptq`, xbitc.streaming; with `--pipeline learned`,
+`--bpw 3 --method gptq --tune-steps 0`: learned allocation too) grows with the model. Random-weight
 Llamas (xbitc.synthetic: float16 safetensors shards written into a temporary folder) of the sizes given, from a
 SmolLM2-135M-shaped one up, each compiled with the same calibration tokens (16 windows of 256 random ids): wall
 time and seconds per billion parameters, peak memory beside the compile's own estimate and the target (1.5 GB plus
 twice the largest block's float16 weights).
 
     python bench/cost.py [--bpw 3.0] [--repeat 1]
-    python bench/cost.py --scale 0.135,0.5,1.5,3
+    python bench/cost.py --scale 0.135,0.5,1.5,3 [--pipeline learned]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append, require_shared, run_cli_measured, table  # noqa: E402
 from xbitc import models, streaming, synthetic  # noqa: E402
+from xbitc.driver import CompileOptions, build_passes, default_pipeline  # noqa: E402
 from xbitc.runtime import load  # noqa: E402
 
 COLUMNS = ["run", "wall s", "peak GB", "bpw (whole)", "allocate s", "quantize s", "tune s", "other s"]
@@ -45,7 +47,13 @@ SCALE_COLUMNS = ["model", "params", "shape (layers x hidden x ffn)", "wall s", "
                  "estimate GB", "target GB", "bpw (whole)"]
 
 
-def scale(sizes: list[str]) -> None:
+PIPELINES = {  # --pipeline: the block-wise compiles measured by --scale
+    "bits": ["--bits", "3", "--method", "gptq"],  # uniform GPTQ
+    "learned": ["--bpw", "3", "--method", "gptq", "--tune-steps", "0"],  # learned allocation (blockwise), GPTQ
+}
+
+
+def scale(sizes: list[str], pipeline: str = "bits") -> None:
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
         sys.exit(f"--scale {','.join(unknown)}: sizes are {', '.join(SHAPES)} (billions of parameters)")
@@ -59,9 +67,12 @@ def scale(sizes: list[str]) -> None:
             shapes = synthetic.llama_shapes(cfg)
             block = max(2 * sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("model.layers.0.")),
                         2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
-            estimate = sum(streaming.estimate_folder(folder, 16, 256).values())
-            seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), "--bits", "3", "--method",
-                                                     "gptq", "--calib-windows", "16", "--calib-len", "256"])
+            args = [*PIPELINES[pipeline], "--calib-windows", "16", "--calib-len", "256"]
+            passes = build_passes(default_pipeline(CompileOptions(bpw=3.0 if pipeline == "learned" else None,
+                                                                  bits=3 if pipeline == "bits" else None,
+                                                                  method="gptq", tune_steps=0)))
+            estimate = sum(streaming.estimate_folder(folder, 16, 256, passes).values())
+            seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), *args])
             rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",
                          "shape (layers x hidden x ffn)": f"{layers} x {hidden} x {ffn}", "wall s": seconds,
                          "s per B params": seconds / (params / 1e9), "peak GB": peak_gib * 2**30 / 1e9,
@@ -70,13 +81,15 @@ def scale(sizes: list[str]) -> None:
         print(table(rows[-1:], SCALE_COLUMNS).splitlines()[-1], flush=True)
     body = table(rows, SCALE_COLUMNS)
     print("\n" + body)
-    note = ("Block-wise compile (`xbitc compile FOLDER --bits 3 --method gptq --calib-windows 16 --calib-len 256`: GPTQ "
-            "a layer block at a time, weights read from the shards as needed) of random-weight float16 Llamas; "
+    what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ"}[pipeline]
+    note = (f"Block-wise compile (`xbitc compile FOLDER {' '.join(PIPELINES[pipeline])} --calib-windows 16 --calib-len "
+            f"256`: {what} a layer block at a time, weights read from the shards as needed) of random-weight float16 Llamas; "
             "wall = the whole process (load, trace, calibrate, quantize, write); peak = its VmHWM (1 GB = 1e9 bytes); "
             "estimate = what `--max-memory` checks against before work starts; target = 1.5 GB + 2x the largest "
             "block's float16 weights (a layer, or the embeddings and output layer).")
-    append("Compile cost by model size (block-wise GPTQ)", note + "\n\n" + body,
-           f"python bench/cost.py --scale {','.join(sizes)}")
+    title = {"bits": "block-wise GPTQ", "learned": "block-wise learned allocation and GPTQ"}[pipeline]
+    append(f"Compile cost by model size ({title})", note + "\n\n" + body,
+           f"python bench/cost.py --scale {','.join(sizes)} --pipeline {pipeline}")
 
 
 def main() -> None:
@@ -84,9 +97,11 @@ def main() -> None:
     ap.add_argument("--bpw", default="3.0")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--scale", help="comma-separated model sizes in billions of parameters: " + ", ".join(SHAPES))
+    ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="bits",
+                    help="with --scale: uniform --bits 3, or learned allocation --bpw 3 (no tuning)")
     a = ap.parse_args()
     if a.scale:
-        return scale(a.scale.split(","))
+        return scale(a.scale.split(","), a.pipeline)
     calib = require_shared("wikitext2-valid.tokens")
     args = ["--bpw", a.bpw, "--method", "gptq", "--quantize-embeddings", "--calib", str(calib),
             "--calib-windows", "64", "--calib-len", "512"]

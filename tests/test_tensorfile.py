@@ -69,3 +69,34 @@ def test_spilled_arrays_are_written_without_staying_resident(tmp_path):
     assert rise["paged out"] < 3 * tensorfile.CHUNK, rise  # a chunk at a time (and what the kernel reads ahead)
     assert (tmp_path / "kept.safetensors").read_bytes() == (tmp_path / "paged out.safetensors").read_bytes()
     assert np.array_equal(load_file(str(tmp_path / "paged out.safetensors"))["w1"], arrays["w1"])
+
+
+def test_spilled_arrays_hold_no_file_descriptors_and_unmap_when_gone(tmp_path):
+    """A large model spills thousands of arrays: each is a private map of the one scratch file, without a file
+    descriptor of its own (np.memmap holds one each; the usual limit is 1024 open files), unmapped once the array
+    and every view of it are gone; writes to a map stay in the process (copy-on-write)."""
+    import gc
+    import os
+
+    from xbitc.spill import Spill, in_scratch
+
+    def deleted_maps():  # maps of the scratch file (unnamed in tmp_path)
+        return sum(1 for line in open("/proc/self/maps") if str(tmp_path) in line and "(deleted)" in line)
+
+    spill = Spill(tmp_path)
+    fds = len(os.listdir("/proc/self/fd"))
+    arrays = [spill.array(np.arange(1000 + i, dtype=np.float32).reshape(-1, 1)) for i in range(2000)]
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert all(np.array_equal(a[:, 0], np.arange(1000 + i, dtype=np.float32)) for i, a in enumerate(arrays))
+    view = arrays[7][3:9]
+    del arrays
+    gc.collect()
+    assert deleted_maps() >= 1 and in_scratch(view) and view[:, 0].tolist() == [3, 4, 5, 6, 7, 8]
+    again = spill.array(np.zeros(8, np.int8))
+    again[2] = 5  # private: the file keeps its zeros
+    assert again.tolist() == [0, 0, 5, 0, 0, 0, 0, 0]
+    spill.close()
+    del view, again
+    gc.collect()
+    assert deleted_maps() == 0  # the file's last maps are gone, and with them its disk space
+

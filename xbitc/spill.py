@@ -25,7 +25,7 @@ from xbitc.quant.packed import PackedMatrix, PackedSegment
 
 ALIGN = 64  # each array starts on a cache line, as the allocator would place it
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; clean file pages are dropped, nothing is ever discarded
-_maps: dict[int, tuple[int, int]] = {}  # id of each live map handed out -> its [first, end) addresses
+_maps: dict[int, tuple[int, int]] = {}  # each live map handed out (by the id of what owns it) -> [first, end) addresses
 
 
 def page_out(a: np.ndarray) -> None:
@@ -33,12 +33,18 @@ def page_out(a: np.ndarray) -> None:
     pages of the scratch file, read from it again if anything asks. (A page written since it was mapped is the
     process's own copy, which MADV_PAGEOUT keeps unless there is swap: no value ever changes.) Anything else, and
     systems without madvise, are left alone."""
+    if not in_scratch(a) or _libc() is None:
+        return
     lo = a.__array_interface__["data"][0]
     hi = lo + a.nbytes
-    if a.nbytes == 0 or not any(first <= lo and hi <= end for first, end in _maps.values()) or _libc() is None:
-        return
     start = lo - lo % mmap.PAGESIZE
     _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_PAGEOUT)
+
+
+def in_scratch(a: np.ndarray) -> bool:
+    """Whether `a`'s bytes lie in a map a Spill handed out (and still holds)."""
+    lo = a.__array_interface__["data"][0]
+    return a.nbytes > 0 and any(first <= lo and lo + a.nbytes <= end for first, end in _maps.values())
 
 
 @functools.cache
@@ -47,7 +53,42 @@ def _libc():
         lib = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
-    return lib if hasattr(lib, "madvise") else None
+    if not hasattr(lib, "madvise"):
+        return None
+    if hasattr(lib, "mmap"):
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
+def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A private (copy-on-write) map of `file`'s bytes at `offset` as an array, unmapped when the array and every
+    view of it are gone. Mapped with the C library's mmap: Python's (and so np.memmap) duplicates the file descriptor
+    for every map, and a large model's thousands of spilled arrays would pass the usual limit of 1024 open files."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mmap"):
+        m = np.memmap(file, dtype=dtype, mode="c", offset=offset, shape=shape)
+        first = m.__array_interface__["data"][0]
+        _maps[id(m)] = (first, first + m.nbytes)
+        weakref.finalize(m, _maps.pop, id(m), None)
+        return m
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = nbytes + offset - start
+    addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, file.fileno(), start)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot map the scratch file: {os.strerror(err)}")
+    buffer = (ctypes.c_char * nbytes).from_address(addr + offset - start)
+    _maps[id(buffer)] = (addr + offset - start, addr + length)
+    weakref.finalize(buffer, _unmap, libc, id(buffer), addr, length)  # every view of the array holds `buffer`
+    return np.frombuffer(buffer, dtype).reshape(shape)
+
+
+def _unmap(libc, key: int, addr: int, length: int) -> None:
+    _maps.pop(key, None)
+    libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(length))
 
 
 class Spill:
@@ -64,11 +105,7 @@ class Spill:
         offset = self._file.tell()
         self._file.write(a.reshape(-1).view(np.uint8).data)
         self._file.flush()
-        m = np.memmap(self._file, dtype=a.dtype, mode="c", offset=offset, shape=a.shape)
-        first = m.__array_interface__["data"][0]
-        _maps[id(m)] = (first, first + m.nbytes)
-        weakref.finalize(m, _maps.pop, id(m), None)
-        return m
+        return _map(self._file, offset, a.dtype, a.shape)
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: spill the bits

@@ -123,12 +123,12 @@ def streams(passes: list) -> bool:
 # README.md); the margin covers the tracing state of a graph of many layers.
 FIXED_BYTES = 768 << 20
 TABLE_BYTES = 10  # a table's float32 copy, and GPTQ's work on it as an output layer (RTN's codes, float16: less)
-# The learned allocation's parts (estimate_peak), per input column and group option: its cost and size tables
-# (2 x 9 float64), and with the solver's stacked copies and temporaries (1418 B for 4 options, measured on a million
-# columns); per token of a window: float32 values of the widest width autograd keeps through a layer; per token and
-# vocabulary entry: float32 logits, their float copy, probabilities and gradient
-COST_TABLE_BYTES = 144
-SOLVE_BYTES = 384
+# The learned allocation's parts (estimate_peak), per input column and group option: its cost table (9 float64 and
+# the heap's share: 71-92 B measured; the size table is one row per tensor), and with the solver's stacked copies and
+# temporaries (1150 B for 4 options, measured on a million columns); per token of a window: float32 values of the widest width autograd keeps through a
+# layer; per token and vocabulary entry: float32 logits, their float copy, probabilities and gradient
+COST_TABLE_BYTES = 96
+SOLVE_BYTES = 288
 SENSITIVITY_VALUES = 16
 LOGITS_VALUES = 5
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
@@ -160,12 +160,13 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
     them out 16 MB at a time (xbitc.tensorfile, xbitc.spill.page_out).
 
     With `sensitivity_batches` (learned allocation, xbitc.alloc.blockwise), measuring a block holds its float32
-    weights, their gradients and squared-gradient sums (for the embedding table a fourth copy: a tied output layer's
-    gradient read back), one window's activations kept for backward, and every batch's gradient at the block
+    weights, their gradients and squared-gradient sums (for an embedding table no other table shares the shape of, a
+    fourth copy: a tied output layer's gradient read back), one window's activations kept for backward, and every batch's gradient at the block
     boundary; and the cost tables made so far. The solve then holds the tables and its stacked copies. The tables
     are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input column per group option."""
     layers: dict[str, int] = {}
     width = table = columns = 0
+    tables: dict[tuple, int] = {}  # outside the layers: 2-D shapes and how many tensors have each
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
         if m:
@@ -174,8 +175,10 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
             columns += int(w.shape[1])
             if m:
                 width = max(width, int(w.shape[1]))
-            elif w.numel() > table:
-                table, (vocab, hidden) = w.numel(), w.shape
+            else:
+                tables[tuple(w.shape)] = tables.get(tuple(w.shape), 0) + 1
+                if w.numel() > table:
+                    table, (vocab, hidden) = w.numel(), w.shape
     tokens = windows * window_len
     layer = max(layers.values(), default=0)
     phases = {
@@ -184,14 +187,16 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
         "outside the layers": {"largest table and its quantization": TABLE_BYTES * table},
     }
     if sensitivity_batches:
-        tables = COST_TABLE_BYTES * group_options * columns
+        costs = COST_TABLE_BYTES * group_options * columns
         boundary = 4 * 2 * sensitivity_batches * window_len * (hidden if table else width)
         phases["sensitivity of a layer"] = {
-            "layer weights, gradients and sums": 3 * layer, "cost tables": tables, "boundary gradients": boundary,
+            "layer weights, gradients and sums": 3 * layer, "cost tables": costs, "boundary gradients": boundary,
             "activations": 4 * (SENSITIVITY_VALUES * window_len * width + 3 * heads * window_len ** 2)}
         if table:
+            tied = tables[vocab, hidden] == 1  # one table of its shape: the output layer may read it too
             phases["sensitivity outside the layers"] = {
-                "embeddings, gradients and sums": 4 * 4 * table, "cost tables": tables, "boundary gradients": boundary,
+                "embeddings, gradients and sums": 4 * (4 if tied else 3) * table, "cost tables": costs,
+                "boundary gradients": boundary,
                 "logits": 4 * LOGITS_VALUES * window_len * vocab}
         phases["allocation solve"] = {"cost tables and the solver's copies": SOLVE_BYTES * group_options * columns}
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}

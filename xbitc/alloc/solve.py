@@ -54,9 +54,9 @@ def column_costs(w: torch.Tensor, fisher: torch.Tensor, groups: list[int], name:
     opts_s = []
     for g, cost in zip(opts_g, opts_c):
         cost[:, 1:] = np.minimum.accumulate(cost[:, 1:], axis=1)  # a finer grid never costs more
-        size = np.zeros((inp, 9))
-        size[:, 1:] = out * (DEPTHS[1:] + (SCALE_BITS + DEPTHS[1:]) / g)
-        opts_s.append(size)
+        size = np.zeros(9)
+        size[1:] = out * (DEPTHS[1:] + (SCALE_BITS + DEPTHS[1:]) / g)
+        opts_s.append(np.broadcast_to(size, (inp, 9)))  # every column the same: one row, read as [in, 9]
     return TensorCosts(name, (out, inp), opts_g, opts_c, opts_s)
 
 
