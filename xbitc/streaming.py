@@ -124,11 +124,12 @@ def streams(passes: list) -> bool:
 FIXED_BYTES = 768 << 20
 TABLE_BYTES = 10  # a table's float32 copy, and GPTQ's work on it as an output layer (RTN's codes, float16: less)
 # The learned allocation's parts (estimate_peak), per input column and group option: its cost table (9 float64 and
-# the heap's share: 71-92 B measured; the size table is one row per tensor), and with the solver's stacked copies and
-# temporaries (1150 B for 4 options, measured on a million columns); per token of a window: float32 values of the widest width autograd keeps through a
-# layer; per token and vocabulary entry: float32 logits, their float copy, probabilities and gradient
+# the heap's share: 71-92 B measured; the size table is one row per tensor), and in the solve its stacked tables
+# (the tensors then read theirs from the stack) and temporaries (804 B for 4 options, measured on a million
+# columns); per token of a window: float32 values of the widest width autograd keeps through a layer; per token and
+# vocabulary entry: float32 logits, their float copy, probabilities and gradient
 COST_TABLE_BYTES = 96
-SOLVE_BYTES = 288
+SOLVE_BYTES = 224
 SENSITIVITY_VALUES = 16
 LOGITS_VALUES = 5
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,

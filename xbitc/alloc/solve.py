@@ -79,7 +79,12 @@ class _Stacked:
         self.offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
         # a tensor with fewer group options repeats its last one
         pick = lambda t, k: min(k, len(t.groups) - 1)
-        self.cost = [np.concatenate([t.cost[pick(t, k)] for t in tensors]) for k in range(self.noptions)]
+        self.cost = []
+        for k in range(self.noptions):
+            self.cost.append(np.concatenate([t.cost[pick(t, k)] for t in tensors]))
+            for t, lo in zip(tensors, self.offsets):  # the tensors read their tables from the stack: one copy, not two
+                if k < len(t.groups):
+                    t.cost[k] = self.cost[k][lo:lo + t.shape[1]]
         self.size = [np.concatenate([t.size[pick(t, k)] for t in tensors]) for k in range(self.noptions)]
         self.option = lambda ti, k: pick(tensors[ti], k)
 
