@@ -81,9 +81,10 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
         print(table(rows[-1:], SCALE_COLUMNS).splitlines()[-1], flush=True)
     body = table(rows, SCALE_COLUMNS)
     print("\n" + body)
-    what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ"}[pipeline]
-    note = (f"Block-wise compile (`xbitc compile FOLDER {' '.join(PIPELINES[pipeline])} --calib-windows 16 --calib-len "
-            f"256`: {what} a layer block at a time, weights read from the shards as needed) of random-weight float16 Llamas; "
+    what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ"}
+    note = (f"Block-wise compile (`xbitc compile FOLDER {' '.join(PIPELINES[pipeline])} --calib-windows 16 "
+            f"--calib-len 256`: {what[pipeline]} a layer block at a time, weights read from the shards as needed) of "
+            "random-weight float16 Llamas; "
             "wall = the whole process (load, trace, calibrate, quantize, write); peak = its VmHWM (1 GB = 1e9 bytes); "
             "estimate = what `--max-memory` checks against before work starts; target = 1.5 GB + 2x the largest "
             "block's float16 weights (a layer, or the embeddings and output layer).")

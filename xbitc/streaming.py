@@ -1,4 +1,5 @@
-"""Block-wise GPTQ: a model larger than memory is quantized one layer block at a time.
+"""Block-wise GPTQ: a model larger than memory is quantized one layer block at a time (a learned allocation before
+it measures its sensitivities a block at a time too: xbitc.alloc.blockwise).
 
 When the graph's weights are still in their files (xbitc.lazy: a Hugging Face folder compiled with uniform bits and
 GPTQ, the driver's `streams` test), the GPTQ quantize pass runs here instead of over the whole graph. The calibration
@@ -114,8 +115,8 @@ def streams(passes: list) -> bool:
     if "pack" not in names:
         return False
     before = passes[:names.index("pack")]
-    return [p.name for p in before] in (["canonicalize", "plan", "quantize"], ["canonicalize", "allocate", "quantize"]) \
-        and before[2].method == "gptq"
+    planned = [["canonicalize", "plan", "quantize"], ["canonicalize", "allocate", "quantize"]]
+    return [p.name for p in before] in planned and before[2].method == "gptq"
 
 
 # Peak resident memory of compiling a 2-layer Llama (xbitc.synthetic, hidden 64) by this path, where the model's own
@@ -162,9 +163,10 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
 
     With `sensitivity_batches` (learned allocation, xbitc.alloc.blockwise), measuring a block holds its float32
     weights, their gradients and squared-gradient sums (for an embedding table no other table shares the shape of, a
-    fourth copy: a tied output layer's gradient read back), one window's activations kept for backward, and every batch's gradient at the block
-    boundary; and the cost tables made so far. The solve then holds the tables and its stacked copies. The tables
-    are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input column per group option."""
+    fourth copy: a tied output layer's gradient read back), one window's activations kept for backward, every
+    batch's gradient at the block boundary, and the cost tables made so far; the solve holds the stacked tables and
+    its temporaries. The tables are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input
+    column and group option."""
     layers: dict[str, int] = {}
     width = table = columns = 0
     tables: dict[tuple, int] = {}  # outside the layers: 2-D shapes and how many tensors have each

@@ -78,7 +78,8 @@ class _Run:
         """Run this rank's batches through every block before the head without gradients, keeping what each block
         reads. A user objective also needs the float model's outputs: its stream runs beside the perturbed one."""
         streams = [("", True), (REF, False)] if callable(self.objective) else [("", False)]
-        envs = {(prefix, b): dict(zip(self.blocks[0].inputs, self.batches[b])) for prefix, _ in streams for b in self.mine}
+        envs = {(prefix, b): dict(zip(self.blocks[0].inputs, self.batches[b]))
+                for prefix, _ in streams for b in self.mine}
         for i, block in enumerate(self.blocks):
             for (prefix, b), env in envs.items():
                 if prefix == REF and block.kind != "head":  # the float stream is compared at the output only
