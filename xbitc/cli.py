@@ -236,8 +236,9 @@ def parser() -> argparse.ArgumentParser:
                         "at N, default 2 for batch, 8 otherwise). Without it xbitc uses the model's example inputs or "
                         "infers them from a first Embedding, Linear or Conv layer")
     c.add_argument("--max-memory", metavar="SIZE",
-                   help="bound on the compile's memory, e.g. 3GB: a Hugging Face folder compiled with --bits B "
-                        "--method gptq is quantized a layer block at a time; refused at once if the estimate is over")
+                   help="bound on the compile's memory, e.g. 3GB: a Hugging Face folder compiled with --method gptq "
+                        "and --bits B, or --bpw B --tune-steps 0, is measured and quantized a layer block at a time; "
+                        "refused at once if the estimate is over")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="generate text greedily from a compiled language model")

@@ -43,7 +43,7 @@ class CompileOptions:
     calib_len: int = 256
     seed: int = 0
     trust_pickle: bool = False
-    max_memory: int | None = None  # bytes: the block-wise GPTQ compile's bound, checked before any work (streaming)
+    max_memory: int | None = None  # bytes: the block-wise compile's bound, checked before any work (streaming)
     inputs: tuple[str, ...] = ()  # --input NAME:SHAPE[:DTYPE] for plain modules and .pt2 programs (frontend.INPUT_HELP)
     dump_ir: Path | None = None
     log: Callable[[str], None] = print
