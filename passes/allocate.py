@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from xbitc import lazy
-from xbitc.alloc.blockwise import blockwise_costs
-from xbitc.alloc.sensitivity import fisher_diagonal
-from xbitc.alloc.solve import allocate, column_costs
+from xbitc.alloc.blockwise import blockwise_costs, whole_graph_costs
+from xbitc.alloc.solve import allocate
 from xbitc.ir.graph import Graph
 from xbitc.footprint import artifact_bytes
 from xbitc.objectives import default_objective
@@ -79,10 +78,9 @@ class Allocate(Pass):
         if lazy.is_lazy(graph):  # weights still in their files: a block at a time (xbitc.alloc.blockwise)
             by_name = blockwise_costs(graph, names, batches, objective, groups, progress=progress,
                                       scratch=ctx.stats.get("scratch"))
-            costs = [by_name.pop(n) for n in names]
         else:
-            fisher = fisher_diagonal(graph, names, batches, objective, progress=progress)
-            costs = [column_costs(graph.params[n], fisher.pop(n), groups, n) for n in names]
+            by_name = whole_graph_costs(graph, names, batches, objective, groups, progress=progress)
+        costs = [by_name.pop(n) for n in names]
         # Bisect the bits given to the solver on the exact artifact size (the solver's size model amortizes
         # group and byte padding; metadata is outside it): land in [target - tolerance, target].
         tolerance = 0.002 * count

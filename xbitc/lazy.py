@@ -34,7 +34,9 @@ class LazyWeight:
         with safe_open(self.file, framework="pt") as f:
             return f.get_tensor(self.key).to(self.dtype)
 
-    dequantize = load  # the interpreter asks every stored parameter for its float form by this name
+    def dequantize(self) -> torch.Tensor:
+        """The interpreter asks every stored parameter for its float form by this name."""
+        return self.load()
 
     def numel(self) -> int:
         return self.shape.numel()

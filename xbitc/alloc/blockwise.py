@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from xbitc import distributed, heap, lazy
 from xbitc.ir.blocks import Block, find_blocks
-from xbitc.ir.interp import Interpreter
+from xbitc.ir.interp import Interpreter, materialize
 from xbitc.ir.graph import Graph
 from xbitc.objectives import resolve_objective
 from xbitc.spill import Spill, page_out
@@ -41,8 +41,7 @@ def blockwise_costs(graph: Graph, names: list[str], batches: list[tuple], object
     found = find_blocks(graph)
     if not found.layers:  # one block: the whole model is read anyway
         lazy.materialize(graph)
-        fisher = fisher_diagonal(graph, names, batches, objective, seed, progress)
-        return {n: column_costs(graph.params[n], fisher.pop(n), groups, n) for n in names}
+        return whole_graph_costs(graph, names, batches, objective, groups, seed, progress)
     run = _Run(found.blocks, names, batches, resolve_objective(objective), seed, Spill(scratch))
     bar = tqdm(total=2 * len(found.blocks) - 1, desc="sensitivity", leave=False, disable=not progress)
     try:
@@ -51,6 +50,13 @@ def blockwise_costs(graph: Graph, names: list[str], batches: list[tuple], object
     finally:
         bar.close()
         run.spill.close()
+
+
+def whole_graph_costs(graph: Graph, names: list[str], batches: list[tuple], objective: str | Callable,
+                      groups: list[int], seed: int = 0, progress: bool = True) -> dict[str, TensorCosts]:
+    """column_costs of every named weight from fisher_diagonal over the whole graph in memory."""
+    fisher = fisher_diagonal(graph, names, batches, objective, seed, progress)
+    return {n: column_costs(graph.params[n], fisher.pop(n), groups, n) for n in names}
 
 
 class _Run:
@@ -62,13 +68,8 @@ class _Run:
         self.kept: list[dict] = [{} for _ in batches]  # per batch: every value a block reads, by value name
 
     def _weights(self, block: Block) -> dict[str, torch.Tensor]:
-        """The block's parameters as float tensors (the interpreter's float forms), read from their files."""
-        out = {}
-        for name in block.params:
-            value = block.graph.params[name]
-            w = value.load() if isinstance(value, lazy.LazyWeight) else value
-            out[name] = w.float() if w.is_floating_point() else w
-        return out
+        """The block's parameters as the interpreter's float forms, read from their files."""
+        return {name: materialize(block.graph.params[name]) for name in block.params}
 
     def _perturbed(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`raw` with the named weights perturbed as fisher_diagonal perturbs them for a user objective."""
