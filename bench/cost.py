@@ -6,14 +6,15 @@ peak resident memory (the process's VmHWM), and the time of every pass from the 
 most 10 minutes and 4 GB on 2 cores.
 
 `--scale`: how the block-wise compile (`--bits 3 --method gptq`, xbitc.streaming; with `--pipeline learned`,
-`--bpw 3 --method gptq --tune-steps 0`: learned allocation too) grows with the model. Random-weight
+`--bpw 3 --method gptq --tune-steps 0`: learned allocation too; `--pipeline tuned`: `--bpw 3 --method gptq`, the
+default tuning as well) grows with the model. Random-weight
 Llamas (xbitc.synthetic: float16 safetensors shards written into a temporary folder) of the sizes given, from a
 SmolLM2-135M-shaped one up, each compiled with the same calibration tokens (16 windows of 256 random ids): wall
 time and seconds per billion parameters, peak memory beside the compile's own estimate and the target (1.5 GB plus
 twice the largest block's float16 weights).
 
     python bench/cost.py [--bpw 3.0] [--repeat 1]
-    python bench/cost.py --scale 0.135,0.5,1.5,3 [--pipeline learned]
+    python bench/cost.py --scale 0.135,0.5,1.5,3 [--pipeline learned|tuned]
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ SCALE_COLUMNS = ["model", "params", "shape (layers x hidden x ffn)", "wall s", "
 PIPELINES = {  # --pipeline: the block-wise compiles measured by --scale
     "bits": ["--bits", "3", "--method", "gptq"],  # uniform GPTQ
     "learned": ["--bpw", "3", "--method", "gptq", "--tune-steps", "0"],  # learned allocation (blockwise), GPTQ
+    "tuned": ["--bpw", "3", "--method", "gptq"],  # and the default tuning (24 steps, activations spilled)
 }
+OPTIONS = {"bits": dict(bits=3), "learned": dict(bpw=3.0, tune_steps=0), "tuned": dict(bpw=3.0)}
 
 
 def scale(sizes: list[str], pipeline: str = "bits") -> None:
@@ -68,9 +71,7 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
             block = max(2 * sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("model.layers.0.")),
                         2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
             args = [*PIPELINES[pipeline], "--calib-windows", "16", "--calib-len", "256"]
-            passes = build_passes(default_pipeline(CompileOptions(bpw=3.0 if pipeline == "learned" else None,
-                                                                  bits=3 if pipeline == "bits" else None,
-                                                                  method="gptq", tune_steps=0)))
+            passes = build_passes(default_pipeline(CompileOptions(method="gptq", **OPTIONS[pipeline])))
             estimate = sum(streaming.estimate_folder(folder, 16, 256, passes).values())
             seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), *args])
             rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",
@@ -81,14 +82,17 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
         print(table(rows[-1:], SCALE_COLUMNS).splitlines()[-1], flush=True)
     body = table(rows, SCALE_COLUMNS)
     print("\n" + body)
-    what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ"}
+    what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ",
+            "tuned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ, then 24 tune steps (the "
+                     "model end to end, its saved activations in the scratch file)"}
     note = (f"Block-wise compile (`xbitc compile FOLDER {' '.join(PIPELINES[pipeline])} --calib-windows 16 "
             f"--calib-len 256`: {what[pipeline]} a layer block at a time, weights read from the shards as needed) of "
             "random-weight float16 Llamas; "
             "wall = the whole process (load, trace, calibrate, quantize, write); peak = its VmHWM (1 GB = 1e9 bytes); "
             "estimate = what `--max-memory` checks against before work starts; target = 1.5 GB + 2x the largest "
             "block's float16 weights (a layer, or the embeddings and output layer).")
-    title = {"bits": "block-wise GPTQ", "learned": "block-wise learned allocation and GPTQ"}[pipeline]
+    title = {"bits": "block-wise GPTQ", "learned": "block-wise learned allocation and GPTQ",
+             "tuned": "block-wise learned allocation, GPTQ and tune"}[pipeline]
     append(f"Compile cost by model size ({title})", note + "\n\n" + body,
            f"python bench/cost.py --scale {','.join(sizes)} --pipeline {pipeline}")
 

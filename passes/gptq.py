@@ -33,8 +33,10 @@ from .calibrate import too_few_batches
 
 def quantize_gptq(
     graph: Graph, ctx: PassContext, plan: dict, damp: float = 0.01, act_order: bool = True, clip: bool = True,
-    depth_order: str = "ascending",
+    depth_order: str = "ascending", pack: bool = True,
 ) -> None:
+    """`pack`: a lazy graph's finished weights go to the scratch file packed (nothing changes them after), else as
+    QuantizedMatrix for a tune pass to train their scales."""
     if not ctx.calib_inputs:
         raise PassError("GPTQ needs calibration inputs (--calib FILE or --calib self)")
     batches = distributed.my_share(ctx.calib_inputs)
@@ -45,7 +47,7 @@ def quantize_gptq(
     if lazy.is_lazy(graph):  # weights still in their files: one layer block at a time (xbitc.streaming)
         from xbitc import streaming
 
-        streaming.quantize_blocks(graph, batches, plan, options, bar, ctx.stats.get("scratch"))
+        streaming.quantize_blocks(graph, batches, plan, options, bar, ctx.stats.get("scratch"), pack)
     else:
         pending, _ = sequential(graph, batches, plan, options, bar)
         rtn_rest(graph, sorted(pending), plan, clip, bar)

@@ -12,6 +12,7 @@ import torch
 from xbitc.ir.graph import Graph, Op
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
+from xbitc.spill import Spill, in_scratch, page_out
 
 from .base import Pass, PassContext
 
@@ -26,11 +27,24 @@ class Pack(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         dtype = stored_dtype(graph)
         kinds = graph.meta.get("param_kinds", {})
+        spill = None  # what a block-wise compile left in its scratch file (xbitc.streaming) goes back there packed
         for name, value in list(graph.params.items()):
             if isinstance(value, QuantizedMatrix):
-                graph.params[name] = PackedMatrix.from_quantized(value)
+                packed = PackedMatrix.from_quantized(value)
+                if any(in_scratch(c) for c in value.codes):
+                    spill = spill or Spill(ctx.stats.get("scratch"))
+                    packed = spill.packed(packed)
+                    for a in [*value.codes, *value.zeros]:
+                        page_out(a)
+                graph.params[name] = packed
             elif isinstance(value, torch.Tensor) and value.is_floating_point() and kinds.get(name, "parameter") == "parameter":
-                graph.params[name] = value.to(dtype)
+                stored = value.to(dtype)
+                if in_scratch(value):
+                    spill = spill or Spill(ctx.stats.get("scratch"))
+                    stored = spill.tensor(stored)
+                graph.params[name] = stored
+        if spill is not None:
+            spill.close()
         for n in graph.nodes:
             if n.op is Op.QLINEAR:
                 n.op = Op.PACKED_LINEAR

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from xbitc import distributed
+from xbitc.lazy import LazyWeight
 from xbitc.ir.graph import Graph, Op
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.gptq import DEPTH_ORDERS
@@ -46,14 +47,15 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         plan = ctx.stats.get("plan") or {}
-        if any(isinstance(p, Tune) and p.steps > 0 for p in ctx.pipeline):
+        tuned = any(isinstance(p, Tune) and p.steps > 0 for p in ctx.pipeline)
+        if tuned:
             # the float weights about to be replaced: `tune` compares against them (and drops them)
             ctx.stats[FLOAT_PARAMS] = {name: compact(graph.params[name]) for name in plan}
         if self.method == "gptq":
             from .gptq import quantize_gptq
 
             quantize_gptq(graph, ctx, plan, damp=self.damp, act_order=self.act_order, clip=self.clip,
-                          depth_order=self.order)
+                          depth_order=self.order, pack=not tuned)
         else:
             names = list(plan)  # under torchrun each rank quantizes its share and sends it to the others
             bar = tqdm(total=len(distributed.my_share(names)), desc="quantize rtn", leave=False,
@@ -70,11 +72,12 @@ class Quantize(Pass):
         return graph
 
 
-def compact(w: torch.Tensor) -> torch.Tensor:
+def compact(w: torch.Tensor | LazyWeight) -> torch.Tensor | LazyWeight:
     """`w` as kept for the tuner's reference: float16 unless that loses range (|w| > 65504). Rounding to float16 moves a
     normal weight by at most 2^-11 of itself (and one below 2^-14 by less than 2^-24), orders of magnitude under the
-    quantization error the tuner corrects, and halves what the compile holds (float32 copies were its peak)."""
-    if not w.is_floating_point() or w.dtype == torch.float16:
+    quantization error the tuner corrects, and halves what the compile holds (float32 copies were its peak). A weight
+    still in its file stays there: the tuner reads it again at each use."""
+    if isinstance(w, LazyWeight) or not w.is_floating_point() or w.dtype == torch.float16:
         return w
     narrow = w.to(torch.float16)
     return narrow if bool(torch.isfinite(narrow).all()) else w

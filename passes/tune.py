@@ -20,6 +20,7 @@ parameters, so all hold the same graph whatever their thread counts did to the l
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,13 +28,15 @@ import torch
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from xbitc import distributed
+from xbitc import distributed, heap
+from xbitc.lazy import LazyWeight
 from xbitc.ir.graph import Graph
 from xbitc.ir.interp import Interpreter
 from xbitc.objectives import default_objective, resolve_objective, task_loss
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
-from xbitc.quant.tune import TunableScales, rebuilt_when_saved
+from xbitc.quant.tune import SPILL_BYTES, TunableScales, rebuilt_when_saved
+from xbitc.spill import Spill
 
 from .base import Pass, PassContext, PassError, option
 from .pack import stored_dtype
@@ -91,7 +94,10 @@ class Tune(Pass):
         scale_params = [p for t in tuners.values() for p in t.parameters()]
         if not scale_params:  # every column dropped: nothing to tune
             return graph
-        reference = Interpreter(graph, weights=_OnRead({n: originals[n].float for n in tuners}))
+        # weights still in their files (a model larger than memory, xbitc.streaming): the reference reads them at
+        # each use, and the activations autograd keeps for each step's backward wait in a scratch file
+        streamed = any(isinstance(v, LazyWeight) for v in originals.values())
+        reference = Interpreter(graph, weights=_OnRead({n: _reader(originals[n]) for n in tuners}))
         tuned = Interpreter(graph, grad=True, weights=_OnRead({n: t.weight_as_stored for n, t in tuners.items()}))
         groups = [{"params": scale_params, "lr": self.lr}]
         if floats:
@@ -143,17 +149,23 @@ class Tune(Pass):
         every = max(1, -(-self.steps // self.checks))
         last = float("nan")
         steps_run = 0
-        with torch.enable_grad():  # whatever the caller's mode: the scales are trained through the weights built here
+        # on a model larger than memory, a step's activations leave for disk as the forward goes: each from its own
+        # mapping, returned when freed (the heap, which would serve them, keeps most of them resident)
+        with torch.enable_grad(), heap.mapped_above(SPILL_BYTES) if streamed else nullcontext():
             for step in tqdm(range(self.steps), desc="tune", leave=False, disable=not ctx.stats.get("progress", True)):
                 batch = batches[step % len(batches)]
                 with torch.no_grad():
                     ref = reference.run(*batch)
                 install()
                 opt.zero_grad(set_to_none=True)
-                with rebuilt_when_saved():  # layers keep a note to rebuild their weight, not the float32 matrix
+                spill = Spill(ctx.stats.get("scratch")) if streamed else None
+                with rebuilt_when_saved(spill):  # layers keep a note to rebuild their weight, not the float32 matrix
                     loss = task_loss(objective, tuned.run(*batch), ref, batch)
                     del ref
                     loss.backward()
+                if spill is not None:
+                    spill.close()  # the step's activations are read and gone: the file goes with its last map
+                    heap.release()  # and what held them goes back to the system, not into the next step's peak
                 opt.step()
                 sched.step()
                 last = float(loss.detach())
@@ -185,6 +197,10 @@ class Tune(Pass):
         ctx.log(f"tune: {steps_run} of {self.steps} steps, {where} loss {before:.4f} -> {after:.4f}"
                 + ("" if kept else " (not better: untuned scales kept)"))
         return graph
+
+
+def _reader(original: torch.Tensor | LazyWeight) -> Callable[[], torch.Tensor]:
+    return original.load if isinstance(original, LazyWeight) else original.float
 
 
 class _OnRead(dict):

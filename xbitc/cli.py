@@ -237,8 +237,8 @@ def parser() -> argparse.ArgumentParser:
                         "infers them from a first Embedding, Linear or Conv layer")
     c.add_argument("--max-memory", metavar="SIZE",
                    help="bound on the compile's memory, e.g. 3GB: a Hugging Face folder compiled with --method gptq "
-                        "and --bits B, or --bpw B --tune-steps 0, is measured and quantized a layer block at a time; "
-                        "refused at once if the estimate is over")
+                        "(--bits B or --bpw B, tuned or not) is measured and quantized a layer block at a time and "
+                        "tuned with its activations on disk; refused at once if the estimate is over")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("run", help="generate text greedily from a compiled language model")

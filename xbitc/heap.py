@@ -15,6 +15,7 @@ heap, reused without faults, and maps the attention scores, logits and the embed
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 
 MMAP_THRESHOLD = 8 << 20  # bytes: see the module docstring
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -44,3 +45,16 @@ def release() -> None:
     lib = _glibc()
     if lib:
         lib.malloc_trim(0)
+
+
+@contextmanager
+def mapped_above(threshold: int):
+    """Within this context, serve allocations of `threshold` bytes or more from their own mappings (then back to
+    MMAP_THRESHOLD): for work that frees many mid-sized blocks in an order the heap cannot reuse, such as a forward
+    pass whose activations are copied to disk as it goes (passes/tune.py on a model larger than memory)."""
+    bound_retention(threshold)
+    try:
+        yield
+    finally:
+        bound_retention(MMAP_THRESHOLD)
+        release()

@@ -21,11 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix, PackedSegment
 
-ALIGN = 64  # each array starts on a cache line, as the allocator would place it
+# Each array starts on a boundary of the largest page-cache folio (x86-64 and arm64: 2 MB; a hole in the file
+# before it, costing no disk), and its map reaches the next boundary: the kernel's page-out skips a folio that is
+# mapped twice or only in part, and a folio holding the end of one array and the start of the next would be both
+ALIGN = 2 << 20
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; clean file pages are dropped, nothing is ever discarded
-_maps: dict[int, tuple[int, int]] = {}  # each live map handed out (by the id of what owns it) -> [first, end) addresses
+_maps: dict[int, tuple[int, int, int]] = {}  # each live map handed out (by its owner's id) -> array start, end, map end
 
 
 def page_out(a: np.ndarray) -> None:
@@ -33,18 +37,29 @@ def page_out(a: np.ndarray) -> None:
     pages of the scratch file, read from it again if anything asks. (A page written since it was mapped is the
     process's own copy, which MADV_PAGEOUT keeps unless there is swap: no value ever changes.) Anything else, and
     systems without madvise, are left alone."""
-    if not in_scratch(a) or _libc() is None:
-        return
     lo = a.__array_interface__["data"][0]
     hi = lo + a.nbytes
+    home = _home(lo, a.nbytes)
+    if home is None or _libc() is None:
+        return
+    if hi == home[1]:  # to the array's end: the rest of its last folio too
+        hi = home[2]
     start = lo - lo % mmap.PAGESIZE
     _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_PAGEOUT)
 
 
-def in_scratch(a: np.ndarray) -> bool:
+def in_scratch(a: np.ndarray | torch.Tensor) -> bool:
     """Whether `a`'s bytes lie in a map a Spill handed out (and still holds)."""
-    lo = a.__array_interface__["data"][0]
-    return a.nbytes > 0 and any(first <= lo and lo + a.nbytes <= end for first, end in _maps.values())
+    if isinstance(a, torch.Tensor):
+        lo, nbytes = a.data_ptr(), a.numel() * a.element_size()
+    else:
+        lo, nbytes = a.__array_interface__["data"][0], a.nbytes
+    return _home(lo, nbytes) is not None
+
+
+def _home(lo: int, nbytes: int) -> tuple[int, int, int] | None:
+    """The map holding the bytes [lo, lo + nbytes), if a Spill handed it out."""
+    return next((m for m in _maps.values() if nbytes > 0 and m[0] <= lo and lo + nbytes <= m[1]), None)
 
 
 @functools.cache
@@ -70,18 +85,18 @@ def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
     if libc is None or not hasattr(libc, "mmap"):
         m = np.memmap(file, dtype=dtype, mode="c", offset=offset, shape=shape)
         first = m.__array_interface__["data"][0]
-        _maps[id(m)] = (first, first + m.nbytes)
+        _maps[id(m)] = (first, first + m.nbytes, first + m.nbytes)
         weakref.finalize(m, _maps.pop, id(m), None)
         return m
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    length = nbytes + offset - start
+    length = offset + nbytes + -(offset + nbytes) % ALIGN - start  # past the file's end too: never read there
     addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, file.fileno(), start)
     if addr in (None, ctypes.c_void_p(-1).value):
         err = ctypes.get_errno()
         raise OSError(err, f"cannot map the scratch file: {os.strerror(err)}")
     buffer = (ctypes.c_char * nbytes).from_address(addr + offset - start)
-    _maps[id(buffer)] = (addr + offset - start, addr + length)
+    _maps[id(buffer)] = (addr + offset - start, addr + offset - start + nbytes, addr + length)
     weakref.finalize(buffer, _unmap, libc, id(buffer), addr, length)  # every view of the array holds `buffer`
     return np.frombuffer(buffer, dtype).reshape(shape)
 
@@ -96,13 +111,15 @@ class Spill:
         self._file = tempfile.TemporaryFile(dir=folder)
 
     def array(self, a: np.ndarray) -> np.ndarray:
-        """`a`'s values, now read from the scratch file."""
+        """`a`'s values, now read from the scratch file, in the same memory order (what reads them may depend on it:
+        a reduction over a transposed array adds in another order)."""
+        if a.flags.f_contiguous and not a.flags.c_contiguous:
+            return self.array(a.T).T
         a = np.ascontiguousarray(a)
         if a.nbytes == 0:
             return a
         end = self._file.seek(0, os.SEEK_END)
-        self._file.write(b"\0" * (-end % ALIGN))
-        offset = self._file.tell()
+        offset = self._file.seek(end + -end % ALIGN)
         self._file.write(a.reshape(-1).view(np.uint8).data)
         self._file.flush()
         return _map(self._file, offset, a.dtype, a.shape)
@@ -111,6 +128,14 @@ class Spill:
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: spill the bits
             return self.tensor(t.view(torch.int16)).view(torch.bfloat16)
         return torch.from_numpy(self.array(t.detach().cpu().numpy()))
+
+    def quantized(self, q: QuantizedMatrix) -> QuantizedMatrix:
+        """`q` (unpacked codes: a byte each) read from the scratch file, for passes that still change its scales."""
+        out = QuantizedMatrix(q.shape, q.segments, [self.array(c) for c in q.codes], [self.array(s) for s in q.scales],
+                              [self.array(z) for z in q.zeros], None if q.perm is None else self.array(q.perm), q.meta)
+        for a in [*out.codes, *out.zeros]:  # the constructor's checks read them
+            page_out(a)
+        return out
 
     def packed(self, m: PackedMatrix) -> PackedMatrix:
         segments = [PackedSegment(s.seg, self.array(s.codes), self.array(s.scales), self.array(s.zeros))

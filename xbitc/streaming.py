@@ -30,16 +30,19 @@ from xbitc.ir.graph import LINEAR_OPS, Graph, Op
 from xbitc.passes.base import PassError
 from xbitc.passes.gptq import rtn_rest, sequential
 from xbitc.passes.pack import stored_dtype
+from xbitc.passes.plan import GROUPS as PLAN_GROUPS
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
 from xbitc.spill import Spill
 
 
 def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dict, bar: tqdm,
-                    scratch: Path | None = None) -> None:
+                    scratch: Path | None = None, pack: bool = True) -> None:
     """Quantize `plan`'s weights of the lazy `graph` block by block from this rank's calibration `batches`;
     `options`: gptq_quantize's. Finished weights move to a scratch file in the folder `scratch` (None: the system's
-    temporary folder). A graph without repeated layers is read whole and quantized as one block."""
+    temporary folder): packed with `pack`; without, as the quantize pass leaves them for the tune pass (unpacked
+    codes, float parameters at float32), which passes/pack.py packs into scratch again. A graph without repeated
+    layers is read whole and quantized as one block."""
     found = find_blocks(graph)
     if not found.layers:
         lazy.materialize(graph)
@@ -66,7 +69,7 @@ def quantize_blocks(graph: Graph, batches: list[tuple], plan: dict, options: dic
                         del env[name]
         graph.params.update(_after(block, files, last, i))
         block.graph.params.clear()
-        _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill)
+        _store(graph, [n for n in block.params if last[n] == i], plan, options["clip"], bar, spill, pack)
         heap.release()  # what the block freed goes back to the system, or the heap creeps up block by block
     spill.close()
     lazy.materialize(graph)  # what only the decode step reads (its constants)
@@ -86,18 +89,20 @@ def _loaded(value: object) -> object:
     return value.load() if isinstance(value, lazy.LazyWeight) else value
 
 
-def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, spill: Spill) -> None:
-    """Put weights no later block reads in their artifact form, as the pack pass would: planned ones no linear read
-    (embedding tables) by RTN, then packed; float parameters at the artifact's float dtype; and out of memory, into
-    the spill file."""
+def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, spill: Spill, pack: bool) -> None:
+    """Put weights no later block reads out of memory, into the spill file: planned ones no linear read (embedding
+    tables) quantized by RTN first; with `pack` in their artifact form, as the pack pass would (packed; float
+    parameters at the artifact's float dtype), else as quantize leaves them."""
     rtn_rest(graph, [n for n in names if n in plan and isinstance(graph.params[n], torch.Tensor)], plan, clip, bar)
     dtype, kinds = stored_dtype(graph), graph.meta.get("param_kinds", {})
     for name in names:
         value = graph.params[name]
         if isinstance(value, QuantizedMatrix):
-            graph.params[name] = spill.packed(PackedMatrix.from_quantized(value))
+            graph.params[name] = spill.packed(PackedMatrix.from_quantized(value)) if pack else spill.quantized(value)
         elif value.is_floating_point() and kinds.get(name, "parameter") == "parameter":
-            graph.params[name] = spill.tensor(value.to(dtype))
+            graph.params[name] = spill.tensor(value.to(dtype) if pack else value)
+    if not pack:
+        return
     by_name = graph.by_name()
     done = set(names)
     for n in graph.nodes:
@@ -108,15 +113,18 @@ def _store(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm, sp
 
 def streams(passes: list) -> bool:
     """Whether a pipeline runs on weights still in their files: up to `pack` it is canonicalize, plan (both read
-    shapes only) or learned allocation (its sensitivities a block at a time: xbitc.alloc.blockwise), and GPTQ
-    quantize: the default pipelines of `--bits B --method gptq` and of `--bpw B --method gptq --tune-steps 0` (no
-    tuning); the passes after `pack` see the packed model."""
+    shapes only) or learned allocation (its sensitivities a block at a time: xbitc.alloc.blockwise), GPTQ quantize,
+    and optionally tune (end to end, its saved activations in the scratch file: passes/tune.py). These are the
+    default pipelines of `--bits B --method gptq` and of `--bpw B --method gptq`; the passes after `pack` see the
+    packed model."""
     names = [p.name for p in passes]
     if "pack" not in names:
         return False
-    before = passes[:names.index("pack")]
+    before = names[:names.index("pack")]
+    if before[-1:] == ["tune"]:
+        before.pop()
     planned = [["canonicalize", "plan", "quantize"], ["canonicalize", "allocate", "quantize"]]
-    return [p.name for p in before] in planned and before[2].method == "gptq"
+    return before in planned and passes[2].method == "gptq"
 
 
 # Peak resident memory of compiling a 2-layer Llama (xbitc.synthetic, hidden 64) by this path, where the model's own
@@ -133,6 +141,11 @@ COST_TABLE_BYTES = 96
 SOLVE_BYTES = 224
 SENSITIVITY_VALUES = 16
 LOGITS_VALUES = 5
+# The tune pass (passes/tune.py), per scale group: float32 zero point, start scale, log-scale, its gradient and two
+# Adam moments, and float16 scales as committed, at the start and at the best checkpoint; per element of the largest
+# matrix, a step's float32 build (codes widened, the product, the matrix) and in backward its gradient and rebuild
+TUNE_GROUP_BYTES = 30
+TUNE_MATRIX_BYTES = 16
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
           "GIB": 1 << 30, "TIB": 1 << 40}
 _LAYER_KEY = re.compile(r"^(.*?)\.(\d+)\.")
@@ -151,7 +164,7 @@ def gb(n: int) -> str:
 
 
 def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int,
-                  sensitivity_batches: int = 0, group_options: int = 4) -> dict[str, int]:
+                  sensitivity_batches: int = 0, group_options: int = 4, tune_group: int | None = None) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
     Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
     entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while
@@ -166,9 +179,15 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
     fourth copy: a tied output layer's gradient read back), one window's activations kept for backward, every
     batch's gradient at the block boundary, and the cost tables made so far; the solve holds the stacked tables and
     its temporaries. The tables are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input
-    column and group option."""
+    column and group option.
+
+    With `tune_group` (the smallest scale group a tune pass may train; 0: one per row), tuning holds every scale
+    group's state (TUNE_GROUP_BYTES), one step's build of the largest matrix and its gradient (TUNE_MATRIX_BYTES an
+    element) and a window's logits with the held-out windows' reference logits; the activations its backward reads
+    wait in the scratch file. The scale state grows with the model: it is the tuned compile's memory that depth
+    costs."""
     layers: dict[str, int] = {}
-    width = table = columns = 0
+    width = table = columns = matrix = groups = 0
     tables: dict[tuple, int] = {}  # outside the layers: 2-D shapes and how many tensors have each
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
@@ -176,6 +195,8 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
             layers[m.group(0)] = layers.get(m.group(0), 0) + 4 * w.numel()
         if w.dim() == 2:
             columns += int(w.shape[1])
+            matrix = max(matrix, w.numel())
+            groups += int(w.shape[0]) * (-(-int(w.shape[1]) // tune_group) if tune_group else 1)
             if m:
                 width = max(width, int(w.shape[1]))
             else:
@@ -202,6 +223,10 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
                 "boundary gradients": boundary,
                 "logits": 4 * LOGITS_VALUES * window_len * vocab}
         phases["allocation solve"] = {"cost tables and the solver's copies": SOLVE_BYTES * group_options * columns}
+    if tune_group is not None:
+        phases["tune"] = {"scales and their optimizer state": TUNE_GROUP_BYTES * groups,
+                          "largest matrix built and its gradient": TUNE_MATRIX_BYTES * matrix,
+                          "logits": 4 * (LOGITS_VALUES + 2) * window_len * (vocab if table else width)}
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
@@ -212,6 +237,13 @@ def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = 
     alloc = next((p for p in passes if p.name == "allocate"), None)
     extra = {} if alloc is None else {"sensitivity_batches": min(alloc.batches, windows),
                                       "group_options": len(alloc.groups.split("-"))}
+    if any(p.name == "tune" and p.steps > 0 for p in passes):
+        if alloc is not None:
+            sizes = [int(g) for g in alloc.groups.split("-")]
+        else:
+            plan = next(p for p in passes if p.name == "plan")
+            sizes = list(PLAN_GROUPS) if plan.group is None else [plan.group]
+        extra["tune_group"] = min((g for g in sizes if g > 0), default=0)
     return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)),
                          **extra)
 
@@ -221,9 +253,8 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     over `limit`; returns the estimate."""
     size = gb(limit)
     if not streams(passes):
-        raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves GPTQ without tuning: give "
-                        "--method gptq with --bits B, or with --bpw B and --tune-steps 0 (no --effort high), or "
-                        "leave --max-memory out")
+        raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves the GPTQ pipelines: give "
+                        "--method gptq (with --bits B or --bpw B), or leave --max-memory out")
     folder = Path(source) if isinstance(source, (str, Path)) else None
     weights = lazy.checkpoint(folder) if folder is not None and (folder / "config.json").is_file() else None
     if weights is None:

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from xbitc.ir.interp import PermutedColumns
+from xbitc.spill import Spill, page_out
 
 from .format import QuantizedMatrix
 
 FP16_TINY = 2.0**-24  # the smallest positive float16: a tuned scale never rounds to 0
 FP16_MAX = 65504.0  # nor overflows to inf
+SPILL_BYTES = 64 << 10  # smaller saved tensors stay in memory: a map of each would cost more than it holds
 
 
 class _Segment:
@@ -34,6 +36,7 @@ class _Segment:
 
     def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
         self.index, self.start, self.ncols, self.group = index, start, ncols, group
+        self.stored_codes = codes  # maybe in a scratch file (xbitc.spill): handed back after each read
         self.codes = torch.from_numpy(codes)  # [out, ncols] uint8
         # row-major whatever the arrays' order (GPTQ writes them transposed): the build's views depend on it
         self.zeros = torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32))  # [out, ngroups]
@@ -67,6 +70,7 @@ class _Build(torch.autograd.Function):
             # codes * s - zero * s in one pass over the codes; the padding past ncols is cut off
             ws = torch.addcmul((-seg.zeros * s)[:, :, None], seg.grouped(seg.codes), s[:, :, None])
             w[:, seg.start : seg.start + seg.ncols] = ws.reshape(out, -1)[:, : seg.ncols]
+            page_out(seg.stored_codes)
         ctx.save_for_backward(*log_scales)
         return w.index_select(1, tuner.inverse) if in_order and tuner.inverse is not None else w
 
@@ -81,6 +85,7 @@ class _Build(torch.autograd.Function):
             # d loss / d scale = sum over the group of g * (code - zero) = sum(g * code) - zero * sum(g)
             grad_s = torch.linalg.vecdot(g, seg.grouped(seg.codes)) - seg.zeros * g.sum(2)
             grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
+            page_out(seg.stored_codes)
         return (None, None, *grads)
 
 
@@ -93,6 +98,8 @@ class TunableScales:
             if seg.bits
         ]
         self.dropped = [seg for seg in q.segments if not seg.bits]
+        for a in [*q.codes, *q.scales, *q.zeros]:  # copied above, or read again at each build
+            page_out(a)
         # stored column j holds original column columns[j]; inverse[i] is the stored column of original column i
         cols = np.arange(q.shape[1]) if q.perm is None else np.asarray(q.perm, dtype=np.int64)
         self.columns = torch.from_numpy(cols.astype(np.int64))
@@ -146,11 +153,14 @@ _ACTIVE: list[dict[int, tuple[weakref.ref, TunableScales, bool]]] = []
 
 
 @contextmanager
-def rebuilt_when_saved():
+def rebuilt_when_saved(spill: Spill | None = None):
     """Within this context, a matrix built by TunableScales (weight() or weight_as_stored()) that autograd saves for
     backward (as a linear layer saves its weight, or a view of it) is saved as a note and rebuilt from the codes, in
-    the same column order, when backward needs it."""
+    the same column order, when backward needs it. With `spill`, every other float tensor of SPILL_BYTES or more
+    that autograd saves (a whole model's activations, for a model larger than memory) waits in that scratch file,
+    once however many ops save it, and is read back by the backward that needs it."""
     built: dict[int, tuple[weakref.ref, TunableScales, bool]] = {}
+    spilled: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}  # weak both: a copy read back is unmapped when used
 
     def pack(t: torch.Tensor):
         if t.layout is torch.strided and t.device.type == "cpu":
@@ -158,6 +168,8 @@ def rebuilt_when_saved():
             w = entry[0]() if entry is not None else None
             if w is not None and t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
                 return _Rebuild(entry[1], entry[2], tuple(t.shape), t.stride(), t.storage_offset() - w.storage_offset())
+            if spill is not None and t.is_floating_point() and t.numel() * t.element_size() >= SPILL_BYTES:
+                return _spilled(t, spill, spilled)
         return t
 
     def unpack(saved):
@@ -173,6 +185,26 @@ def rebuilt_when_saved():
             yield
     finally:
         _ACTIVE.remove(built)
+
+
+def _spilled(t: torch.Tensor, spill: Spill, spilled: dict) -> torch.Tensor:
+    """`t` read from the scratch file: its whole storage is written once (however many views of it are saved) and
+    the view rebuilt on it with the same strides, so backward's kernels add in the same order as from memory. A view
+    into a storage more than twice its size stays in memory (only a contiguous one is copied alone)."""
+    storage, nbytes = t.untyped_storage(), t.numel() * t.element_size()
+    if storage.nbytes() <= 2 * nbytes and storage.nbytes() % t.element_size() == 0:
+        key = (storage.data_ptr(), t.dtype)
+        entry = spilled.get(key)
+        array = entry[1]() if entry is not None and entry[0]() is not None else None
+        if array is None:  # (its live base tensor proves the address still holds this storage)
+            flat = t.detach().as_strided((storage.nbytes() // t.element_size(),), (1,), 0)
+            array = spill.array((flat.view(torch.int16) if t.dtype == torch.bfloat16 else flat).numpy())
+            # the map's array lives as long as any tensor read from it: what the note's weak reference follows
+            spilled[key] = (weakref.ref(t if t._base is None else t._base), weakref.ref(array))
+        whole = torch.from_numpy(array)
+        whole = whole.view(torch.bfloat16) if t.dtype == torch.bfloat16 else whole
+        return whole.as_strided(t.shape, t.stride(), t.storage_offset())
+    return spill.tensor(t) if t.is_contiguous() else t
 
 
 def _register(w: torch.Tensor, tuner: TunableScales, in_order: bool) -> None:
