@@ -12,6 +12,11 @@ the result at `checks` checkpoints spread over the steps: the best checkpoint is
 beats them), and two checkpoints in a row without a new best end the tuning early -- with little calibration text
 the steps soon fit the batches rather than the task, and further steps only cost time.
 
+On a model larger than memory (a folder's weights still in their files, xbitc.streaming) the steps are the same ops
+on the same values: the float reference reads each weight from its shard when a layer needs it, and the activations
+autograd keeps for a step's backward wait in a scratch file of their own (xbitc.quant.tune.rebuilt_when_saved), so
+memory holds the scales' training state, one matrix at a time and a window's logits, not the model.
+
 Under torchrun every process runs the same steps: each step reads one calibration window and starts from the
 previous step's values, so the steps cannot be split without changing the result. The held-out batches are split
 across the processes (their losses summed over all), and at the end every rank takes rank 0's scales and float

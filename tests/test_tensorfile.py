@@ -72,9 +72,9 @@ def test_spilled_arrays_are_written_without_staying_resident(tmp_path):
 
 
 def test_page_out_hands_back_every_page_of_many_small_arrays(tmp_path):
-    """Arrays spilled one after another, read, then paged out: none of their pages stay resident. (The kernel skips a
-    page-cache folio mapped twice or only in part: with arrays packed end to end, one folio held the tail of one and
-    the head of the next, and a third of what was read stayed in memory.)"""
+    """Arrays spilled one after another, read, then paged out: none of their pages stay resident. (MADV_PAGEOUT, used
+    before, skips a page-cache folio mapped twice or only in part, as the folios at arrays' boundaries are: a third of
+    what was read stayed in memory.)"""
     from xbitc.spill import Spill, page_out
 
     def file_resident():  # bytes of file-backed pages this process maps
@@ -97,11 +97,11 @@ def test_page_out_hands_back_every_page_of_many_small_arrays(tmp_path):
 def test_spilled_arrays_hold_no_file_descriptors_and_unmap_when_gone(tmp_path):
     """A large model spills thousands of arrays: each is a private map of the one scratch file, without a file
     descriptor of its own (np.memmap holds one each; the usual limit is 1024 open files), unmapped once the array
-    and every view of it are gone; writes to a map stay in the process (copy-on-write)."""
+    and every view of it are gone; a write lands in the file and outlives its pages being handed back."""
     import gc
     import os
 
-    from xbitc.spill import Spill, in_scratch
+    from xbitc.spill import Spill, in_scratch, page_out
 
     def deleted_maps():  # maps of the scratch file (unnamed in tmp_path)
         return sum(1 for line in open("/proc/self/maps") if str(tmp_path) in line and "(deleted)" in line)
@@ -116,7 +116,8 @@ def test_spilled_arrays_hold_no_file_descriptors_and_unmap_when_gone(tmp_path):
     gc.collect()
     assert deleted_maps() >= 1 and in_scratch(view) and view[:, 0].tolist() == [3, 4, 5, 6, 7, 8]
     again = spill.array(np.zeros(8, np.int8))
-    again[2] = 5  # private: the file keeps its zeros
+    again[2] = 5
+    page_out(again)
     assert again.tolist() == [0, 0, 5, 0, 0, 0, 0, 0]
     spill.close()
     del view, again

@@ -2,9 +2,9 @@
 
 The block-wise compile (xbitc.streaming) packs one layer block at a time; keeping every packed block in memory until
 the writer runs would grow the peak with the model. A Spill appends each finished array to one unnamed temporary
-file (it has no name from the start: nothing to clean up, even after a crash) and hands back a copy-on-write map of
-it, so the array costs disk, not resident memory, until something reads it: the artifact's writer, at the end, when
-the passes' working memory is free again. The pages it reads stay mapped and count as the process's resident
+file (it has no name from the start: nothing to clean up, even after a crash) and hands back a shared map of it (a
+write lands in the file, as it would in memory), so the array costs disk, not resident memory, until something reads
+it: the artifact's writer, at the end, when the passes' working memory is free again. The pages it reads stay mapped and count as the process's resident
 memory (all of the packed model, by the end) unless they are handed back: `page_out`, which the writer calls after
 copying each piece.
 """
@@ -24,28 +24,25 @@ import torch
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix, PackedSegment
 
-# Each array starts on a boundary of the largest page-cache folio (x86-64 and arm64: 2 MB; a hole in the file
-# before it, costing no disk), and its map reaches the next boundary: the kernel's page-out skips a folio that is
-# mapped twice or only in part, and a folio holding the end of one array and the start of the next would be both
-ALIGN = 2 << 20
-_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; clean file pages are dropped, nothing is ever discarded
-_maps: dict[int, tuple[int, int, int]] = {}  # each live map handed out (by its owner's id) -> array start, end, map end
+ALIGN = 64  # each array starts on a cache line, as the allocator would place it
+# Take pages out of this process's page tables: a shared file map's pages stay in the page cache and the file, so
+# nothing is lost and nothing is written. (MADV_PAGEOUT evicts from the page cache instead: it writes dirty scratch
+# pages out at once, and it skips a page-cache folio mapped twice or only in part, as the pages at arrays' boundaries
+# are: a third of what was read stayed resident.)
+_MADV_DONTNEED = 4
+_maps: dict[int, tuple[int, int]] = {}  # each live map handed out (by the id of what owns it) -> [first, end) addresses
 
 
 def page_out(a: np.ndarray) -> None:
-    """Take the pages of `a`, if it lies in a Spill's map, out of this process's resident memory: they are clean
-    pages of the scratch file, read from it again if anything asks. (A page written since it was mapped is the
-    process's own copy, which MADV_PAGEOUT keeps unless there is swap: no value ever changes.) Anything else, and
-    systems without madvise, are left alone."""
+    """Take the pages of `a`, if it lies in a Spill's map, out of this process's resident memory: they stay in the
+    scratch file, read from it again if anything asks. Anything else, and systems without madvise, are left
+    alone."""
     lo = a.__array_interface__["data"][0]
     hi = lo + a.nbytes
-    home = _home(lo, a.nbytes)
-    if home is None or _libc() is None:
+    if not in_scratch(a) or _libc() is None:
         return
-    if hi == home[1]:  # to the array's end: the rest of its last folio too
-        hi = home[2]
     start = lo - lo % mmap.PAGESIZE
-    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_PAGEOUT)
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
 
 
 def in_scratch(a: np.ndarray | torch.Tensor) -> bool:
@@ -54,12 +51,7 @@ def in_scratch(a: np.ndarray | torch.Tensor) -> bool:
         lo, nbytes = a.data_ptr(), a.numel() * a.element_size()
     else:
         lo, nbytes = a.__array_interface__["data"][0], a.nbytes
-    return _home(lo, nbytes) is not None
-
-
-def _home(lo: int, nbytes: int) -> tuple[int, int, int] | None:
-    """The map holding the bytes [lo, lo + nbytes), if a Spill handed it out."""
-    return next((m for m in _maps.values() if nbytes > 0 and m[0] <= lo and lo + nbytes <= m[1]), None)
+    return nbytes > 0 and any(first <= lo and lo + nbytes <= end for first, end in _maps.values())
 
 
 @functools.cache
@@ -78,25 +70,25 @@ def _libc():
 
 
 def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
-    """A private (copy-on-write) map of `file`'s bytes at `offset` as an array, unmapped when the array and every
-    view of it are gone. Mapped with the C library's mmap: Python's (and so np.memmap) duplicates the file descriptor
+    """A shared map of `file`'s bytes at `offset` as an array, unmapped when the array and every view of it are
+    gone. Mapped with the C library's mmap: Python's (and so np.memmap) duplicates the file descriptor
     for every map, and a large model's thousands of spilled arrays would pass the usual limit of 1024 open files."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mmap"):
         m = np.memmap(file, dtype=dtype, mode="c", offset=offset, shape=shape)
         first = m.__array_interface__["data"][0]
-        _maps[id(m)] = (first, first + m.nbytes, first + m.nbytes)
+        _maps[id(m)] = (first, first + m.nbytes)
         weakref.finalize(m, _maps.pop, id(m), None)
         return m
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    length = offset + nbytes + -(offset + nbytes) % ALIGN - start  # past the file's end too: never read there
-    addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, file.fileno(), start)
+    length = nbytes + offset - start
+    addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, file.fileno(), start)
     if addr in (None, ctypes.c_void_p(-1).value):
         err = ctypes.get_errno()
         raise OSError(err, f"cannot map the scratch file: {os.strerror(err)}")
     buffer = (ctypes.c_char * nbytes).from_address(addr + offset - start)
-    _maps[id(buffer)] = (addr + offset - start, addr + offset - start + nbytes, addr + length)
+    _maps[id(buffer)] = (addr + offset - start, addr + length)
     weakref.finalize(buffer, _unmap, libc, id(buffer), addr, length)  # every view of the array holds `buffer`
     return np.frombuffer(buffer, dtype).reshape(shape)
 
@@ -119,7 +111,8 @@ class Spill:
         if a.nbytes == 0:
             return a
         end = self._file.seek(0, os.SEEK_END)
-        offset = self._file.seek(end + -end % ALIGN)
+        self._file.write(b"\0" * (-end % ALIGN))
+        offset = self._file.tell()
         self._file.write(a.reshape(-1).view(np.uint8).data)
         self._file.flush()
         return _map(self._file, offset, a.dtype, a.shape)
