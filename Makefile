@@ -58,11 +58,15 @@ browser-deps:
 	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
 	  $(call apt_install,$(BROWSER_PACKAGES),the browser tests of examples/webgpu); fi
 
+# one pytest-xdist worker per core (at most 4), each test file kept on one worker (module fixtures built once)
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) system-deps
-	HF_HUB_OFFLINE=1 $(PYTEST) -q
+	HF_HUB_OFFLINE=1 $(PYTEST) -q $(PYTEST_PARALLEL)
 
 test-all: $(STAMP) system-deps browser-deps
-	HF_HUB_OFFLINE=1 $(PYTEST) -q -m ""
+	HF_HUB_OFFLINE=1 $(PYTEST) -q $(PYTEST_PARALLEL) -m ""
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -13,7 +13,13 @@ os.environ.setdefault("XBITC_KEY_FILE", os.path.join(_STATE, "kernel-cache.key")
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tests run in `make test`'s pytest-xdist workers: each takes its share of the cores, so torch's threads do not
+# outnumber them (OpenMP threads spinning for a core slow every worker)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_SHARE)
+if _WORKERS > 1:  # the packed linears' pool too (children inherit it)
+    os.environ.setdefault("XBITC_NUM_THREADS", str(_SHARE))
 
 
 class TinyLM(torch.nn.Module):

@@ -73,16 +73,26 @@ def cli(*args) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
 
 
-def assert_refused_everywhere(art: Path, match: str, tmp_path: Path, marker: Path | None = None) -> None:
+def assert_refused_everywhere(art: Path, match: str, tmp_path: Path, capsys, marker: Path | None = None,
+                              in_a_child: bool = False) -> None:
+    """The runtime and both commands that read an artifact refuse it: exit status 2 and one line naming the problem.
+    The commands run in this process (what a child adds, its own exit, is checked once: `in_a_child`)."""
+    from xbitc.cli import main
+
     with pytest.raises(ArtifactError, match=match):
         runtime.load(art)
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 50)
     for args in (("run", art, "--text", "hi"), ("eval", art, "--text-file", text, "--window", 16)):
-        r = cli(*args)
-        assert r.returncode == 2, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-        assert match.split(".*")[0] in r.stderr or match in r.stderr
+        if in_a_child:
+            r = cli(*args)
+            code, err = r.returncode, r.stderr
+        else:
+            capsys.readouterr()
+            code, err = main(list(map(str, args))), capsys.readouterr().err
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert match.split(".*")[0] in err or match in err
     if marker is not None:
         assert not marker.exists(), "the artifact ran code"
 
@@ -103,10 +113,10 @@ def test_operators_outside_the_closed_list_are_refused(art, tmp_path, graph_file
     assert not marker.exists()
 
 
-def test_refused_through_the_cli_without_side_effect(art, tmp_path):
+def test_refused_through_the_cli_without_side_effect(art, tmp_path, capsys):
     marker = tmp_path / "marker"
     inject(art, "graph.json", "builtins.exec", marker)
-    assert_refused_everywhere(art, "not in xbitc's list", tmp_path, marker)
+    assert_refused_everywhere(art, "not in xbitc's list", tmp_path, capsys, marker, in_a_child=True)
 
 
 @pytest.mark.parametrize("op", ["add", "softmax", "reshape"])
@@ -147,13 +157,13 @@ def test_fused_nodes_are_never_read_from_a_file(art):
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "../../etc/passwd", "tokenizer/../../x", "./graph.json",
                                   "a//b", "manifest.json", "C:\\x"])
-def test_manifest_names_stay_inside_the_artifact(art, tmp_path, name):
+def test_manifest_names_stay_inside_the_artifact(art, tmp_path, capsys, name):
     def add(m):
         m["files"][name] = "0" * 64
         m["size"]["uncounted"][name] = 1
 
     rehash(art, add)
-    assert_refused_everywhere(art, "not a plain path inside the artifact", tmp_path)
+    assert_refused_everywhere(art, "not a plain path inside the artifact", tmp_path, capsys)
 
 
 def test_a_device_file_is_refused_without_reading_it(art, tmp_path):
@@ -178,11 +188,11 @@ def test_a_listed_device_inside_the_folder_is_refused(art, tmp_path):
         runtime.load(art)
 
 
-def test_a_symlinked_weights_file_is_refused_even_when_the_hash_matches(art, tmp_path):
+def test_a_symlinked_weights_file_is_refused_even_when_the_hash_matches(art, tmp_path, capsys):
     elsewhere = tmp_path / "w.safetensors"
     shutil.move(art / "weights.safetensors", elsewhere)
     os.symlink(elsewhere, art / "weights.safetensors")
-    assert_refused_everywhere(art, "symbolic link", tmp_path)
+    assert_refused_everywhere(art, "symbolic link", tmp_path, capsys)
 
 
 def test_a_symlinked_folder_is_refused(art, tmp_path):
@@ -206,13 +216,13 @@ def test_sizes_are_checked_before_hashing(art, tmp_path):
         runtime.load(art)
 
 
-def test_every_file_the_runtime_reads_is_listed(art, tmp_path):
+def test_every_file_the_runtime_reads_is_listed(art, tmp_path, capsys):
     # an emptied files list used to let corrupted weights run silently
     data = bytearray((art / "weights.safetensors").read_bytes())
     data[-1] ^= 0x40
     (art / "weights.safetensors").write_bytes(bytes(data))
     rehash(art, lambda m: m.update(files={k: v for k, v in m["files"].items() if k.startswith("tokenizer/")}))
-    assert_refused_everywhere(art, "does not list", tmp_path)
+    assert_refused_everywhere(art, "does not list", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("extra", ["step.json", "notes.txt", "tokenizer/added_tokens.json"])
@@ -226,10 +236,11 @@ def test_unlisted_files_are_refused(art, tmp_path, extra):
         runtime.load(art)
 
 
-def test_the_pristine_artifact_still_loads_and_runs(pristine):
+def test_the_pristine_artifact_still_loads_and_runs(pristine, capsys):
+    from xbitc.cli import main
+
     graph, _ = load_graph(pristine)
     assert graph.step is not None
-    r = cli("run", pristine, "--text", "hello world", "--max-new-tokens", 3)
-    assert r.returncode == 0, r.stderr
+    assert main(["run", str(pristine), "--text", "hello world", "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
     out = runtime.load(pristine)(torch.randint(0, 64, (1, 5)))
     assert out.shape == (1, 5, 64) and torch.isfinite(out).all()

@@ -227,7 +227,10 @@ def test_two_ranks_write_the_one_process_artifact(tmp_path):
     assert (tmp_path / "one.xbitc" / "graph.json").read_bytes() == (tmp_path / "two.xbitc" / "graph.json").read_bytes()
 
 
-@pytest.mark.parametrize("pipeline", [["--bits", "3"], ["--bpw", "6", "--tune-steps", "0"]])
+# the learned pipeline covers both sums (sensitivities and Hessians); uniform GPTQ, the Hessians alone, runs in the
+# slow suite (each variant is two compiles, one under torchrun: ~40 s)
+@pytest.mark.parametrize("pipeline", [pytest.param(["--bits", "3"], marks=pytest.mark.slow),
+                                      ["--bpw", "6", "--tune-steps", "0"]])
 def test_two_ranks_stream_a_folder_block_by_block_as_one_process_does(tmp_path, pipeline):
     """A Hugging Face folder with --bits B (or --bpw B without tuning) --method gptq is measured and quantized a layer
     block at a time (xbitc.streaming, xbitc.alloc.blockwise): each rank drives its share of the windows through every

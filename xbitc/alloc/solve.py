@@ -91,7 +91,8 @@ class _Stacked:
     def choose(self, lam: float) -> tuple[list[int], list[np.ndarray], float, float]:
         per_option = []
         for c, sz in zip(self.cost, self.size):
-            obj = c + lam * sz
+            obj = np.multiply(sz, lam)  # one [columns, 9] temporary, not two (lam * sz, then the sum)
+            obj += c
             b = obj.argmin(1)
             rows = np.arange(len(b))
             per_option.append((b, np.add.reduceat(obj[rows, b], self.offsets), c[rows, b], sz[rows, b]))
