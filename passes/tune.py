@@ -58,7 +58,8 @@ class Tune(Pass):
     requires = frozenset({"quantized"})
     provides = frozenset({"tuned"})
     steps: int = option(24, 0)
-    lr: float = option(0.003, above=0.0)  # Adam step on log-scales (a relative scale change); cosine decay to 0 over the steps
+    # Adam step on log-scales (a relative scale change), cosine decay to 0 over the steps (larger: BENCHMARKS.md)
+    lr: float = option(0.003, above=0.0)
     objective: str = "auto"  # as allocate's: kl for language models, mse otherwise
     norms: bool = True  # also tune 1-D float parameters (norm weights, biases)
     checks: int = option(4, 1)  # held-out checkpoints over the steps: the best is kept; two without progress stop early

@@ -4,9 +4,9 @@ The block-wise compile (xbitc.streaming) packs one layer block at a time; keepin
 the writer runs would grow the peak with the model. A Spill appends each finished array to one unnamed temporary
 file (it has no name from the start: nothing to clean up, even after a crash) and hands back a shared map of it (a
 write lands in the file, as it would in memory), so the array costs disk, not resident memory, until something reads
-it: the artifact's writer, at the end, when the passes' working memory is free again. The pages it reads stay mapped and count as the process's resident
-memory (all of the packed model, by the end) unless they are handed back: `page_out`, which the writer calls after
-copying each piece.
+it: the artifact's writer, at the end, when the passes' working memory is free again. The pages it reads stay
+mapped and count as the process's resident memory (all of the packed model, by the end) unless they are handed back:
+`page_out`, which the writer calls after copying each piece.
 """
 from __future__ import annotations
 
@@ -98,6 +98,12 @@ def _unmap(libc, key: int, addr: int, length: int) -> None:
     libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(length))
 
 
+def as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over `array` (Spill.tensor_array's) in `dtype`, sharing its memory."""
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
 class Spill:
     def __init__(self, folder: str | Path | None = None):
         self._file = tempfile.TemporaryFile(dir=folder)
@@ -118,9 +124,13 @@ class Spill:
         return _map(self._file, offset, a.dtype, a.shape)
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: spill the bits
-            return self.tensor(t.view(torch.int16)).view(torch.bfloat16)
-        return torch.from_numpy(self.array(t.detach().cpu().numpy()))
+        return as_tensor(self.tensor_array(t), t.dtype)
+
+    def tensor_array(self, t: torch.Tensor) -> np.ndarray:
+        """`t`'s elements on the map as numpy (bfloat16, which numpy lacks, as its int16 bits); as_tensor reads
+        them back as `t`'s dtype."""
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return self.array(bits.detach().cpu().numpy())
 
     def quantized(self, q: QuantizedMatrix) -> QuantizedMatrix:
         """`q` (unpacked codes: a byte each) read from the scratch file, for passes that still change its scales."""

@@ -164,7 +164,8 @@ def gb(n: int) -> str:
 
 
 def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int,
-                  sensitivity_batches: int = 0, group_options: int = 4, tune_group: int | None = None) -> dict[str, int]:
+                  sensitivity_batches: int = 0, group_options: int = 4,
+                  tune_group: int | None = None) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
     Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
     entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while

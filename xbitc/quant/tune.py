@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from xbitc.ir.interp import PermutedColumns
-from xbitc.spill import Spill, page_out
+from xbitc.spill import Spill, as_tensor, page_out
 
 from .format import QuantizedMatrix
 
@@ -131,7 +131,8 @@ class TunableScales:
         """Write the tuned scales into the matrix as float16 and restart from them."""
         for seg in self.segments:
             s = seg.scales(seg.log_scale)
-            s = torch.where(torch.isfinite(s), s, seg.base).clamp(FP16_TINY, FP16_MAX)  # a diverged step keeps its start
+            # a diverged step keeps its start
+            s = torch.where(torch.isfinite(s), s, seg.base).clamp(FP16_TINY, FP16_MAX)
             self.q.scales[seg.index] = s.numpy().astype(np.float16)
             seg.base.copy_(torch.from_numpy(self.q.scales[seg.index].astype(np.float32)))
             seg.log_scale.zero_()
@@ -197,13 +198,10 @@ def _spilled(t: torch.Tensor, spill: Spill, spilled: dict) -> torch.Tensor:
         entry = spilled.get(key)
         array = entry[1]() if entry is not None and entry[0]() is not None else None
         if array is None:  # (its live base tensor proves the address still holds this storage)
-            flat = t.detach().as_strided((storage.nbytes() // t.element_size(),), (1,), 0)
-            array = spill.array((flat.view(torch.int16) if t.dtype == torch.bfloat16 else flat).numpy())
+            array = spill.tensor_array(t.detach().as_strided((storage.nbytes() // t.element_size(),), (1,), 0))
             # the map's array lives as long as any tensor read from it: what the note's weak reference follows
             spilled[key] = (weakref.ref(t if t._base is None else t._base), weakref.ref(array))
-        whole = torch.from_numpy(array)
-        whole = whole.view(torch.bfloat16) if t.dtype == torch.bfloat16 else whole
-        return whole.as_strided(t.shape, t.stride(), t.storage_offset())
+        return as_tensor(array, t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
     return spill.tensor(t) if t.is_contiguous() else t
 
 
