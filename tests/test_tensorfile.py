@@ -124,3 +124,42 @@ def test_spilled_arrays_hold_no_file_descriptors_and_unmap_when_gone(tmp_path):
     gc.collect()
     assert deleted_maps() == 0  # the file's last maps are gone, and with them its disk space
 
+
+
+
+class _Span:
+    """What in_scratch reads of an array (its address and size) without touching the memory: a freed map's bytes."""
+
+    def __init__(self, lo: int, nbytes: int):
+        self.__array_interface__, self.nbytes = {"data": (lo, False)}, nbytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40_000), min_size=1, max_size=12), dropped=st.sets(st.integers(0, 11)),
+       cuts=st.lists(st.tuples(st.integers(0, 11), st.floats(0, 1), st.floats(0, 1)), max_size=10))
+def test_in_scratch_knows_exactly_the_live_maps(tmp_path_factory, sizes, dropped, cuts):
+    """in_scratch looks a span up among the live maps (sorted by start): true exactly when the span lies inside one
+    map still alive; a map whose array is gone leaves the lookup, and a span running past a map's end is not in it."""
+    import gc
+
+    import torch
+
+    from xbitc.spill import Spill, in_scratch
+
+    spill = Spill(tmp_path_factory.mktemp("s"))
+    arrays = [spill.array(np.full(n, i, np.uint8)) for i, n in enumerate(sizes)]
+    spans = [(a.__array_interface__["data"][0], a.nbytes) for a in arrays]
+    for i in dropped & set(range(len(arrays))):
+        arrays[i] = None
+    gc.collect()
+    for (lo, n), a in zip(spans, arrays):
+        assert in_scratch(_Span(lo, n)) == (a is not None)
+        assert not in_scratch(_Span(lo, n + 1))  # one byte past the map (it ends where its array does)
+        if a is not None:
+            assert in_scratch(a) and in_scratch(torch.from_numpy(a)) and in_scratch(_Span(lo + n - 1, 1))
+    for i, a, b in cuts:
+        if i < len(arrays) and arrays[i] is not None:
+            lo, hi = sorted((int(a * len(arrays[i])), int(b * len(arrays[i]))))
+            assert in_scratch(arrays[i][lo:hi]) == (hi > lo)
+    assert not in_scratch(np.zeros(64, np.uint8))
+    spill.close()

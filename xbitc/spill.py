@@ -10,6 +10,7 @@ mapped and count as the process's resident memory (all of the packed model, by t
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import mmap
@@ -30,7 +31,22 @@ ALIGN = 64  # each array starts on a cache line, as the allocator would place it
 # pages out at once, and it skips a page-cache folio mapped twice or only in part, as the pages at arrays' boundaries
 # are: a third of what was read stayed resident.)
 _MADV_DONTNEED = 4
-_maps: dict[int, tuple[int, int]] = {}  # each live map handed out (by the id of what owns it) -> [first, end) addresses
+# each live map handed out, as (first, end, id of what owns it), sorted: maps never overlap, so the one that could
+# hold an address is the last to start at or before it (a model's thousands of maps, looked up at every page-out)
+_maps: list[tuple[int, int, int]] = []
+
+
+def _add_map(first: int, end: int, key: int) -> None:
+    bisect.insort(_maps, (first, end, key))
+
+
+def _drop_map(first: int, key: int) -> None:
+    i = bisect.bisect_left(_maps, (first,))
+    while i < len(_maps) and _maps[i][0] == first:  # (a new map may already start where a dying one did)
+        if _maps[i][2] == key:
+            del _maps[i]
+            return
+        i += 1
 
 
 def page_out(a: np.ndarray) -> None:
@@ -51,7 +67,8 @@ def in_scratch(a: np.ndarray | torch.Tensor) -> bool:
         lo, nbytes = a.data_ptr(), a.numel() * a.element_size()
     else:
         lo, nbytes = a.__array_interface__["data"][0], a.nbytes
-    return nbytes > 0 and any(first <= lo and lo + nbytes <= end for first, end in _maps.values())
+    i = bisect.bisect_right(_maps, (lo, float("inf"))) - 1
+    return nbytes > 0 and 0 <= i < len(_maps) and _maps[i][0] <= lo and lo + nbytes <= _maps[i][1]
 
 
 @functools.cache
@@ -77,8 +94,8 @@ def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
     if libc is None or not hasattr(libc, "mmap"):
         m = np.memmap(file, dtype=dtype, mode="c", offset=offset, shape=shape)
         first = m.__array_interface__["data"][0]
-        _maps[id(m)] = (first, first + m.nbytes)
-        weakref.finalize(m, _maps.pop, id(m), None)
+        _add_map(first, first + m.nbytes, id(m))
+        weakref.finalize(m, _drop_map, first, id(m))
         return m
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -88,13 +105,14 @@ def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot map the scratch file: {os.strerror(err)}")
     buffer = (ctypes.c_char * nbytes).from_address(addr + offset - start)
-    _maps[id(buffer)] = (addr + offset - start, addr + length)
-    weakref.finalize(buffer, _unmap, libc, id(buffer), addr, length)  # every view of the array holds `buffer`
+    _add_map(addr + offset - start, addr + length, id(buffer))
+    # every view of the array holds `buffer`
+    weakref.finalize(buffer, _unmap, libc, addr + offset - start, id(buffer), addr, length)
     return np.frombuffer(buffer, dtype).reshape(shape)
 
 
-def _unmap(libc, key: int, addr: int, length: int) -> None:
-    _maps.pop(key, None)
+def _unmap(libc, first: int, key: int, addr: int, length: int) -> None:
+    _drop_map(first, key)
     libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(length))
 
 
