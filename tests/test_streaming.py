@@ -358,26 +358,40 @@ def test_a_1_5b_llama_compiles_under_3gb(tmp_path):
     assert art.manifest.source.param_count == params
 
 
+def _solve_peaks() -> tuple[int, int]:
+    """(bytes the cost tables of 200 tensors x 1024 columns hold, bytes the solve rises above them), measured in a
+    process of its own: the heap as a compile sets it (passes/base.py) and nothing before it. In a test process
+    the rise depends on what ran earlier there (glibc's own mmap threshold, free memory kept or not)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch\n"
+        "from conftest import peak_above\n"
+        "from xbitc import heap\n"
+        "from xbitc.alloc.solve import allocate, column_costs\n"
+        "heap.bound_retention()\n"
+        "torch.manual_seed(0)\n"
+        "w, fisher = torch.randn(4, 1024), torch.rand(4, 1024)\n"
+        "tables = []\n"
+        "make = lambda: tables.extend(column_costs(w, fisher, [64, 128, 256, 0], f't{i}') for i in range(200))\n"
+        "held = peak_above(make)\n"
+        "solve = peak_above(lambda: allocate(tables, 3.0 * 4 * 200 * 1024))\n"
+        "print(held, solve)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).parent)
+    assert r.returncode == 0, r.stderr
+    held, solve = map(int, r.stdout.split()[-2:])
+    return held, solve
+
+
 def test_the_solve_holds_what_the_estimate_says():
     """estimate_peak's allocation phases per input column hold for the real tables and solver: the tables of 200
     tensors x 1024 columns, 4 group options, cost no more than COST_TABLE_BYTES a column and option, and the solve
     rises no more than SOLVE_BYTES (the size tables are one row per tensor, read as [in, 9])."""
-    from conftest import peak_above
-
-    from xbitc import heap
-    from xbitc.alloc.solve import allocate, column_costs
-
-    # the heap as a compile sets it (passes/base.py), and trimmed: without a fixed mmap threshold glibc raises its
-    # own after earlier tests free large blocks, and the solve's freed temporaries stay resident; free memory kept
-    # from earlier tests would hide a rise (either way the result would depend on what ran before in this process)
-    heap.bound_retention()
-    heap.release()
-    torch.manual_seed(0)
-    w, fisher = torch.randn(4, 1024), torch.rand(4, 1024)
-    groups = [64, 128, 256, 0]
-    tables = []
-    held = peak_above(lambda: tables.extend(column_costs(w, fisher, groups, f"t{i}") for i in range(200)))
+    held, solve = _solve_peaks()
     columns = 200 * 1024
     assert held < streaming.COST_TABLE_BYTES * 4 * columns
-    solve = peak_above(lambda: allocate(tables, 3.0 * 4 * columns))
     assert solve < streaming.SOLVE_BYTES * 4 * columns

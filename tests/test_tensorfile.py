@@ -125,8 +125,6 @@ def test_spilled_arrays_hold_no_file_descriptors_and_unmap_when_gone(tmp_path):
     assert deleted_maps() == 0  # the file's last maps are gone, and with them its disk space
 
 
-
-
 class _Span:
     """What in_scratch reads of an array (its address and size) without touching the memory: a freed map's bytes."""
 

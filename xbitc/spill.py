@@ -36,17 +36,14 @@ _MADV_DONTNEED = 4
 _maps: list[tuple[int, int, int]] = []
 
 
-def _add_map(first: int, end: int, key: int) -> None:
-    bisect.insort(_maps, (first, end, key))
+def _add_map(entry: tuple[int, int, int]) -> None:
+    bisect.insort(_maps, entry)
 
 
-def _drop_map(first: int, key: int) -> None:
-    i = bisect.bisect_left(_maps, (first,))
-    while i < len(_maps) and _maps[i][0] == first:  # (a new map may already start where a dying one did)
-        if _maps[i][2] == key:
-            del _maps[i]
-            return
-        i += 1
+def _drop_map(entry: tuple[int, int, int]) -> None:
+    i = bisect.bisect_left(_maps, entry)
+    if i < len(_maps) and _maps[i] == entry:
+        del _maps[i]
 
 
 def page_out(a: np.ndarray) -> None:
@@ -92,10 +89,11 @@ def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
     for every map, and a large model's thousands of spilled arrays would pass the usual limit of 1024 open files."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mmap"):
-        m = np.memmap(file, dtype=dtype, mode="c", offset=offset, shape=shape)
+        m = np.memmap(file, dtype=dtype, mode="r+", offset=offset, shape=shape)  # shared, as the map below
         first = m.__array_interface__["data"][0]
-        _add_map(first, first + m.nbytes, id(m))
-        weakref.finalize(m, _drop_map, first, id(m))
+        entry = (first, first + m.nbytes, id(m))
+        _add_map(entry)
+        weakref.finalize(m, _drop_map, entry)
         return m
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -105,14 +103,14 @@ def _map(file, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot map the scratch file: {os.strerror(err)}")
     buffer = (ctypes.c_char * nbytes).from_address(addr + offset - start)
-    _add_map(addr + offset - start, addr + length, id(buffer))
-    # every view of the array holds `buffer`
-    weakref.finalize(buffer, _unmap, libc, addr + offset - start, id(buffer), addr, length)
+    entry = (addr + offset - start, addr + length, id(buffer))
+    _add_map(entry)
+    weakref.finalize(buffer, _unmap, libc, entry, addr, length)  # every view of the array holds `buffer`
     return np.frombuffer(buffer, dtype).reshape(shape)
 
 
-def _unmap(libc, first: int, key: int, addr: int, length: int) -> None:
-    _drop_map(first, key)
+def _unmap(libc, entry: tuple[int, int, int], addr: int, length: int) -> None:
+    _drop_map(entry)
     libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(length))
 
 
