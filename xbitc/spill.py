@@ -50,20 +50,21 @@ def page_out(a: np.ndarray) -> None:
     """Take the pages of `a`, if it lies in a Spill's map, out of this process's resident memory: they stay in the
     scratch file, read from it again if anything asks. Anything else, and systems without madvise, are left
     alone."""
-    lo = a.__array_interface__["data"][0]
-    hi = lo + a.nbytes
-    if not in_scratch(a) or _libc() is None:
+    lo, nbytes = a.__array_interface__["data"][0], a.nbytes
+    if _libc() is None or not _mapped(lo, nbytes):
         return
     start = lo - lo % mmap.PAGESIZE
-    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(lo + nbytes - start), _MADV_DONTNEED)
 
 
 def in_scratch(a: np.ndarray | torch.Tensor) -> bool:
     """Whether `a`'s bytes lie in a map a Spill handed out (and still holds)."""
     if isinstance(a, torch.Tensor):
-        lo, nbytes = a.data_ptr(), a.numel() * a.element_size()
-    else:
-        lo, nbytes = a.__array_interface__["data"][0], a.nbytes
+        return _mapped(a.data_ptr(), a.numel() * a.element_size())
+    return _mapped(a.__array_interface__["data"][0], a.nbytes)
+
+
+def _mapped(lo: int, nbytes: int) -> bool:
     i = bisect.bisect_right(_maps, (lo, float("inf"))) - 1
     return nbytes > 0 and 0 <= i < len(_maps) and _maps[i][0] <= lo and lo + nbytes <= _maps[i][1]
 
