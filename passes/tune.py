@@ -81,9 +81,7 @@ class Tune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if any(isinstance(v, PackedMatrix) for v in graph.params.values()):
             raise PassError("tune must run before pack (it trains the scales of quantized, not yet packed, weights)")
-        # codes in the scratch file (a streamed compile) stay resident once read when the driver found room for them
-        hold = bool(ctx.stats.get("hold_codes", False))
-        tuners = {n: TunableScales(v, hold) for n, v in graph.params.items() if isinstance(v, QuantizedMatrix)}
+        tuners = {n: TunableScales(v) for n, v in graph.params.items() if isinstance(v, QuantizedMatrix)}
         originals = ctx.stats.pop(FLOAT_PARAMS, None)  # this pass is their only reader
         if self.steps == 0 or not tuners:
             return graph

@@ -195,10 +195,8 @@ def test_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
 def test_tuned_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
     """Learned allocation, GPTQ and tune of a folder block by block: the tune pass's reference reads the float
     weights from their files at each use, and the activations autograd keeps for each step's backward wait in the
-    scratch file (here every one: SPILL_BYTES 0) until read back; the codes stay resident once read (there is room)
-    or, where there is not, go back to the scratch file after every build. The same ops on the same values: the
-    tuning's loss and the artifact are the whole-model path's to the bit. Four windows: none held out (the tuning is
-    kept)."""
+    scratch file (here every one: SPILL_BYTES 0) until read back. The same ops on the same values: the tuning's loss
+    and the artifact are the whole-model path's to the bit. Four windows: none held out (the tuning is kept)."""
     from xbitc.passes import tune as tune_pass
     from xbitc.quant import tune as tunable
 
@@ -207,7 +205,7 @@ def test_tuned_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
     synthetic.write_llama(folder, cfg, shard_bytes=100_000)
     spec = "canonicalize,allocate{bpw=2.5},quantize{method=gptq},tune{steps=8,lr=0.05},pack"
     assert streaming.streams(build_passes(spec))
-    logs = {"whole": [], "streamed": [], "handed back": []}
+    logs = {"whole": [], "streamed": []}
     monkeypatch.setattr(tunable, "SPILL_BYTES", 0)
     spilled = []
 
@@ -217,25 +215,22 @@ def test_tuned_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
             return super().array(a)
 
     monkeypatch.setattr(tune_pass, "Spill", Counted)
-    for how in logs:
-        model = frontend.load(str(folder), lazy=how != "whole")
+    for how, model in [("whole", frontend.load(str(folder))), ("streamed", frontend.load(str(folder), lazy=True))]:
         if how == "streamed":
             assert not spilled  # the whole-model tune keeps its activations in memory
             watch = LoadWatch(monkeypatch)
-        monkeypatch.setattr(streaming, "codes_fit", lambda parameters: how != "handed back")
         opts = CompileOptions(passes=spec, calib_windows=4, calib_len=64, log=logs[how].append, progress=False)
         compile_model(model, tmp_path / how, opts)
     assert len(spilled) > 50 and max(len(layers) for layers in watch.layers_alive) == 1
-    tuned = [line for line in logs["whole"] if line.startswith("tune:")]
+    tuned = [line for line in logs["streamed"] if line.startswith("tune:")]
+    assert tuned == [line for line in logs["whole"] if line.startswith("tune:")]
     before, after = map(float, re.search(r"loss (\S+) -> (\S+)$", tuned[0]).groups())
     assert after < 0.9 * before
     w1, g1 = artifact_of(tmp_path / "whole")
-    for how in ("streamed", "handed back"):
-        assert [line for line in logs[how] if line.startswith("tune:")] == tuned
-        w2, g2 = artifact_of(tmp_path / how)
-        assert g1 == g2 and sorted(w1) == sorted(w2)
-        for name in w1:
-            assert torch.equal(w1[name], w2[name]), (how, name)
+    w2, g2 = artifact_of(tmp_path / "streamed")
+    assert g1 == g2 and sorted(w1) == sorted(w2)
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
 
 
 @pytest.mark.parametrize("args, says", [
@@ -315,26 +310,6 @@ def test_memory_estimate_counts_the_learned_allocation():
     vocab = peak(vocab=500_000)  # float32 table, gradient and sums; tied: the output layer's gradient read back too
     assert "logits" in vocab and vocab["embeddings, gradients and sums"] == 3 * 4 * 500_000 * 256
     assert peak(vocab=500_000, tie=True)["embeddings, gradients and sums"] == 4 * 4 * 500_000 * 256
-
-
-def test_max_memory_holds_the_codes_in_tuning_only_when_they_fit(tmp_path):
-    """A streamed tune pass may hold every matrix's codes (a byte per weight) instead of reading them from the
-    scratch file at each build: --max-memory allows it when the estimate with them fits, and still admits the compile
-    without them when only that fits."""
-    cfg = synthetic.llama_config(layers=40, hidden=64, intermediate=128, vocab=300, heads=4, kv_heads=2)
-    folder = tmp_path / "hf"
-    synthetic.write_llama(folder, cfg)
-    passes = build_passes(default_pipeline(CompileOptions(bits=3, method="gptq", tune_steps=8)))
-    held = streaming.estimate_folder(folder, 4, 64, passes, hold_codes=True)
-    plain = streaming.estimate_folder(folder, 4, 64, passes)
-    weights = sum(torch.Size(v).numel() for v in synthetic.llama_shapes(cfg).values() if len(v) == 2)
-    assert held["codes held in memory"] == weights and "codes held in memory" not in plain
-    assert sum(held.values()) > sum(plain.values())
-    check = lambda limit: streaming.check_memory(folder, passes, limit, 4, 64, None)  # noqa: E731
-    assert check(sum(held.values())) == (sum(held.values()), True)
-    assert check(sum(held.values()) - 1) == (sum(plain.values()), False)
-    with pytest.raises(streaming.PassError, match="needs about"):
-        check(sum(plain.values()) - 1)
 
 
 @pytest.mark.slow

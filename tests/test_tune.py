@@ -455,31 +455,3 @@ def test_spilled_activations_give_the_same_gradients_and_leave_memory(tmp_path, 
     # output (pow's input); spilling every saved view on its own would write h twice
     assert sorted(saved) == sorted([4 * 16 * 32, 48 * 32, 4 * 16 * 48, 4 * 16 * 48, 24 * 48, 4 * 16 * 24])
     assert set(spill_mod._maps) <= before  # every spilled activation was read and unmapped with the step
-
-
-def test_codes_in_the_scratch_file_stay_resident_only_when_held(tmp_path):
-    """A streamed compile's codes wait in the scratch file. Handed back (the default), a build reads them and returns
-    their pages, so tuning holds no model-sized memory; held (`hold_codes`, when the driver found room), they stay
-    resident after the first build and later builds do not read the file again. The matrix is the same either way."""
-    from xbitc.spill import Spill, page_out
-
-    def file_resident():  # bytes of file-backed pages this process maps
-        return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("RssFile:"))
-
-    g = torch.Generator().manual_seed(0)
-    q = rtn_any(torch.randn(1024, 4096, generator=g), np.full(4096, 3), 128)  # one segment: 4 MB of codes
-    expect = q.dequantize()
-    assert torch.equal(TunableScales(q).weight(), expect)  # the build's code pages (torch's own) read in once
-    spill = Spill(tmp_path)
-    rise = {}
-    for hold in (False, True):
-        stored = spill.quantized(q)
-        for a in stored.codes:
-            page_out(a)  # nothing of the codes resident before the build
-        t = TunableScales(stored, hold_codes=hold)
-        before = file_resident()
-        assert torch.equal(t.weight(), expect)
-        rise[hold] = file_resident() - before
-    codes = sum(a.nbytes for a in q.codes)
-    assert rise[False] < 0.05 * codes and rise[True] > 0.9 * codes, (rise, codes)
-    spill.close()

@@ -231,12 +231,9 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
         raise PassError(f"--calib-windows {opts.calib_windows} is fewer than the {n} processes of this run, and each "
                         f"needs a calibration window; give --calib-windows {n} or more, or start fewer processes")
     check_calib_file(opts)
-    hold_codes = None
     if opts.max_memory is not None:
-        need, hold_codes = streaming.check_memory(source, passes, opts.max_memory, opts.calib_windows, opts.calib_len,
-                                                  opts.calib)
-        opts.log(f"memory: about {streaming.gb(need)} estimated at the peak, within --max-memory "
-                 f"{streaming.gb(opts.max_memory)}")
+        need = streaming.check_memory(source, passes, opts.max_memory, opts.calib_windows, opts.calib_len, opts.calib)
+        opts.log(f"memory: about {streaming.gb(need)} estimated at the peak, within --max-memory {streaming.gb(opts.max_memory)}")
     distributed.barrier()  # every process passed the checks (one that failed ends the others here)
     # a Hugging Face folder's weights stay in their files through tracing (--calib self runs the float model: eager)
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(
@@ -257,8 +254,6 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
     ctx.stats["progress"] = opts.progress
     ctx.stats["backend"] = backend.name
     ctx.stats["scratch"] = artifact.scratch_folder(out) if main else None  # spilled work beside the output (a disk)
-    # a streamed tune pass holds its codes when they fit (else it reads them back from the scratch file at each use)
-    ctx.stats["hold_codes"] = hold_codes if hold_codes is not None else streaming.codes_fit(model.param_count)
     ctx.stats["emitted"] = backend.emitted(graph)  # e.g. kernel objects: the size planners count them too
     if needs_calib:
         ctx.calib_inputs = calib_inputs if calib_inputs is not None else calibration_inputs(model, opts)

@@ -18,7 +18,6 @@ block boundary and their activations inside the block. The finished weights wait
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -147,9 +146,6 @@ LOGITS_VALUES = 5
 # matrix, a step's float32 build (codes widened, the product, the matrix) and in backward its gradient and rebuild
 TUNE_GROUP_BYTES = 30
 TUNE_MATRIX_BYTES = 16
-# Without --max-memory the tune pass holds the codes in memory (one byte per weight, instead of reading them back from
-# the scratch file at every build) when they take at most this share of the memory available as the compile starts
-HOLD_CODES_SHARE = 0.25
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
           "GIB": 1 << 30, "TIB": 1 << 40}
 _LAYER_KEY = re.compile(r"^(.*?)\.(\d+)\.")
@@ -169,7 +165,7 @@ def gb(n: int) -> str:
 
 def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len: int, heads: int,
                   sensitivity_batches: int = 0, group_options: int = 4,
-                  tune_group: int | None = None, hold_codes: bool = False) -> dict[str, int]:
+                  tune_group: int | None = None) -> dict[str, int]:
     """Bytes the block-wise compile holds at its peak, by part: the fixed overhead and the parts of its largest phase.
     Quantizing a layer holds the layer's float32 weights, GPTQ's work on the widest linear input (12 bytes per Hessian
     entry: the float32 Hessian and the float64 matrix its inverse Cholesky factor is computed in, in place; or, while
@@ -190,10 +186,9 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
     group's state (TUNE_GROUP_BYTES), one step's build of the largest matrix and its gradient (TUNE_MATRIX_BYTES an
     element) and a window's logits with the held-out windows' reference logits; the activations its backward reads
     wait in the scratch file. The scale state grows with the model: it is the tuned compile's memory that depth
-    costs. With `hold_codes` the tune phase also holds every matrix's codes (a byte per weight) rather than reading
-    them back from the scratch file at each build."""
+    costs."""
     layers: dict[str, int] = {}
-    width = table = columns = matrix = groups = weights_2d = 0
+    width = table = columns = matrix = groups = 0
     tables: dict[tuple, int] = {}  # outside the layers: 2-D shapes and how many tensors have each
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
@@ -201,7 +196,6 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
             layers[m.group(0)] = layers.get(m.group(0), 0) + 4 * w.numel()
         if w.dim() == 2:
             columns += int(w.shape[1])
-            weights_2d += w.numel()
             matrix = max(matrix, w.numel())
             groups += int(w.shape[0]) * (-(-int(w.shape[1]) // tune_group) if tune_group else 1)
             if m:
@@ -234,13 +228,10 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
         phases["tune"] = {"scales and their optimizer state": TUNE_GROUP_BYTES * groups,
                           "largest matrix built and its gradient": TUNE_MATRIX_BYTES * matrix,
                           "logits": 4 * (LOGITS_VALUES + 2) * window_len * (vocab if table else width)}
-        if hold_codes:
-            phases["tune"]["codes held in memory"] = weights_2d
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
-def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = (),
-                    hold_codes: bool = False) -> dict[str, int]:
+def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = ()) -> dict[str, int]:
     """estimate_peak of the Hugging Face folder `folder` compiled block-wise by `passes` (the learned allocation's
     sensitivities and solve counted when an `allocate` pass is among them)."""
     config = json.loads((Path(folder) / "config.json").read_text())
@@ -255,13 +246,12 @@ def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = 
             sizes = list(PLAN_GROUPS) if plan.group is None else [plan.group]
         extra["tune_group"] = min((g for g in sizes if g > 0), default=0)
     return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)),
-                         hold_codes=hold_codes and "tune_group" in extra, **extra)
+                         **extra)
 
 
-def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int,
-                 calib: str | None) -> tuple[int, bool]:
+def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
     """Refuse, before any work, a --max-memory compile the block-wise path cannot serve or whose estimated peak is
-    over `limit`; returns the estimate and whether the tune pass may hold the codes in memory within `limit`."""
+    over `limit`; returns the estimate."""
     size = gb(limit)
     if not streams(passes):
         raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves the GPTQ pipelines: give "
@@ -274,34 +264,10 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     if calib == "self":
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
-    held = sum(estimate_folder(folder, windows, window_len, passes, hold_codes=True).values())
-    if held <= limit:
-        return held, True
     parts = estimate_folder(folder, windows, window_len, passes)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
         raise PassError(f"--max-memory {size}: compiling {folder} block by block needs about {gb(need)} ({detail}); "
                         f"give --max-memory {gb(need)} or more, or fewer --calib-windows / a shorter --calib-len")
-    return need, False
-
-
-def codes_fit(parameters: int) -> bool:
-    """Without --max-memory: whether a byte per parameter (the codes the tune pass would otherwise read back from the
-    scratch file at every build) is within HOLD_CODES_SHARE of the memory available now."""
-    return parameters <= HOLD_CODES_SHARE * available_memory()
-
-
-def available_memory() -> int:
-    """Bytes the system could give this process now (MemAvailable: free plus reclaimable cache), 0 if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages only: smaller, still safe
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return need

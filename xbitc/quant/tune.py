@@ -34,10 +34,9 @@ SPILL_BYTES = 64 << 10  # smaller saved tensors stay in memory: a map of each wo
 class _Segment:
     """One stored segment: its codes (the matrix's own uint8 array, not copied) and zero points, and the scales."""
 
-    def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales, hold: bool):
+    def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
         self.index, self.start, self.ncols, self.group = index, start, ncols, group
-        self.stored_codes = codes  # maybe in a scratch file (xbitc.spill): handed back after each read unless held
-        self.hold = hold
+        self.stored_codes = codes  # maybe in a scratch file (xbitc.spill): handed back after each read
         self.codes = torch.from_numpy(codes)  # [out, ncols] uint8
         # row-major whatever the arrays' order (GPTQ writes them transposed): the build's views depend on it
         self.zeros = torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32))  # [out, ngroups]
@@ -46,11 +45,6 @@ class _Segment:
 
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
         return self.base * torch.exp(log_scale)
-
-    def read(self) -> None:
-        """A build has read the codes: hand their pages back to the scratch file, unless they are to stay."""
-        if not self.hold:
-            page_out(self.stored_codes)
 
     def grouped(self, t: torch.Tensor) -> torch.Tensor:
         """[out, ncols] -> [out, ngroups, group] float32, zero padded to whole groups."""
@@ -76,7 +70,7 @@ class _Build(torch.autograd.Function):
             # codes * s - zero * s in one pass over the codes; the padding past ncols is cut off
             ws = torch.addcmul((-seg.zeros * s)[:, :, None], seg.grouped(seg.codes), s[:, :, None])
             w[:, seg.start : seg.start + seg.ncols] = ws.reshape(out, -1)[:, : seg.ncols]
-            seg.read()
+            page_out(seg.stored_codes)
         ctx.save_for_backward(*log_scales)
         return w.index_select(1, tuner.inverse) if in_order and tuner.inverse is not None else w
 
@@ -91,23 +85,20 @@ class _Build(torch.autograd.Function):
             # d loss / d scale = sum over the group of g * (code - zero) = sum(g * code) - zero * sum(g)
             grad_s = torch.linalg.vecdot(g, seg.grouped(seg.codes)) - seg.zeros * g.sum(2)
             grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
-            seg.read()
+            page_out(seg.stored_codes)
         return (None, None, *grads)
 
 
 class TunableScales:
-    """`hold_codes`: codes that lie in a scratch file (a streamed compile) stay resident once read, a byte per weight,
-    instead of being handed back after every build and read from the file again at the next."""
-
-    def __init__(self, q: QuantizedMatrix, hold_codes: bool = False):
+    def __init__(self, q: QuantizedMatrix):
         self.q = q
         self.segments = [
-            _Segment(k, seg.start, seg.ncols, seg.group_size, codes, zeros, scales, hold_codes)
+            _Segment(k, seg.start, seg.ncols, seg.group_size, codes, zeros, scales)
             for k, (seg, codes, scales, zeros) in enumerate(zip(q.segments, q.codes, q.scales, q.zeros))
             if seg.bits
         ]
         self.dropped = [seg for seg in q.segments if not seg.bits]
-        for a in [*q.scales, *q.zeros, *([] if hold_codes else q.codes)]:  # copied above, or read at each build
+        for a in [*q.codes, *q.scales, *q.zeros]:  # copied above, or read again at each build
             page_out(a)
         # stored column j holds original column columns[j]; inverse[i] is the stored column of original column i
         cols = np.arange(q.shape[1]) if q.perm is None else np.asarray(q.perm, dtype=np.int64)
