@@ -154,6 +154,7 @@ def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool)
     cands.sort(key=lambda c: -c[0])
     depths = {t.name: np.asarray(plan[t.name]["bits"]).copy() for t in costs}
     counts = {n: np.bincount(d, minlength=9) for n, d in depths.items()}
+    sizes: dict[str, int] = {}  # each tensor's bytes at its current counts, once measured
     start = slack
     for _, ti, j in cands:
         if slack <= 0:
@@ -163,12 +164,15 @@ def top_up(costs, plan: dict, graph: Graph, slack: float, permute_uniform: bool)
         d = depths[t.name][j]
         if d >= 8:
             continue
-        before = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform)
+        if t.name not in sizes:
+            sizes[t.name] = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform)
         counts[t.name][d] -= 1
         counts[t.name][d + 1] += 1
-        delta = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform) - before
+        after = _tensor_bytes(t.shape, counts[t.name], group, permute_uniform)
+        delta = after - sizes[t.name]
         if delta <= slack:
             depths[t.name][j] = d + 1
+            sizes[t.name] = after
             slack -= delta
         else:
             counts[t.name][d] += 1

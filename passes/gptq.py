@@ -105,15 +105,20 @@ def rtn_rest(graph: Graph, names: list[str], plan: dict, clip: bool, bar: tqdm) 
 
 def _hessian(inputs: list[torch.Tensor], width: int) -> torch.Tensor:
     """H = 2/N sum x x^T over the tokens of every rank's batches: float32 products per batch, summed in float64.
-    Each product is made and added a block of rows at a time, so no [width, width] temporary exists beside the sum
-    (adding a float32 matrix to a float64 one makes a float64 copy of it first)."""
+    H is symmetric, so only the blocks on and above the diagonal are multiplied (58-70% of the products for this
+    project's widths) and the rest mirrored once at the end. Each product is made and added a block of rows at a
+    time, so no [width, width] temporary exists beside the sum (adding a float32 matrix to a float64 one makes a
+    float64 copy of it first)."""
     hessian = torch.zeros(width, width, dtype=torch.float64)
     tokens = 0
     for x in inputs:
         x = x.reshape(-1, x.shape[-1]).float()
         for r0 in range(0, width, BLOCK_ROWS):
-            hessian[r0:r0 + BLOCK_ROWS] += x[:, r0:r0 + BLOCK_ROWS].T @ x
+            r1 = min(r0 + BLOCK_ROWS, width)
+            hessian[r0:r1, r0:] += x[:, r0:r1].T @ x[:, r0:]
         tokens += x.shape[0]
+    for r0 in range(BLOCK_ROWS, width, BLOCK_ROWS):  # the lower blocks from the upper ones
+        hessian[r0:r0 + BLOCK_ROWS, :r0] = hessian[:r0, r0:r0 + BLOCK_ROWS].T
     distributed.all_reduce_sum(hessian)
     hessian *= 2.0 / distributed.sum_over_ranks(tokens)
     return hessian

@@ -5,9 +5,10 @@ The scale is parametrised multiplicatively, s = s0 * exp(t) with t starting at 0
 the same relative change for a 1e-4 scale as for a 1e-1 one, and s can never change sign. `commit` rounds the result
 to float16, the format the artifact stores.
 
-The float matrix is built by a custom autograd function that saves nothing: its backward recomputes the per-group
-sums from the matrix's own codes. Letting autograd record the product instead would keep a float32 copy of
-every code (and a full-size copy of the repeated scales) per step, the largest memory of the whole compile.
+The float matrix is built by a custom autograd function that saves nothing: its backward rebuilds the matrix from
+its own codes (d loss / d t is the group's sum of gradient times weight). Letting autograd record the product
+instead would keep a float32 copy of every code (and a full-size copy of the repeated scales) per step, the largest
+memory of the whole compile.
 For the same reason `rebuilt_when_saved` stops the layers that use the matrix from keeping it for their backward:
 what autograd saves is a note to rebuild it from the codes (the scales do not move between a forward and its
 backward), so one float32 matrix is alive at a time instead of the whole model's.
@@ -46,11 +47,23 @@ class _Segment:
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
         return self.base * torch.exp(log_scale)
 
-    def grouped(self, t: torch.Tensor) -> torch.Tensor:
-        """[out, ncols] -> [out, ngroups, group] float32, zero padded to whole groups."""
-        out, ngroups = self.zeros.shape
-        pad = ngroups * self.group - self.ncols
-        return (torch.nn.functional.pad(t, (0, pad)) if pad else t).float().reshape(out, ngroups, self.group)
+    def by_group(self, t: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+        """Views of t ([out, ncols]) as [out, groups, width]: its whole groups, then its partial last group if any,
+        each with the slice of group indices it covers. Views, so the build writes into the matrix in place."""
+        whole = self.ncols // self.group
+        end = whole * self.group
+        views = [(t[:, :end].unflatten(1, (whole, self.group)), slice(0, whole))] if whole else []
+        if end < self.ncols:
+            views.append((t[:, end:].unsqueeze(1), slice(whole, whole + 1)))
+        return views
+
+    def build_into(self, w: torch.Tensor, scales: torch.Tensor) -> None:
+        """w ([out, ncols], a view of the matrix) = (codes - zero) * scale, in place: no temporary the size of the
+        matrix, and one rounding per weight ((codes - zero) is exact in float32)."""
+        for (wv, groups), (cv, _) in zip(self.by_group(w), self.by_group(self.codes)):
+            wv.copy_(cv)
+            wv.sub_(self.zeros[:, groups, None])
+            wv.mul_(scales[:, groups, None])
 
 
 class _Build(torch.autograd.Function):
@@ -61,16 +74,7 @@ class _Build(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tuner: "TunableScales", in_order: bool, *log_scales: torch.Tensor) -> torch.Tensor:
         ctx.tuner, ctx.in_order = tuner, in_order
-        out, inp = tuner.q.shape
-        w = torch.empty(out, inp)
-        for seg in tuner.dropped:  # dropped columns are 0
-            w[:, seg.start : seg.stop] = 0
-        for seg, t in zip(tuner.segments, log_scales):
-            s = seg.scales(t)
-            # codes * s - zero * s in one pass over the codes; the padding past ncols is cut off
-            ws = torch.addcmul((-seg.zeros * s)[:, :, None], seg.grouped(seg.codes), s[:, :, None])
-            w[:, seg.start : seg.start + seg.ncols] = ws.reshape(out, -1)[:, : seg.ncols]
-            page_out(seg.stored_codes)
+        w = tuner.built(log_scales)
         ctx.save_for_backward(*log_scales)
         return w.index_select(1, tuner.inverse) if in_order and tuner.inverse is not None else w
 
@@ -79,13 +83,15 @@ class _Build(torch.autograd.Function):
         tuner = ctx.tuner
         if ctx.in_order and tuner.inverse is not None:
             grad_w = grad_w.index_select(1, tuner.columns)  # to stored order
+        # w = (code - zero) * s0 * exp(t), so d loss / d t = sum over the group of grad * w
+        w = tuner.built(ctx.saved_tensors)
         grads = []
-        for seg, t in zip(tuner.segments, ctx.saved_tensors):
-            g = seg.grouped(grad_w[:, seg.start : seg.start + seg.ncols])  # padding columns: gradient 0
-            # d loss / d scale = sum over the group of g * (code - zero) = sum(g * code) - zero * sum(g)
-            grad_s = torch.linalg.vecdot(g, seg.grouped(seg.codes)) - seg.zeros * g.sum(2)
-            grads.append(grad_s * seg.scales(t))  # chain rule through s = s0 * exp(t)
-            page_out(seg.stored_codes)
+        for seg in tuner.segments:
+            cols = slice(seg.start, seg.start + seg.ncols)
+            grad_t = torch.empty_like(seg.log_scale)
+            for (gv, groups), (wv, _) in zip(seg.by_group(grad_w[:, cols]), seg.by_group(w[:, cols])):
+                grad_t[:, groups] = torch.linalg.vecdot(gv, wv)
+            grads.append(grad_t)
         return (None, None, *grads)
 
 
@@ -105,6 +111,17 @@ class TunableScales:
         self.columns = torch.from_numpy(cols.astype(np.int64))
         identity = q.perm is None or np.array_equal(cols, np.arange(q.shape[1]))
         self.inverse = None if identity else torch.from_numpy(np.argsort(cols))
+
+    def built(self, log_scales) -> torch.Tensor:
+        """The [out, in] float32 matrix at these log-scales, in stored column order (not differentiable)."""
+        out, inp = self.q.shape
+        w = torch.empty(out, inp)
+        for seg in self.dropped:  # dropped columns are 0
+            w[:, seg.start : seg.stop] = 0
+        for seg, t in zip(self.segments, log_scales):
+            seg.build_into(w[:, seg.start : seg.start + seg.ncols], seg.scales(t.detach()))
+            page_out(seg.stored_codes)
+        return w
 
     def parameters(self) -> list[torch.Tensor]:
         return [seg.log_scale for seg in self.segments]
