@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
@@ -40,8 +41,8 @@ from xbitc.ir.interp import Interpreter
 from xbitc.objectives import default_objective, resolve_objective, task_loss
 from xbitc.quant.format import QuantizedMatrix
 from xbitc.quant.packed import PackedMatrix
-from xbitc.quant.tune import SPILL_BYTES, TunableScales, rebuilt_when_saved
-from xbitc.spill import Spill
+from xbitc.quant.tune import SPILL_BYTES, ScaleAdam, TunableScales, rebuilt_when_saved
+from xbitc.spill import Spill, page_out
 
 from .base import Pass, PassContext, PassError, option
 from .pack import stored_dtype
@@ -81,35 +82,14 @@ class Tune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if any(isinstance(v, PackedMatrix) for v in graph.params.values()):
             raise PassError("tune must run before pack (it trains the scales of quantized, not yet packed, weights)")
-        tuners = {n: TunableScales(v) for n, v in graph.params.items() if isinstance(v, QuantizedMatrix)}
+        quantized = {n: v for n, v in graph.params.items() if isinstance(v, QuantizedMatrix)}
         originals = ctx.stats.pop(FLOAT_PARAMS, None)  # this pass is their only reader
-        if self.steps == 0 or not tuners:
+        if self.steps == 0 or not quantized:
             return graph
         if not ctx.calib_inputs:
             raise PassError("tune needs calibration inputs (--calib FILE or --calib self)")
-        if not originals or not set(tuners) <= set(originals):
+        if not originals or not set(quantized) <= set(originals):
             raise PassError("tune needs the float weights quantize replaced; run it right after quantize")
-        objective = resolve_objective(default_objective(self.objective, graph.meta.get("kind")))
-        kinds = graph.meta.get("param_kinds", {})
-        floats = {
-            n: t.detach().float().clone().requires_grad_(True)
-            for n, t in graph.params.items()
-            if self.norms and isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 1
-            and kinds.get(n, "parameter") == "parameter"
-        }
-        scale_params = [p for t in tuners.values() for p in t.parameters()]
-        if not scale_params:  # every column dropped: nothing to tune
-            return graph
-        # weights still in their files (a model larger than memory, xbitc.streaming): the reference reads them at
-        # each use, and the activations autograd keeps for each step's backward wait in a scratch file
-        streamed = any(isinstance(v, LazyWeight) for v in originals.values())
-        reference = Interpreter(graph, weights=_OnRead({n: _reader(originals[n]) for n in tuners}))
-        tuned = Interpreter(graph, grad=True, weights=_OnRead({n: t.weight_as_stored for n, t in tuners.items()}))
-        groups = [{"params": scale_params, "lr": self.lr}]
-        if floats:
-            groups.append({"params": list(floats.values()), "lr": self.lr / 2})
-        opt = torch.optim.Adam(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
         batches = ctx.calib_inputs
         check = batches[:CHECK_BATCHES]
         held_out = len(batches) > 2 * CHECK_BATCHES
@@ -122,7 +102,26 @@ class Tune(Pass):
                         "training windows, so nothing could judge the tuning (the calibration text is too short for "
                         "the windows asked for; give a longer --calib file)")
                 return graph
-
+        # weights still in their files (a model larger than memory, xbitc.streaming): the reference reads them at
+        # each use, the activations autograd keeps for each step's backward wait in a scratch file, and so does the
+        # scales' training state, a matrix's at a time in memory
+        streamed = any(isinstance(v, LazyWeight) for v in originals.values())
+        state = Spill(ctx.stats.get("scratch")) if streamed else None
+        tuners = {n: TunableScales(q, state) for n, q in quantized.items()}
+        objective = resolve_objective(default_objective(self.objective, graph.meta.get("kind")))
+        kinds = graph.meta.get("param_kinds", {})
+        floats = {
+            n: t.detach().float().clone().requires_grad_(True)
+            for n, t in graph.params.items()
+            if self.norms and isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 1
+            and kinds.get(n, "parameter") == "parameter"
+        }
+        if not any(t.parameters() for t in tuners.values()):  # every column dropped: nothing to tune
+            return graph
+        reference = Interpreter(graph, weights=_OnRead({n: _reader(originals[n]) for n in tuners}))
+        tuned = Interpreter(graph, grad=True, weights=_OnRead({n: t.weight_as_stored for n, t in tuners.items()}))
+        scales_opt = ScaleAdam(tuners.values(), self.lr)
+        floats_opt = torch.optim.Adam(floats.values(), lr=self.lr / 2) if floats else None
         dtype = stored_dtype(graph)
 
         def install(stored: bool = False) -> None:
@@ -146,7 +145,8 @@ class Tune(Pass):
                 tuned.grad = True
 
         def snapshot() -> dict:
-            return {"scales": {n: [s.copy() for s in graph.params[n].scales] for n in tuners},
+            keep = np.copy if state is None else _kept_in(state)
+            return {"scales": {n: [keep(s) for s in graph.params[n].scales] for n in tuners},
                     "floats": {n: p.detach().to(dtype) for n, p in floats.items()}}
 
         before = check_loss()
@@ -163,7 +163,9 @@ class Tune(Pass):
                 with torch.no_grad():
                     ref = reference.run(*batch)
                 install()
-                opt.zero_grad(set_to_none=True)
+                scales_opt.zero_grad()
+                if floats_opt is not None:
+                    floats_opt.zero_grad(set_to_none=True)
                 spill = Spill(ctx.stats.get("scratch")) if streamed else None
                 with rebuilt_when_saved(spill):  # layers keep a note to rebuild their weight, not the float32 matrix
                     loss = task_loss(objective, tuned.run(*batch), ref, batch)
@@ -172,8 +174,12 @@ class Tune(Pass):
                 if spill is not None:
                     spill.close()  # the step's activations are read and gone: the file goes with its last map
                     heap.release()  # and what held them goes back to the system, not into the next step's peak
-                opt.step()
-                sched.step()
+                decay = 0.5 * (1 + math.cos(math.pi * step / self.steps))  # the rate's cosine to 0 over the steps
+                scales_opt.step(lr_factor=decay)
+                if floats_opt is not None:
+                    for group in floats_opt.param_groups:
+                        group["lr"] = self.lr / 2 * decay
+                    floats_opt.step()
                 last = float(loss.detach())
                 steps_run = step + 1
                 if steps_run % every and steps_run != self.steps:
@@ -193,6 +199,8 @@ class Tune(Pass):
         if kept:
             for n, p in best["floats"].items():
                 graph.params[n] = p.to(graph.params[n].dtype)
+        if state is not None:
+            state.close()  # the state's maps keep what they hold (the best scales among it) until they are gone
         distributed.sync_from_main([s for n in sorted(tuners) for s in graph.params[n].scales]
                                    + [graph.params[n] for n in sorted(floats)])
         after = best_loss
@@ -203,6 +211,14 @@ class Tune(Pass):
         ctx.log(f"tune: {steps_run} of {self.steps} steps, {where} loss {before:.4f} -> {after:.4f}"
                 + ("" if kept else " (not better: untuned scales kept)"))
         return graph
+
+
+def _kept_in(spill: Spill) -> Callable[[np.ndarray], np.ndarray]:
+    def keep(a: np.ndarray) -> np.ndarray:
+        kept = spill.array(a)
+        page_out(kept)
+        return kept
+    return keep
 
 
 def _reader(original: torch.Tensor | LazyWeight) -> Callable[[], torch.Tensor]:

@@ -455,3 +455,60 @@ def test_spilled_activations_give_the_same_gradients_and_leave_memory(tmp_path, 
     # output (pow's input); spilling every saved view on its own would write h twice
     assert sorted(saved) == sorted([4 * 16 * 32, 48 * 32, 4 * 16 * 48, 4 * 16 * 48, 24 * 48, 4 * 16 * 24])
     assert set(spill_mod._maps) <= before  # every spilled activation was read and unmapped with the step
+
+
+def test_scale_adam_is_torch_adam_and_its_state_waits_in_the_scratch_file(tmp_path):
+    """ScaleAdam steps a matrix at a time: each log-scale moves exactly as under one torch Adam over all of them with
+    the cosine schedule (the tune pass's arithmetic before it), whether the training state is in memory or in a
+    scratch file; in the scratch file, none of the state is resident after a step or a commit."""
+    from xbitc.quant.tune import ScaleAdam
+    from xbitc.spill import Spill
+
+    def file_resident():  # bytes of file-backed pages this process maps
+        return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("RssFile:"))
+
+    g = torch.Generator().manual_seed(0)
+    depths = [torch.randint(0, 9, (256,), generator=g).numpy() for _ in range(3)]
+    matrices = [rtn_any(torch.randn(512, 256, generator=g), d, 16) for d in depths]
+    depths[1][:] = 0  # one matrix with every column dropped: nothing of it to train
+    matrices[1] = rtn_any(torch.randn(512, 256, generator=g), depths[1], 16)
+    probes = [[torch.randn(512, 256, generator=g) for _ in matrices] for _ in range(5)]
+    steps, lr = len(probes), 0.01
+    runs = {}
+    for how in ("torch", "memory", "scratch"):
+        spill = Spill(tmp_path) if how == "scratch" else None
+        # a streamed compile's matrices wait in the scratch file too (xbitc.streaming)
+        tuners = [TunableScales(spill.quantized(q) if spill else copy.deepcopy(q), spill) for q in matrices]
+        params = [p for t in tuners for p in t.parameters()]
+        if how == "torch":
+            opt = torch.optim.Adam(params, lr=lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        else:
+            opt = ScaleAdam(tuners, lr)
+        state_bytes = sum(a.nbytes for t in tuners for seg in t.segments for a in seg.arrays)
+        before = file_resident()
+        for step, probe in enumerate(probes):
+            opt.zero_grad(**({"set_to_none": True} if how == "torch" else {}))
+            sum((t.weight() * p).sum() for t, p in zip(tuners, probe)).backward()
+            if how == "torch":
+                opt.step()
+                sched.step()
+            else:
+                opt.step(lr_factor=0.5 * (1 + math.cos(math.pi * step / steps)))
+            if how == "scratch":
+                assert file_resident() - before < 0.05 * state_bytes
+        for t in tuners:
+            t.commit()
+        if how == "scratch":
+            assert file_resident() - before < 0.05 * state_bytes
+            assert all(spill_holds(a) for t in tuners for a in t.q.scales)  # committed in place, in the file
+        runs[how] = [s.copy() for t in tuners for s in t.q.scales]
+    assert any(not np.array_equal(a, b) for a, b in zip(runs["torch"], [s for q in matrices for s in q.scales]))
+    for how in ("memory", "scratch"):
+        assert all(np.array_equal(a, b) for a, b in zip(runs["torch"], runs[how])), how
+
+
+def spill_holds(a: np.ndarray) -> bool:
+    from xbitc.spill import in_scratch
+
+    return a.size == 0 or in_scratch(a)

@@ -33,16 +33,26 @@ SPILL_BYTES = 64 << 10  # smaller saved tensors stay in memory: a map of each wo
 
 
 class _Segment:
-    """One stored segment: its codes (the matrix's own uint8 array, not copied) and zero points, and the scales."""
+    """One stored segment: its codes (the matrix's own uint8 array, not copied) and zero points, and the scales with
+    their training state (log-scale, gradient, Adam's two moments), all [out, ngroups] float32 arrays placed by
+    `place` (in memory, or in a scratch file for a model larger than memory)."""
 
-    def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales):
+    def __init__(self, index: int, start: int, ncols: int, group: int, codes, zeros, scales, place):
         self.index, self.start, self.ncols, self.group = index, start, ncols, group
         self.stored_codes = codes  # maybe in a scratch file (xbitc.spill): handed back after each read
         self.codes = torch.from_numpy(codes)  # [out, ncols] uint8
         # row-major whatever the arrays' order (GPTQ writes them transposed): the build's views depend on it
-        self.zeros = torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32))  # [out, ngroups]
-        self.base = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
-        self.log_scale = torch.zeros(scales.shape, requires_grad=True)
+        self.arrays = [place(np.ascontiguousarray(a, dtype=np.float32)) for a in (zeros, scales)]
+        self.arrays += [place(np.zeros(scales.shape, np.float32)) for _ in range(4)]
+        self.zeros, self.base, self.log_scale, grad, *moments = map(torch.from_numpy, self.arrays)
+        self.log_scale.requires_grad_(True)
+        self.log_scale.grad = grad  # accumulated into in place, so it stays where it was placed
+        self.moments = moments
+
+    def page_out(self) -> None:
+        """Hand back the pages of the codes and the state if they lie in a scratch file (else nothing)."""
+        for a in (self.stored_codes, *self.arrays):
+            page_out(a)
 
     def scales(self, log_scale: torch.Tensor) -> torch.Tensor:
         return self.base * torch.exp(log_scale)
@@ -96,21 +106,34 @@ class _Build(torch.autograd.Function):
 
 
 class TunableScales:
-    def __init__(self, q: QuantizedMatrix):
+    """A QuantizedMatrix's scales made trainable. With `spill`, the scales' training state waits in that scratch file
+    and is handed back after every use (a build, a gradient, an optimizer step): a model larger than memory then
+    holds one matrix's state at a time, not every group's (xbitc.streaming)."""
+
+    def __init__(self, q: QuantizedMatrix, spill: Spill | None = None):
         self.q = q
+        place = spill.array if spill is not None else (lambda a: a)
         self.segments = [
-            _Segment(k, seg.start, seg.ncols, seg.group_size, codes, zeros, scales)
+            _Segment(k, seg.start, seg.ncols, seg.group_size, codes, zeros, scales, place)
             for k, (seg, codes, scales, zeros) in enumerate(zip(q.segments, q.codes, q.scales, q.zeros))
             if seg.bits
         ]
         self.dropped = [seg for seg in q.segments if not seg.bits]
         for a in [*q.codes, *q.scales, *q.zeros]:  # copied above, or read again at each build
             page_out(a)
+        self.page_out()
+        if spill is not None:  # each gradient leaves memory once autograd has added to it
+            for seg in self.segments:
+                seg.log_scale.register_post_accumulate_grad_hook(lambda p, seg=seg: seg.page_out())
         # stored column j holds original column columns[j]; inverse[i] is the stored column of original column i
         cols = np.arange(q.shape[1]) if q.perm is None else np.asarray(q.perm, dtype=np.int64)
         self.columns = torch.from_numpy(cols.astype(np.int64))
         identity = q.perm is None or np.array_equal(cols, np.arange(q.shape[1]))
         self.inverse = None if identity else torch.from_numpy(np.argsort(cols))
+
+    def page_out(self) -> None:
+        for seg in self.segments:
+            seg.page_out()
 
     def built(self, log_scales) -> torch.Tensor:
         """The [out, in] float32 matrix at these log-scales, in stored column order (not differentiable)."""
@@ -120,7 +143,7 @@ class TunableScales:
             w[:, seg.start : seg.stop] = 0
         for seg, t in zip(self.segments, log_scales):
             seg.build_into(w[:, seg.start : seg.start + seg.ncols], seg.scales(t.detach()))
-            page_out(seg.stored_codes)
+            seg.page_out()
         return w
 
     def parameters(self) -> list[torch.Tensor]:
@@ -150,9 +173,46 @@ class TunableScales:
             s = seg.scales(seg.log_scale)
             # a diverged step keeps its start
             s = torch.where(torch.isfinite(s), s, seg.base).clamp(FP16_TINY, FP16_MAX)
-            self.q.scales[seg.index] = s.numpy().astype(np.float16)
-            seg.base.copy_(torch.from_numpy(self.q.scales[seg.index].astype(np.float32)))
+            stored = self.q.scales[seg.index]
+            if stored.flags.writeable:  # in place: in a scratch file, it stays there
+                stored[...] = s.numpy()
+            else:
+                self.q.scales[seg.index] = stored = s.numpy().astype(np.float16)
+            seg.base.copy_(torch.from_numpy(stored.astype(np.float32)))
             seg.log_scale.zero_()
+            page_out(stored)
+            seg.page_out()
+
+
+class ScaleAdam:
+    """Adam over every tuner's log-scales, stepped one matrix at a time so that each matrix's training state can
+    leave memory after its step (TunableScales' `spill`). Each parameter's arithmetic is torch's Adam's (on CPU it
+    updates one tensor at a time); the moments are the segments' own arrays and the gradients are zeroed in place."""
+
+    def __init__(self, tuners, lr: float):
+        self.lr = lr
+        self.steps = []
+        for tuner in tuners:
+            if not tuner.segments:  # every column dropped
+                continue
+            opt = torch.optim.Adam(tuner.parameters(), lr=lr, foreach=False)
+            for seg in tuner.segments:
+                opt.state[seg.log_scale] = {"step": torch.tensor(0.0), "exp_avg": seg.moments[0],
+                                            "exp_avg_sq": seg.moments[1]}
+            self.steps.append((opt, tuner))
+
+    def zero_grad(self) -> None:
+        for _, tuner in self.steps:
+            for seg in tuner.segments:
+                seg.log_scale.grad.zero_()
+                seg.page_out()
+
+    def step(self, lr_factor: float = 1.0) -> None:
+        for opt, tuner in self.steps:
+            for group in opt.param_groups:
+                group["lr"] = self.lr * lr_factor
+            opt.step()
+            tuner.page_out()
 
 
 class _Rebuild(NamedTuple):
