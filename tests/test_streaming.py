@@ -312,6 +312,20 @@ def test_memory_estimate_counts_the_learned_allocation():
     assert peak(vocab=500_000, tie=True)["embeddings, gradients and sums"] == 4 * 4 * 500_000 * 256
 
 
+def test_memory_estimate_of_tuning_does_not_grow_with_depth():
+    """A tuned compile holds one matrix's build, gradient and scale state; every other matrix's scale state waits in
+    the scratch file, so a deeper model costs disk, not memory."""
+    def peak(layers=2, vocab=1000, hidden=256):
+        cfg = synthetic.llama_config(layers=layers, hidden=hidden, intermediate=2 * hidden, vocab=vocab)
+        weights = {k: lazy.LazyWeight("x", k, s, torch.float16) for k, s in synthetic.llama_shapes(cfg).items()}
+        return streaming.estimate_peak(weights, 8, 64, 16, tune_group=64)
+
+    assert peak(layers=400) == peak()
+    tuned = peak(vocab=100_000)  # the output layer: the largest matrix, its build and gradient
+    assert tuned["largest matrix built and its gradient"] == streaming.TUNE_MATRIX_BYTES * 100_000 * 256
+    assert tuned["a matrix's scales and their optimizer state"] == streaming.TUNE_GROUP_BYTES * 100_000 * 256 // 64
+
+
 @pytest.mark.slow
 def test_max_memory_compiles_within(tmp_path, capsys):
     from xbitc.cli import main

@@ -141,9 +141,10 @@ COST_TABLE_BYTES = 96
 SOLVE_BYTES = 224
 SENSITIVITY_VALUES = 16
 LOGITS_VALUES = 5
-# The tune pass (passes/tune.py), per scale group: float32 zero point, start scale, log-scale, its gradient and two
-# Adam moments, and float16 scales as committed, at the start and at the best checkpoint; per element of the largest
-# matrix, a step's float32 build (codes widened, the product, the matrix) and in backward its gradient and rebuild
+# The tune pass (passes/tune.py), per scale group of the matrix in hand (every other matrix's wait in the scratch
+# file): float32 zero point, start scale, log-scale, its gradient and two Adam moments, and float16 scales as
+# committed, at the start and at the best checkpoint; per element of the largest matrix, a step's float32 build and in
+# backward its gradient and rebuild
 TUNE_GROUP_BYTES = 30
 TUNE_MATRIX_BYTES = 16
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
@@ -182,13 +183,12 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
     its temporaries. The tables are the one part that grows with depth: COST_TABLE_BYTES and SOLVE_BYTES per input
     column and group option.
 
-    With `tune_group` (the smallest scale group a tune pass may train; 0: one per row), tuning holds every scale
-    group's state (TUNE_GROUP_BYTES), one step's build of the largest matrix and its gradient (TUNE_MATRIX_BYTES an
-    element) and a window's logits with the held-out windows' reference logits; the activations its backward reads
-    wait in the scratch file. The scale state grows with the model: it is the tuned compile's memory that depth
-    costs."""
+    With `tune_group` (the smallest scale group a tune pass may train; 0: one per row), tuning holds one step's
+    build of the largest matrix and its gradient (TUNE_MATRIX_BYTES an element), that matrix's scale state
+    (TUNE_GROUP_BYTES a group) and a window's logits with the held-out windows' reference logits; the activations
+    its backward reads and every other matrix's scale state wait in the scratch file."""
     layers: dict[str, int] = {}
-    width = table = columns = matrix = groups = 0
+    width = table = columns = matrix = groups = 0  # groups: the most scale groups of one matrix
     tables: dict[tuple, int] = {}  # outside the layers: 2-D shapes and how many tensors have each
     for key, w in weights.items():
         m = _LAYER_KEY.match(key)
@@ -197,7 +197,7 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
         if w.dim() == 2:
             columns += int(w.shape[1])
             matrix = max(matrix, w.numel())
-            groups += int(w.shape[0]) * (-(-int(w.shape[1]) // tune_group) if tune_group else 1)
+            groups = max(groups, int(w.shape[0]) * (-(-int(w.shape[1]) // tune_group) if tune_group else 1))
             if m:
                 width = max(width, int(w.shape[1]))
             else:
@@ -225,7 +225,7 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
                 "logits": 4 * LOGITS_VALUES * window_len * vocab}
         phases["allocation solve"] = {"cost tables and the solver's copies": SOLVE_BYTES * group_options * columns}
     if tune_group is not None:
-        phases["tune"] = {"scales and their optimizer state": TUNE_GROUP_BYTES * groups,
+        phases["tune"] = {"a matrix's scales and their optimizer state": TUNE_GROUP_BYTES * groups,
                           "largest matrix built and its gradient": TUNE_MATRIX_BYTES * matrix,
                           "logits": 4 * (LOGITS_VALUES + 2) * window_len * (vocab if table else width)}
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
