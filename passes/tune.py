@@ -14,8 +14,9 @@ the steps soon fit the batches rather than the task, and further steps only cost
 
 On a model larger than memory (a folder's weights still in their files, xbitc.streaming) the steps are the same ops
 on the same values: the float reference reads each weight from its shard when a layer needs it, and the activations
-autograd keeps for a step's backward wait in a scratch file of their own (xbitc.quant.tune.rebuilt_when_saved), so
-memory holds the scales' training state, one matrix at a time and a window's logits, not the model.
+autograd keeps for a step's backward wait in a scratch file of their own (xbitc.quant.tune.rebuilt_when_saved), as
+does the scales' training state (TunableScales' spill, stepped a matrix at a time by ScaleAdam), so memory holds one
+matrix (its build, gradient and state) and a window's logits, not the model.
 
 Under torchrun every process runs the same steps: each step reads one calibration window and starts from the
 previous step's values, so the steps cannot be split without changing the result. The held-out batches are split
