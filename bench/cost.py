@@ -72,7 +72,7 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
                         2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
             args = [*PIPELINES[pipeline], "--calib-windows", "16", "--calib-len", "256"]
             passes = build_passes(default_pipeline(CompileOptions(method="gptq", **OPTIONS[pipeline])))
-            estimate = sum(streaming.estimate_folder(folder, 16, 256, passes).values())
+            estimate = sum(streaming.estimate_source(folder, 16, 256, passes).values())
             seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), *args])
             rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",
                          "shape (layers x hidden x ffn)": f"{layers} x {hidden} x {ffn}", "wall s": seconds,

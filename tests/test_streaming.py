@@ -233,6 +233,37 @@ def test_tuned_compile_streams_equals_eager(tmp_path, monkeypatch, tie):
         assert torch.equal(w1[name], w2[name]), name
 
 
+def test_a_gguf_file_streams_under_max_memory(tmp_path, capsys, monkeypatch):
+    """A GGUF file compiled with --max-memory is read lazily (each tensor dequantized when a block needs it, q and k
+    rows un-permuted as transformers' loader does) and quantized block by block: the artifact is the whole-model
+    compile's of the same file, bit for bit. Without --max-memory it loads whole (the faster path where it fits)."""
+    from xbitc.cli import main
+
+    cfg = synthetic.llama_config(layers=2, hidden=64, intermediate=128, vocab=300, heads=4, kv_heads=2)
+    file = tmp_path / "m.gguf"
+    expect = synthetic.write_llama_gguf(file, cfg)
+    loaded = frontend.load(str(file), lazy=True)
+    assert loaded.lazy is not None and sorted(loaded.lazy) == sorted(expect)
+    assert all(torch.equal(w.load(), expect[name]) for name, w in loaded.lazy.items())
+    eager = dict(frontend.load(str(file)).module.model.named_parameters())  # transformers' own GGUF loader
+    assert all(torch.equal(eager[name].detach(), value) for name, value in expect.items())
+
+    reads = []
+    real = lazy.GGUFWeight.load
+    monkeypatch.setattr(lazy.GGUFWeight, "load", lambda w: reads.append(w.key) or real(w))
+    args = ["--bits", "3", "--method", "gptq", "--calib-windows", "2", "--calib-len", "16"]
+    assert main(["compile", str(file), "-o", str(tmp_path / "whole"), *args]) == 0
+    assert not reads
+    assert main(["compile", str(file), "-o", str(tmp_path / "streamed"), *args, "--max-memory", "4GB"]) == 0
+    assert "within --max-memory 4.00 GB" in capsys.readouterr().out
+    assert sorted(set(reads)) == sorted(lazy.gguf_checkpoint(file))
+    w1, g1 = artifact_of(tmp_path / "whole")
+    w2, g2 = artifact_of(tmp_path / "streamed")
+    assert g1 == g2 and sorted(w1) == sorted(w2)
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+
+
 @pytest.mark.parametrize("args, says", [
     (["--bpw", "3.5", "--method", "rtn"], "give --method gptq"),
     (["--bits", "3"], "give --method gptq"),  # RTN

@@ -235,9 +235,12 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
         need = streaming.check_memory(source, passes, opts.max_memory, opts.calib_windows, opts.calib_len, opts.calib)
         opts.log(f"memory: about {streaming.gb(need)} estimated at the peak, within --max-memory {streaming.gb(opts.max_memory)}")
     distributed.barrier()  # every process passed the checks (one that failed ends the others here)
-    # a Hugging Face folder's weights stay in their files through tracing (--calib self runs the float model: eager)
+    # a Hugging Face folder's weights stay in their files through tracing (--calib self runs the float model: eager);
+    # a GGUF file's only under --max-memory: every read dequantizes, so where the model fits, whole is faster
+    gguf = str(source).endswith(".gguf")
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(
-        source, trust_pickle=opts.trust_pickle, inputs=opts.inputs, lazy=opts.calib != "self")
+        source, trust_pickle=opts.trust_pickle, inputs=opts.inputs,
+        lazy=opts.calib != "self" and (opts.max_memory is not None or not gguf))
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     calib_inputs = None
     if opts.calib and not needs_calib:

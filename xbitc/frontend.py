@@ -155,9 +155,9 @@ def _transformers():
 
 
 def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False) -> LoadedModel:
-    """A Hugging Face folder (or a GGUF file in it). With `lazy`, a safetensors checkpoint is not read: the model
-    is built with meta parameters and each graph parameter reads its tensor when asked (xbitc.lazy); the module
-    then cannot run. A folder the lazy path cannot map name for name loads eagerly."""
+    """A Hugging Face folder (or a GGUF file in it). With `lazy`, a safetensors checkpoint or the GGUF file is not
+    read: the model is built with meta parameters and each graph parameter reads its tensor when asked (xbitc.lazy);
+    the module then cannot run. A model the lazy path cannot map name for name loads eagerly."""
     tf = _transformers()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     bound = None
@@ -172,8 +172,8 @@ def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False)
             cls = getattr(tf, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
             if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
                 cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
-            if lazy and not gguf_file:
-                model, bound = _lazy_model(path, cls, config)
+            if lazy:
+                model, bound = _lazy_gguf_model(path / gguf_file, cls, config) if gguf_file else _lazy_model(path, cls, config)
             if bound is None:
                 model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kw)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -198,6 +198,35 @@ def _lazy_model(path: Path, cls: Any, config: Any) -> tuple[torch.nn.Module | No
         return None, None
     with lazy.meta_parameters():
         model = cls(config) if issubclass(cls, torch.nn.Module) else cls.from_config(config)  # a class or an Auto*
+    bound = lazy.bind(model, weights)
+    return (model, bound) if bound is not None else (None, None)
+
+
+def _lazy_gguf_model(file: Path, cls: Any, config: Any) -> tuple[torch.nn.Module | None, dict | None]:
+    """`cls` built from `config` with meta parameters bound to the GGUF file's tensors by transformers' own name map
+    and tensor processor, or (None, None) for an architecture whose processor merges or splits tensors (the mixtures
+    of experts, ...: they load eagerly)."""
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor,
+                                                          get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+    import gguf
+
+    arch = read_field(gguf.GGUFReader(str(file)), "general.architecture")[0]
+    kind = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+    if kind not in (TensorProcessor, LlamaTensorProcessor):  # one tensor in, one out: these two only
+        return None, None
+    processor = kind(config=load_gguf_checkpoint(str(file), return_tensors=False)["config"])
+    with lazy.meta_parameters():
+        model = cls(config) if issubclass(cls, torch.nn.Module) else cls.from_config(config)
+    names = get_gguf_hf_weights_map(model, processor)  # GGUF name -> transformers name
+
+    def process(values, name):
+        return processor.process(weights=values, name=name, tensor_key_mapping=names, parsed_parameters={}).weights
+
+    weights = {}
+    for key, w in lazy.gguf_checkpoint(file).items():
+        if key in names:
+            w.process = process
+            weights[names[key]] = w
     bound = lazy.bind(model, weights)
     return (model, bound) if bound is not None else (None, None)
 
@@ -435,8 +464,8 @@ def _inferred(module: torch.nn.Module, source: str, digest: str) -> LoadedModel:
 
 def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool = False) -> LoadedModel:
     """Dispatch on what `source` is; `inputs`: --input texts (see INPUT_HELP) for plain modules and .pt2 programs;
-    `lazy`: leave a Hugging Face folder's weights in its files (see load_hf_folder). Raises LoadError with a fix
-    for everything it refuses."""
+    `lazy`: leave a Hugging Face folder's or GGUF file's weights in their files (see load_hf_folder). Raises
+    LoadError with a fix for everything it refuses."""
     specs = parse_inputs(inputs)  # a malformed --input is refused before anything is loaded
     path = Path(source)
     if ":" in source and not path.exists() and not source.endswith((".pt", ".pt2", ".gguf")):
@@ -451,7 +480,7 @@ def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool
             raise LoadError(f"{source} is a folder without config.json; expected a Hugging Face model folder")
         return load_hf_folder(path, lazy=lazy)
     if path.suffix == ".gguf":
-        return load_hf_folder(path.parent, gguf_file=path.name)
+        return load_hf_folder(path.parent, gguf_file=path.name, lazy=lazy)
     if path.suffix == ".pt2":
         return load_exported(path, trust_pickle, specs)
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):

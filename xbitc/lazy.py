@@ -1,18 +1,22 @@
-"""Weights read when asked: a Hugging Face folder of (sharded) safetensors loaded without materializing it.
+"""Weights read when asked: a Hugging Face folder of (sharded) safetensors, or a GGUF file, loaded without
+materializing it.
 
 The model is built with its parameters on the meta device (`meta_parameters`; buffers, which a checkpoint often
 lacks, such as rotary frequencies, are computed as usual), traced with fake CPU float32 tensors in the parameters'
 place (`fake_parameters`), and every parameter of the traced graph is a `LazyWeight`: its shard and key, read from
 the memory-mapped file (safetensors' safe_open) when asked and cast to float32, as the eager loader casts it.
-Loading and tracing an 8B model then holds none of its weights; a pass reads a tensor when it needs it.
+Loading and tracing an 8B model then holds none of its weights; a pass reads a tensor when it needs it. A GGUF
+tensor (`GGUFWeight`) is read from its offset in the file, dequantized by gguf-py and put in transformers' layout by
+transformers' tensor processor for the architecture, as transformers' own GGUF loader does with every tensor at once.
 """
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -49,6 +53,43 @@ class LazyWeight:
 
     def __repr__(self) -> str:
         return f"LazyWeight({Path(self.file).name}:{self.key}, {tuple(self.shape)}, {self.stored})"
+
+
+class GGUFWeight(LazyWeight):
+    """A tensor still in a GGUF file: its bytes at `offset` (`raw`: their dtype and array shape as gguf-py reads
+    them), of GGML type `qtype`; `shape` is transformers' (GGUF lists dimensions innermost first). `process` puts the
+    dequantized values in transformers' layout (for llama: q and k rows un-permuted); it is set once the tensor is
+    matched to a parameter."""
+
+    def __init__(self, file: Path, key: str, shape: tuple[int, ...], stored: torch.dtype, qtype: int, offset: int,
+                 raw: tuple[np.dtype, tuple[int, ...]]):
+        super().__init__(file, key, shape, stored)
+        self.qtype, self.offset, self.raw = qtype, offset, raw
+        self.process: Callable[[np.ndarray, str], np.ndarray] = lambda values, name: values
+
+    def load(self) -> torch.Tensor:
+        import gguf
+
+        dtype, shape = self.raw
+        count = int(np.prod(shape))
+        with open(self.file, "rb") as fh:  # read, not mapped: the pages do not stay with the process
+            data = np.fromfile(fh, dtype=dtype, count=count, offset=self.offset).reshape(shape)
+        values = self.process(gguf.dequantize(data, gguf.GGMLQuantizationType(self.qtype)), self.key)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(self.dtype)
+
+
+def gguf_checkpoint(file: Path) -> dict[str, GGUFWeight]:
+    """Every tensor of a GGUF file by its GGUF name, from the header (gguf-py's reader maps the file; nothing of the
+    tensors' data is read)."""
+    import gguf
+
+    stored = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+    found = {}
+    for t in gguf.GGUFReader(str(file)).tensors:
+        found[t.name] = GGUFWeight(file, t.name, tuple(int(d) for d in reversed(t.shape)),
+                                   stored.get(t.tensor_type, torch.float32), int(t.tensor_type), int(t.data_offset),
+                                   (t.data.dtype, tuple(t.data.shape)))
+    return found
 
 
 def checkpoint(folder: Path) -> dict[str, LazyWeight] | None:

@@ -231,10 +231,14 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
     return {"fixed": FIXED_BYTES, **max(phases.values(), key=lambda parts: sum(parts.values()))}
 
 
-def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = ()) -> dict[str, int]:
-    """estimate_peak of the Hugging Face folder `folder` compiled block-wise by `passes` (the learned allocation's
-    sensitivities and solve counted when an `allocate` pass is among them)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+def estimate_source(source: Path, windows: int, window_len: int, passes: list = ()) -> dict[str, int]:
+    """estimate_peak of the Hugging Face folder or GGUF file `source` compiled block-wise by `passes` (the learned
+    allocation's sensitivities and solve counted when an `allocate` pass is among them)."""
+    if source.suffix == ".gguf":
+        weights, heads = _gguf_weights(source), _gguf_heads(source)
+    else:
+        config = json.loads((source / "config.json").read_text())
+        weights, heads = lazy.checkpoint(source), int(config.get("num_attention_heads", 1))
     alloc = next((p for p in passes if p.name == "allocate"), None)
     extra = {} if alloc is None else {"sensitivity_batches": min(alloc.batches, windows),
                                       "group_options": len(alloc.groups.split("-"))}
@@ -245,8 +249,24 @@ def estimate_folder(folder: Path, windows: int, window_len: int, passes: list = 
             plan = next(p for p in passes if p.name == "plan")
             sizes = list(PLAN_GROUPS) if plan.group is None else [plan.group]
         extra["tune_group"] = min((g for g in sizes if g > 0), default=0)
-    return estimate_peak(lazy.checkpoint(Path(folder)), windows, window_len, int(config.get("num_attention_heads", 1)),
-                         **extra)
+    return estimate_peak(weights, windows, window_len, heads, **extra)
+
+
+def _gguf_weights(file: Path) -> dict[str, lazy.LazyWeight]:
+    """A GGUF file's tensors by GGUF name ("blk.N." names its layers, as "layers.N." a folder's), after the checks
+    loading makes (one line for a file that is not GGUF or is damaged)."""
+    from xbitc import frontend
+
+    frontend.check_gguf(file)
+    return lazy.gguf_checkpoint(file)
+
+
+def _gguf_heads(file: Path) -> int:
+    import gguf
+
+    fields = gguf.GGUFReader(str(file)).fields
+    heads = fields.get(f"{fields['general.architecture'].contents()}.attention.head_count")
+    return int(heads.contents()) if heads is not None else 1
 
 
 def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
@@ -256,18 +276,22 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
     if not streams(passes):
         raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves the GPTQ pipelines: give "
                         "--method gptq (with --bits B or --bpw B), or leave --max-memory out")
-    folder = Path(source) if isinstance(source, (str, Path)) else None
-    weights = lazy.checkpoint(folder) if folder is not None and (folder / "config.json").is_file() else None
+    path = Path(source) if isinstance(source, (str, Path)) else None
+    weights = None
+    if path is not None and path.suffix == ".gguf" and path.is_file():
+        weights = _gguf_weights(path)
+    elif path is not None and (path / "config.json").is_file():
+        weights = lazy.checkpoint(path)
     if weights is None:
-        raise PassError(f"--max-memory {size}: {source} is not a Hugging Face folder of safetensors, whose weights "
-                        "the compile reads a layer block at a time; give such a folder or leave --max-memory out")
+        raise PassError(f"--max-memory {size}: {source} is not a Hugging Face folder of safetensors or a GGUF file, "
+                        "whose weights the compile reads a layer block at a time; give one or leave --max-memory out")
     if calib == "self":
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
-    parts = estimate_folder(folder, windows, window_len, passes)
+    parts = estimate_source(path, windows, window_len, passes)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
-        raise PassError(f"--max-memory {size}: compiling {folder} block by block needs about {gb(need)} ({detail}); "
+        raise PassError(f"--max-memory {size}: compiling {path} block by block needs about {gb(need)} ({detail}); "
                         f"give --max-memory {gb(need)} or more, or fewer --calib-windows / a shorter --calib-len")
     return need

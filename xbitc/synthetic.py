@@ -1,4 +1,5 @@
-"""Random-weight Llama checkpoints of any size, written as a Hugging Face folder of sharded safetensors.
+"""Random-weight Llama checkpoints of any size, written as a Hugging Face folder of sharded safetensors, or as a
+GGUF file the way llama.cpp's converter writes one.
 
 For tests and benchmarks of models larger than memory: a 1.5B-parameter folder is written a shard at a time, so the
 writer never holds more than one shard. Weights are drawn like transformers' initialisation (normal, std 0.02;
@@ -70,3 +71,58 @@ def write_llama(folder: Path, cfg: dict, shard_bytes: int = 1 << 29, seed: int =
     index = {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return total
+
+
+GGUF_NAMES = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "norm": "output_norm", "lm_head": "output"}
+
+
+def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0") -> dict[str, torch.Tensor]:
+    """Write `cfg`'s model with random weights as a GGUF file: matrices quantized to GGML type `matrices`, norm
+    weights float32, q and k rows permuted as llama.cpp's converter permutes them (for its rotary layout). Returns
+    the weights as transformers should read them back (dequantized, in its layout), by transformers name."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[matrices]
+    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(file), "llama")
+    w.add_name("synthetic llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(h)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(h // heads)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
+    gen = torch.Generator().manual_seed(seed)
+    expect = {}
+    for name, shape in llama_shapes(cfg).items():
+        key = name.removeprefix("model.").removesuffix(".weight")
+        layer = key.split(".")[1] if key.startswith("layers.") else None
+        part = key.split(".", 2)[2] if layer is not None else key
+        gguf_name = (f"blk.{layer}." if layer is not None else "") + GGUF_NAMES[part] + ".weight"
+        if len(shape) == 1:
+            values = (1 + 0.1 * torch.randn(shape, generator=gen)).numpy()
+            w.add_tensor(gguf_name, values)
+            expect[name] = torch.from_numpy(values.copy())
+            continue
+        values = (torch.randn(shape, generator=gen) * 0.02).numpy()
+        codes = gguf.quants.quantize(values, qtype)
+        expect[name] = torch.from_numpy(gguf.quants.dequantize(codes, qtype).reshape(shape).copy())
+        if part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's permute, which readers undo
+            n = heads if part == "self_attn.q_proj" else kv
+            values = values.reshape(n, 2, shape[0] // n // 2, shape[1]).swapaxes(1, 2).reshape(shape)
+            codes = gguf.quants.quantize(np.ascontiguousarray(values), qtype)
+        w.add_tensor(gguf_name, codes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expect
