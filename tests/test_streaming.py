@@ -280,6 +280,31 @@ def test_max_memory_refuses_what_does_not_stream(tmp_path, capsys, args, says):
     assert not out.exists()
 
 
+def test_max_memory_refuses_a_model_that_loads_only_whole(tmp_path, capsys, monkeypatch):
+    """A checkpoint whose tensors do not map one to one onto the parameters (here a renamed key) loads only through
+    transformers' eager loader, which --max-memory would not bound: one line, exit 2, before any weight is read."""
+    from safetensors.torch import save_file
+    from transformers import PreTrainedModel
+
+    from xbitc.cli import main
+
+    folder = small_llama(tmp_path / "hf")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = folder / index["weight_map"].pop(key)
+    tensors = load_file(str(shard))
+    tensors["model.layers.1.mlp.up.weight"] = tensors.pop(key)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["model.layers.1.mlp.up.weight"] = shard.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", lambda *a, **k: pytest.fail("read the weights"))
+    out = tmp_path / "out.xbitc"
+    assert main(["compile", str(folder), "-o", str(out), "--max-memory", "3GB", "--bits", "3", "--method", "gptq"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "loads only whole" in err and "--max-memory" in err
+    assert not out.exists()
+
+
 def test_max_memory_refuses_before_loading(tmp_path, capsys, monkeypatch):
     from xbitc.cli import main
 

@@ -240,7 +240,7 @@ def _compile(source: str | frontend.LoadedModel, out: Path, opts: CompileOptions
     gguf = str(source).endswith(".gguf")
     model = source if isinstance(source, frontend.LoadedModel) else frontend.load(
         source, trust_pickle=opts.trust_pickle, inputs=opts.inputs,
-        lazy=opts.calib != "self" and (opts.max_memory is not None or not gguf))
+        lazy=opts.calib != "self" and (opts.max_memory is not None or not gguf), only_lazy=opts.max_memory is not None)
     opts.log(f"loaded {model.source} ({model.kind}, {model.param_count:,} parameters)")
     calib_inputs = None
     if opts.calib and not needs_calib:

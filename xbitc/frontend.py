@@ -154,10 +154,11 @@ def _transformers():
     return transformers
 
 
-def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False) -> LoadedModel:
+def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False, only_lazy: bool = False) -> LoadedModel:
     """A Hugging Face folder (or a GGUF file in it). With `lazy`, a safetensors checkpoint or the GGUF file is not
     read: the model is built with meta parameters and each graph parameter reads its tensor when asked (xbitc.lazy);
-    the module then cannot run. A model the lazy path cannot map name for name loads eagerly."""
+    the module then cannot run. A model the lazy path cannot map name for name loads eagerly, or with `only_lazy`
+    (a memory bound the eager load would break) is refused before its weights are read."""
     tf = _transformers()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     bound = None
@@ -174,8 +175,15 @@ def load_hf_folder(path: Path, gguf_file: str | None = None, lazy: bool = False)
                 cls = tf.AutoModelForCausalLM if gguf_file else tf.AutoModel
             if lazy:
                 model, bound = _lazy_gguf_model(path / gguf_file, cls, config) if gguf_file else _lazy_model(path, cls, config)
+            if lazy and bound is None and only_lazy:
+                raise LoadError(f"{path / gguf_file if gguf_file else path}: its tensors do not map one to one onto "
+                                "the model's parameters (renamed keys, a quantized checkpoint, or tensors merged or "
+                                "split on load), so it loads only whole, which --max-memory does not bound; leave "
+                                "--max-memory out")
             if bound is None:
                 model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kw)
+        except LoadError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             first = " ".join(str(err).split())[:300]
             raise LoadError(f"{path / gguf_file if gguf_file else path}: transformers cannot load this model "
@@ -462,10 +470,11 @@ def _inferred(module: torch.nn.Module, source: str, digest: str) -> LoadedModel:
     return LoadedModel(module, (x,), "generic", source, digest, dynamic_dims=_guess_dynamic((x,)), input_note=note)
 
 
-def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool = False) -> LoadedModel:
+def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool = False,
+         only_lazy: bool = False) -> LoadedModel:
     """Dispatch on what `source` is; `inputs`: --input texts (see INPUT_HELP) for plain modules and .pt2 programs;
-    `lazy`: leave a Hugging Face folder's or GGUF file's weights in their files (see load_hf_folder). Raises
-    LoadError with a fix for everything it refuses."""
+    `lazy` / `only_lazy`: leave a Hugging Face folder's or GGUF file's weights in their files (see load_hf_folder).
+    Raises LoadError with a fix for everything it refuses."""
     specs = parse_inputs(inputs)  # a malformed --input is refused before anything is loaded
     path = Path(source)
     if ":" in source and not path.exists() and not source.endswith((".pt", ".pt2", ".gguf")):
@@ -478,9 +487,9 @@ def load(source: str, trust_pickle: bool = False, inputs: Any = None, lazy: bool
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoadError(f"{source} is a folder without config.json; expected a Hugging Face model folder")
-        return load_hf_folder(path, lazy=lazy)
+        return load_hf_folder(path, lazy=lazy, only_lazy=only_lazy)
     if path.suffix == ".gguf":
-        return load_hf_folder(path.parent, gguf_file=path.name, lazy=lazy)
+        return load_hf_folder(path.parent, gguf_file=path.name, lazy=lazy, only_lazy=only_lazy)
     if path.suffix == ".pt2":
         return load_exported(path, trust_pickle, specs)
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
