@@ -11,10 +11,11 @@ default tuning as well) grows with the model. Random-weight
 Llamas (xbitc.synthetic: float16 safetensors shards written into a temporary folder) of the sizes given, from a
 SmolLM2-135M-shaped one up, each compiled with the same calibration tokens (16 windows of 256 random ids): wall
 time and seconds per billion parameters, peak memory beside the compile's own estimate and the target (1.5 GB plus
-twice the largest block's float16 weights).
+twice the largest block's float16 weights). `--source gguf`: the same models written as Q8_0 GGUF files and compiled
+under `--max-memory` (their estimate), the path that streams a GGUF file.
 
     python bench/cost.py [--bpw 3.0] [--repeat 1]
-    python bench/cost.py --scale 0.135,0.5,1.5,3 [--pipeline learned|tuned]
+    python bench/cost.py --scale 0.135,0.5,1.5,3 [--pipeline learned|tuned] [--source gguf]
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ PIPELINES = {  # --pipeline: the block-wise compiles measured by --scale
 OPTIONS = {"bits": dict(bits=3), "learned": dict(bpw=3.0, tune_steps=0), "tuned": dict(bpw=3.0)}
 
 
-def scale(sizes: list[str], pipeline: str = "bits") -> None:
+def scale(sizes: list[str], pipeline: str = "bits", source: str = "folder") -> None:
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
         sys.exit(f"--scale {','.join(unknown)}: sizes are {', '.join(SHAPES)} (billions of parameters)")
@@ -66,13 +67,19 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
         cfg = synthetic.llama_config(layers, hidden, ffn, vocab=vocab, heads=heads, kv_heads=kv, tie=tie)
         with tempfile.TemporaryDirectory(prefix="xbitc-cost-") as tmp:
             folder, art = Path(tmp) / "hf", Path(tmp) / "out.xbitc"
-            params = synthetic.write_llama(folder, cfg)
+            if source == "gguf":  # Q8_0, as llama.cpp's converter writes it
+                folder = Path(tmp) / "model.gguf"
+                params = synthetic.write_llama_gguf(folder, cfg)
+            else:
+                params = synthetic.write_llama(folder, cfg)
             shapes = synthetic.llama_shapes(cfg)
             block = max(2 * sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("model.layers.0.")),
                         2 * sum(torch.Size(v).numel() for k, v in shapes.items() if not k.startswith("model.layers.")))
             args = [*PIPELINES[pipeline], "--calib-windows", "16", "--calib-len", "256"]
             passes = build_passes(default_pipeline(CompileOptions(method="gptq", **OPTIONS[pipeline])))
             estimate = sum(streaming.estimate_source(folder, 16, 256, passes).values())
+            if source == "gguf":  # a GGUF file streams under a bound (without one it loads whole)
+                args += ["--max-memory", str(estimate)]
             seconds, peak_gib, _ = run_cli_measured(["compile", str(folder), "-o", str(art), *args])
             rows.append({"model": f"random Llama {size}B", "params": f"{params / 1e9:.3f}B",
                          "shape (layers x hidden x ffn)": f"{layers} x {hidden} x {ffn}", "wall s": seconds,
@@ -85,16 +92,20 @@ def scale(sizes: list[str], pipeline: str = "bits") -> None:
     what = {"bits": "GPTQ", "learned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ",
             "tuned": "learned allocation's sensitivities (xbitc.alloc.blockwise), then GPTQ, then 24 tune steps (the "
                      "model end to end, its saved activations in the scratch file)"}
-    note = (f"Block-wise compile (`xbitc compile FOLDER {' '.join(PIPELINES[pipeline])} --calib-windows 16 "
-            f"--calib-len 256`: {what[pipeline]} a layer block at a time, weights read from the shards as needed) of "
-            "random-weight float16 Llamas; "
+    model = "MODEL.gguf" if source == "gguf" else "FOLDER"
+    bound = " --max-memory ESTIMATE" if source == "gguf" else ""
+    made = ("random-weight Llamas written as Q8_0 GGUF files (q/k permuted as llama.cpp's converter does), each "
+            "tensor dequantized when read; " if source == "gguf" else "random-weight float16 Llamas; ")
+    note = (f"Block-wise compile (`xbitc compile {model} {' '.join(PIPELINES[pipeline])} --calib-windows 16 "
+            f"--calib-len 256{bound}`: {what[pipeline]} a layer block at a time, weights read from the files as "
+            f"needed) of {made}"
             "wall = the whole process (load, trace, calibrate, quantize, write); peak = its VmHWM (1 GB = 1e9 bytes); "
             "estimate = what `--max-memory` checks against before work starts; target = 1.5 GB + 2x the largest "
             "block's float16 weights (a layer, or the embeddings and output layer).")
     title = {"bits": "block-wise GPTQ", "learned": "block-wise learned allocation and GPTQ",
              "tuned": "block-wise learned allocation, GPTQ and tune"}[pipeline]
-    append(f"Compile cost by model size ({title})", note + "\n\n" + body,
-           f"python bench/cost.py --scale {','.join(sizes)} --pipeline {pipeline}")
+    append(f"Compile cost by model size ({title}{', GGUF' if source == 'gguf' else ''})", note + "\n\n" + body,
+           f"python bench/cost.py --scale {','.join(sizes)} --pipeline {pipeline} --source {source}")
 
 
 def main() -> None:
@@ -104,9 +115,11 @@ def main() -> None:
     ap.add_argument("--scale", help="comma-separated model sizes in billions of parameters: " + ", ".join(SHAPES))
     ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="bits",
                     help="with --scale: uniform --bits 3, or learned allocation --bpw 3 (no tuning)")
+    ap.add_argument("--source", choices=["folder", "gguf"], default="folder",
+                    help="with --scale: write each model as a Hugging Face safetensors folder or a Q8_0 GGUF file")
     a = ap.parse_args()
     if a.scale:
-        return scale(a.scale.split(","), a.pipeline)
+        return scale(a.scale.split(","), a.pipeline, a.source)
     calib = require_shared("wikitext2-valid.tokens")
     args = ["--bpw", a.bpw, "--method", "gptq", "--quantize-embeddings", "--calib", str(calib),
             "--calib-windows", "64", "--calib-len", "512"]

@@ -79,10 +79,12 @@ GGUF_NAMES = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "sel
               "mlp.down_proj": "ffn_down", "norm": "output_norm", "lm_head": "output"}
 
 
-def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0") -> dict[str, torch.Tensor]:
+def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0",
+                     values: dict[str, torch.Tensor] | None = None) -> int:
     """Write `cfg`'s model with random weights as a GGUF file: matrices quantized to GGML type `matrices`, norm
-    weights float32, q and k rows permuted as llama.cpp's converter permutes them (for its rotary layout). Returns
-    the weights as transformers should read them back (dequantized, in its layout), by transformers name."""
+    weights float32, q and k rows permuted as llama.cpp's converter permutes them (for its rotary layout). Returns its
+    parameter count; `values`, if given, receives the weights as transformers should read them back (dequantized, in
+    its layout) by transformers name. (gguf-py's writer holds every quantized tensor until it writes the file.)"""
     import gguf
     import numpy as np
 
@@ -102,27 +104,29 @@ def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0
     w.add_vocab_size(cfg["vocab_size"])
     w.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
     gen = torch.Generator().manual_seed(seed)
-    expect = {}
-    for name, shape in llama_shapes(cfg).items():
+    shapes = llama_shapes(cfg)
+    for name, shape in shapes.items():
         key = name.removeprefix("model.").removesuffix(".weight")
         layer = key.split(".")[1] if key.startswith("layers.") else None
         part = key.split(".", 2)[2] if layer is not None else key
         gguf_name = (f"blk.{layer}." if layer is not None else "") + GGUF_NAMES[part] + ".weight"
         if len(shape) == 1:
-            values = (1 + 0.1 * torch.randn(shape, generator=gen)).numpy()
-            w.add_tensor(gguf_name, values)
-            expect[name] = torch.from_numpy(values.copy())
+            norm = (1 + 0.1 * torch.randn(shape, generator=gen)).numpy()
+            w.add_tensor(gguf_name, norm)
+            if values is not None:
+                values[name] = torch.from_numpy(norm.copy())
             continue
-        values = (torch.randn(shape, generator=gen) * 0.02).numpy()
-        codes = gguf.quants.quantize(values, qtype)
-        expect[name] = torch.from_numpy(gguf.quants.dequantize(codes, qtype).reshape(shape).copy())
+        matrix = (torch.randn(shape, generator=gen) * 0.02).numpy()
+        codes = gguf.quants.quantize(matrix, qtype)
+        if values is not None:
+            values[name] = torch.from_numpy(gguf.quants.dequantize(codes, qtype).reshape(shape).copy())
         if part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's permute, which readers undo
             n = heads if part == "self_attn.q_proj" else kv
-            values = values.reshape(n, 2, shape[0] // n // 2, shape[1]).swapaxes(1, 2).reshape(shape)
-            codes = gguf.quants.quantize(np.ascontiguousarray(values), qtype)
+            matrix = matrix.reshape(n, 2, shape[0] // n // 2, shape[1]).swapaxes(1, 2).reshape(shape)
+            codes = gguf.quants.quantize(np.ascontiguousarray(matrix), qtype)
         w.add_tensor(gguf_name, codes, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return expect
+    return sum(torch.Size(s).numel() for s in shapes.values())
