@@ -275,8 +275,9 @@ def test_wide_hessians_are_summed_and_factored_without_a_second_wide_copy():
     peaks["factor"] = peak_above(lambda: out.setdefault("U", _inverse_cholesky_upper(hessian, order, 0.01)[0]))
     # one float64 matrix each, plus row blocks and first-call workspace; the code before held a float32 product and
     # its float64 copy beside the sum (2.5x), and a permuted float32 copy, LAPACK's transposed copies and a float32
-    # copy of the result beside the factor (2.7x measured)
-    assert peaks["sum"] < 1.5 * f64 and peaks["factor"] < 1.5 * f64, peaks
+    # copy of the result beside the factor (2.7x measured). The factor's 2 MB row-block temporaries are fresh pages
+    # or reused ones depending on what the heap holds from before (measured 1.0x to 1.62x, run to run): hence 2x
+    assert peaks["sum"] < 1.5 * f64 and peaks["factor"] < 2 * f64, peaks
     # and the factor is the upper Cholesky factor of the damped inverse of the permuted Hessian
     H = hessian.double()[order][:, order]
     H += 0.01 * H.diagonal().mean() * torch.eye(n, dtype=torch.float64)
