@@ -234,11 +234,36 @@ def estimate_peak(weights: dict[str, lazy.LazyWeight], windows: int, window_len:
 def estimate_source(source: Path, windows: int, window_len: int, passes: list = ()) -> dict[str, int]:
     """estimate_peak of the Hugging Face folder or GGUF file `source` compiled block-wise by `passes` (the learned
     allocation's sensitivities and solve counted when an `allocate` pass is among them)."""
-    if source.suffix == ".gguf":
-        weights, heads = _gguf_weights(source), _gguf_heads(source)
-    else:
+    found = source_weights(source)
+    if found is None:
+        raise ValueError(f"{source} is neither a Hugging Face folder of safetensors nor a GGUF file")
+    return _estimate(*found, windows, window_len, passes)
+
+
+def source_weights(source: Path) -> tuple[dict[str, lazy.LazyWeight], int] | None:
+    """The tensors (from the headers: no data read) and attention heads of a Hugging Face folder of safetensors or a
+    GGUF file, None for anything else. A GGUF file is checked as loading checks it (one line for a file that is not
+    GGUF or is damaged), and its header parsed once for all of this (SmolLM2's vocabulary: ~5 s a parse); its
+    tensors go by GGUF name ("blk.N." names its layers, as "layers.N." a folder's)."""
+    if source.suffix == ".gguf" and source.is_file():
+        import gguf
+
+        from xbitc import frontend
+
+        with frontend.one_gguf_reader():
+            frontend.check_gguf(source)
+            fields = gguf.GGUFReader(str(source)).fields
+            heads = fields.get(f"{fields['general.architecture'].contents()}.attention.head_count")
+            return lazy.gguf_checkpoint(source), int(heads.contents()) if heads is not None else 1
+    if (source / "config.json").is_file():
+        weights = lazy.checkpoint(source)
         config = json.loads((source / "config.json").read_text())
-        weights, heads = lazy.checkpoint(source), int(config.get("num_attention_heads", 1))
+        return None if weights is None else (weights, int(config.get("num_attention_heads", 1)))
+    return None
+
+
+def _estimate(weights: dict[str, lazy.LazyWeight], heads: int, windows: int, window_len: int,
+              passes: list) -> dict[str, int]:
     alloc = next((p for p in passes if p.name == "allocate"), None)
     extra = {} if alloc is None else {"sensitivity_batches": min(alloc.batches, windows),
                                       "group_options": len(alloc.groups.split("-"))}
@@ -252,23 +277,6 @@ def estimate_source(source: Path, windows: int, window_len: int, passes: list = 
     return estimate_peak(weights, windows, window_len, heads, **extra)
 
 
-def _gguf_weights(file: Path) -> dict[str, lazy.LazyWeight]:
-    """A GGUF file's tensors by GGUF name ("blk.N." names its layers, as "layers.N." a folder's), after the checks
-    loading makes (one line for a file that is not GGUF or is damaged)."""
-    from xbitc import frontend
-
-    frontend.check_gguf(file)
-    return lazy.gguf_checkpoint(file)
-
-
-def _gguf_heads(file: Path) -> int:
-    import gguf
-
-    fields = gguf.GGUFReader(str(file)).fields
-    heads = fields.get(f"{fields['general.architecture'].contents()}.attention.head_count")
-    return int(heads.contents()) if heads is not None else 1
-
-
 def check_memory(source: object, passes: list, limit: int, windows: int, window_len: int, calib: str | None) -> int:
     """Refuse, before any work, a --max-memory compile the block-wise path cannot serve or whose estimated peak is
     over `limit`; returns the estimate."""
@@ -277,18 +285,14 @@ def check_memory(source: object, passes: list, limit: int, windows: int, window_
         raise PassError(f"--max-memory {size} bounds the block-wise compile, which serves the GPTQ pipelines: give "
                         "--method gptq (with --bits B or --bpw B), or leave --max-memory out")
     path = Path(source) if isinstance(source, (str, Path)) else None
-    weights = None
-    if path is not None and path.suffix == ".gguf" and path.is_file():
-        weights = _gguf_weights(path)
-    elif path is not None and (path / "config.json").is_file():
-        weights = lazy.checkpoint(path)
-    if weights is None:
+    found = source_weights(path) if path is not None else None
+    if found is None:
         raise PassError(f"--max-memory {size}: {source} is not a Hugging Face folder of safetensors or a GGUF file, "
                         "whose weights the compile reads a layer block at a time; give one or leave --max-memory out")
     if calib == "self":
         raise PassError(f"--max-memory {size}: --calib self samples text from the whole float model in memory; "
                         "give --calib FILE or leave --calib out")
-    parts = estimate_source(path, windows, window_len, passes)
+    parts = _estimate(*found, windows, window_len, passes)
     need = sum(parts.values())
     if need > limit:
         detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())

@@ -73,12 +73,6 @@ def write_llama(folder: Path, cfg: dict, shard_bytes: int = 1 << 29, seed: int =
     return total
 
 
-GGUF_NAMES = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "norm": "output_norm", "lm_head": "output"}
-
-
 def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0",
                      values: dict[str, torch.Tensor] | None = None) -> int:
     """Write `cfg`'s model with random weights as a GGUF file: matrices quantized to GGML type `matrices`, norm
@@ -105,11 +99,9 @@ def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0
     w.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
     gen = torch.Generator().manual_seed(seed)
     shapes = llama_shapes(cfg)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])  # llama.cpp's converter's
     for name, shape in shapes.items():
-        key = name.removeprefix("model.").removesuffix(".weight")
-        layer = key.split(".")[1] if key.startswith("layers.") else None
-        part = key.split(".", 2)[2] if layer is not None else key
-        gguf_name = (f"blk.{layer}." if layer is not None else "") + GGUF_NAMES[part] + ".weight"
+        gguf_name = names.get_name(name.removesuffix(".weight")) + ".weight"
         if len(shape) == 1:
             norm = (1 + 0.1 * torch.randn(shape, generator=gen)).numpy()
             w.add_tensor(gguf_name, norm)
@@ -120,8 +112,8 @@ def write_llama_gguf(file: Path, cfg: dict, seed: int = 0, matrices: str = "Q8_0
         codes = gguf.quants.quantize(matrix, qtype)
         if values is not None:
             values[name] = torch.from_numpy(gguf.quants.dequantize(codes, qtype).reshape(shape).copy())
-        if part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's permute, which readers undo
-            n = heads if part == "self_attn.q_proj" else kv
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's permute, which readers undo
+            n = heads if name.endswith("q_proj.weight") else kv
             matrix = matrix.reshape(n, 2, shape[0] // n // 2, shape[1]).swapaxes(1, 2).reshape(shape)
             codes = gguf.quants.quantize(np.ascontiguousarray(matrix), qtype)
         w.add_tensor(gguf_name, codes, raw_dtype=qtype)
